@@ -1,0 +1,303 @@
+package vpn
+
+import (
+	"log/slog"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/obvpn/obvpn/subnet"
+)
+
+// Config is the configuration of a VPN server: the address plan and
+// everything else its parts need. [LoadConfig] fills it from the
+// environment and validates it; a Config built by hand is taken as is, and
+// the zero value of each field is documented.
+type Config struct {
+	// Plan is the address and port plan: VPN_BASE_SUBNET,
+	// VPN_INSTANCE_SUBNET_BITMASK (defaulted and clamped, see
+	// subnet.DefaultBits), BALENA_VPN_GATEWAY/VPN_GATEWAY, VPN_BASE_PORT,
+	// VPN_BASE_MANAGEMENT_PORT, VPN_API_BASE_PORT/VPN_API_PORT and the
+	// instance count (VPN_INSTANCE_COUNT, else /etc/podinfo/cpu_request,
+	// else the CPU count).
+	Plan subnet.Plan
+
+	OpenVPN   OpenVPNConfig
+	Auth      AuthConfig
+	Balena    BalenaConfig
+	Proxy     ProxyConfig
+	HAProxy   HAProxyConfig
+	Bandwidth BandwidthConfig
+	Metrics   MetricsConfig
+	Drain     DrainConfig
+
+	// RunDir is where status files, pid files, generated configurations and
+	// certificates go (VPN_RUN_DIR). Empty means /run/openvpn.
+	RunDir string
+
+	// Verbose turns on verbose logs, OpenVPN's own included
+	// (VPN_VERBOSE_LOGS/DEFAULT_VERBOSE_LOGS). SIGUSR2 toggles it at run
+	// time.
+	Verbose bool
+
+	// TrustProxy says whose X-Forwarded-For the HTTP endpoints believe
+	// (TRUST_PROXY). The zero value trusts nobody.
+	TrustProxy TrustProxy
+}
+
+// LogValue implements slog.LogValuer; API keys and private keys are left
+// out.
+func (c Config) LogValue() slog.Value {
+	return slog.GroupValue(
+		slog.String("plan", c.Plan.String()),
+		slog.String("proto", c.OpenVPN.Proto),
+		slog.String("auth_mode", string(c.Auth.Mode)),
+		slog.Any("balena", c.Balena),
+		slog.Int("proxy_port", c.Proxy.Port),
+		slog.String("haproxy", string(c.HAProxy.Mode)),
+		slog.Int("vpn_port", c.HAProxy.Port),
+		slog.String("metrics_addr", c.Metrics.Addr),
+		slog.String("run_dir", c.RunDir),
+		slog.Bool("verbose", c.Verbose),
+	)
+}
+
+// OpenVPNConfig is how each OpenVPN instance runs.
+type OpenVPNConfig struct {
+	// Proto is OpenVPN's --proto for the server (VPN_OPENVPN_PROTO): one of
+	// tcp-server, tcp4-server, tcp6-server (tcp, tcp4, tcp6 mean the same)
+	// or udp, udp4, udp6. A udp protocol allows one instance only. Empty
+	// means tcp4-server.
+	Proto string
+
+	// StatusInterval is how often OpenVPN rewrites its status file
+	// (VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS). Zero means 10 s.
+	StatusInterval time.Duration
+
+	// KeepaliveFrequency is the ping interval, for the server and pushed to
+	// clients (VPN_KEEPALIVE_FREQUENCY). Zero means 10 s.
+	KeepaliveFrequency time.Duration
+
+	// KeepaliveTimeout is the clients' ping-exit; the server's is twice
+	// that (VPN_KEEPALIVE_TIMEOUT). Zero means 60 s.
+	KeepaliveTimeout time.Duration
+
+	// DataCiphers is OpenVPN's --data-ciphers list, colon-separated
+	// (VPN_DATA_CIPHERS). Empty means [DefaultDataCiphers].
+	DataCiphers string
+
+	// BytecountInterval is how often OpenVPN reports each client's byte
+	// counts on the management interface (VPN_BYTECOUNT_INTERVAL). Zero
+	// turns reporting off.
+	BytecountInterval time.Duration
+
+	// CACert, ServerCert and ServerKey are PEM data for OpenVPN's ca, cert
+	// and key (VPN_OPENVPN_CA_CRT, VPN_OPENVPN_SERVER_CRT,
+	// VPN_OPENVPN_SERVER_KEY, or their _FILE forms). The server needs all
+	// three.
+	CACert, ServerCert, ServerKey []byte
+
+	// DH is PEM data for OpenVPN's dh (VPN_OPENVPN_SERVER_DH or its _FILE
+	// form). Nil means "dh none" (ECDH only).
+	DH []byte
+}
+
+// DefaultDataCiphers is the default of [OpenVPNConfig.DataCiphers].
+const DefaultDataCiphers = "AES-128-GCM:AES-192-GCM:AES-256-GCM:AES-128-CBC:AES-192-CBC:AES-256-CBC"
+
+// AuthMode says how OpenVPN asks who may connect.
+type AuthMode string
+
+const (
+	// AuthManagement answers every CLIENT:CONNECT and CLIENT:REAUTH on the
+	// management interface (--management-client-auth). The default.
+	AuthManagement AuthMode = "management"
+	// AuthScript has OpenVPN run the vpn-auth and vpn-client-event commands,
+	// which call the internal API.
+	AuthScript AuthMode = "script"
+)
+
+// AuthConfig is how devices are authenticated against the balena API.
+type AuthConfig struct {
+	// Mode is VPN_AUTH_MODE. Empty means [AuthManagement].
+	Mode AuthMode
+
+	// CacheTimeout is how long an allow or deny answer of the balena API
+	// is reused for the same device and key (VPN_AUTH_CACHE_TIMEOUT, in
+	// milliseconds). Zero turns the cache off.
+	CacheTimeout time.Duration
+
+	// MaxWorkers bounds the authentication requests in flight
+	// (MAX_API_POST_WORKERS). Zero means 20.
+	MaxWorkers int
+
+	// DelayOnFail is how long a denied device waits for its answer
+	// (DELAY_ON_AUTH_FAIL, in milliseconds), without holding up others.
+	// Zero answers at once.
+	DelayOnFail time.Duration
+}
+
+// BalenaConfig is how to reach the balena API.
+type BalenaConfig struct {
+	// APIHost is the public API host, with an optional port
+	// (BALENA_API_HOST); it is reached over HTTPS.
+	APIHost string
+	// APIInternalHost, if set, is used instead of APIHost and reached over
+	// plain HTTP (BALENA_API_INTERNAL_HOST).
+	APIInternalHost string
+	// ServiceAPIKey is the VPN service's own API key (VPN_SERVICE_API_KEY).
+	ServiceAPIKey string
+	// GuestAPIKey, if set, authorises proxy requests that carry no key
+	// (VPN_GUEST_API_KEY).
+	GuestAPIKey string
+	// StateBatchSize bounds the UUIDs in one state report
+	// (API_DEVICE_STATE_POST_BATCH_SIZE). Zero means 8000.
+	StateBatchSize int
+	// RegisterInterface names the network interface whose first IPv4
+	// address is registered with the service instance
+	// (VPN_SERVICE_REGISTER_INTERFACE). Empty registers no address.
+	RegisterInterface string
+}
+
+// BaseURL returns the API's base URL, without a trailing slash:
+// http://<APIInternalHost> if that is set, else https://<APIHost>.
+func (c BalenaConfig) BaseURL() string {
+	if c.APIInternalHost != "" {
+		return "http://" + c.APIInternalHost
+	}
+	return "https://" + c.APIHost
+}
+
+// LogValue implements slog.LogValuer: the keys are only said to be set.
+func (c BalenaConfig) LogValue() slog.Value {
+	return slog.GroupValue(
+		slog.String("base_url", c.BaseURL()),
+		slog.Bool("service_key_set", c.ServiceAPIKey != ""),
+		slog.Bool("guest_key_set", c.GuestAPIKey != ""),
+		slog.Int("state_batch_size", c.StateBatchSize),
+		slog.String("register_interface", c.RegisterInterface),
+	)
+}
+
+// ProxyConfig is the CONNECT proxy's.
+type ProxyConfig struct {
+	// Port is where the CONNECT proxy listens (VPN_CONNECT_PROXY_PORT).
+	// Zero runs no proxy.
+	Port int
+	// ForwardPort is the port of the peers' proxies, to which requests for
+	// devices held by another VPN server are forwarded
+	// (VPN_FORWARD_PROXY_PORT). [LoadConfig] defaults it to Port; zero
+	// means Port.
+	ForwardPort int
+}
+
+// HAProxyMode says how the server works with HAProxy.
+type HAProxyMode string
+
+const (
+	// HAProxyManaged writes HAProxy's configuration, runs haproxy and stops
+	// it on exit. The default.
+	HAProxyManaged HAProxyMode = "managed"
+	// HAProxyExternal only registers instances with a running HAProxy
+	// through its runtime API socket.
+	HAProxyExternal HAProxyMode = "external"
+	// HAProxyOff runs no HAProxy: clients use the instance ports.
+	HAProxyOff HAProxyMode = "off"
+)
+
+// HAProxyConfig is the TCP balancer in front of the instances.
+type HAProxyConfig struct {
+	// Mode is VPN_HAPROXY. Empty means [HAProxyManaged].
+	Mode HAProxyMode
+	// Port is the public OpenVPN port, HAProxy's frontend (VPN_PORT). Zero
+	// means 443.
+	Port int
+	// Socket is the path of HAProxy's admin socket (VPN_HAPROXY_SOCKET).
+	// Empty means /run/haproxy.sock.
+	Socket string
+	// UseProxyProtocol adds accept-proxy to the frontend's bind, for a
+	// balancer in front that speaks the PROXY protocol
+	// (VPN_HAPROXY_USEPROXYPROTOCOL).
+	UseProxyProtocol bool
+}
+
+// BandwidthConfig is the per-device rate limit. The zero value limits
+// nothing; otherwise both rates are set.
+type BandwidthConfig struct {
+	// Down is the rate towards each device (VPN_DOWNRATE).
+	Down Rate
+	// Up is the rate from each device (VPN_UPRATE).
+	Up Rate
+}
+
+// MetricsConfig is where Prometheus metrics are served.
+type MetricsConfig struct {
+	// Addr is the listen address of /cluster_metrics, /metrics and /ping
+	// (VPN_METRICS_ADDR). Empty means ":8080".
+	Addr string
+	// Timeout bounds the gathering of one scrape (METRICS_TIMEOUT, in
+	// milliseconds). Zero means 10 s.
+	Timeout time.Duration
+}
+
+// DrainConfig is how the server lets its devices go on SIGTERM or SIGINT.
+type DrainConfig struct {
+	// MinRatePerMinute is the least number of clients killed per minute
+	// (MINIMUM_DRAIN_RATE_PER_MINUTE). Zero means 500.
+	MinRatePerMinute int
+	// Timeout bounds the whole drain (DEFAULT_SIGTERM_TIMEOUT, in seconds).
+	// Zero means 120 s.
+	Timeout time.Duration
+}
+
+// ConnectProxyConfig is what the CONNECT proxy needs when it runs alone
+// (cmd/connect-proxy).
+type ConnectProxyConfig struct {
+	Balena BalenaConfig
+	Proxy  ProxyConfig
+	// ServiceID is this VPN server's service instance id (VPN_SERVICE_ID),
+	// used to recognise requests for devices held here and in the
+	// Forwarded signature. Zero means unknown.
+	ServiceID int64
+	// StatusFileWriteInterval is how often OpenVPN rewrites its status
+	// files (VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS); the proxy waits that
+	// long before it looks for a device once more. Zero means 10 s.
+	StatusFileWriteInterval time.Duration
+	// StatusGlob matches the OpenVPN status files to resolve devices from:
+	// NSS_OPENVPN_STATUS_GLOB, else <VPN_RUN_DIR>/server-*.status.
+	StatusGlob string
+	// Verbose turns on verbose logs (VPN_VERBOSE_LOGS/DEFAULT_VERBOSE_LOGS).
+	Verbose bool
+}
+
+// TrustProxy says which reverse proxies in front of an HTTP endpoint are
+// believed when they name the client in X-Forwarded-For. The zero value
+// believes none, which is right when nothing sits in front.
+type TrustProxy struct {
+	// All believes every proxy (TRUST_PROXY=true).
+	All bool
+	// Hops believes the nearest Hops proxies (TRUST_PROXY=<n>).
+	Hops int
+	// Prefixes believes proxies with these addresses
+	// (TRUST_PROXY=<addr or prefix>[,…]).
+	Prefixes []netip.Prefix
+}
+
+// String returns the TRUST_PROXY form: "true", "false", a hop count, or a
+// comma-separated list of prefixes.
+func (t TrustProxy) String() string {
+	switch {
+	case t.All:
+		return "true"
+	case t.Hops > 0:
+		return strconv.Itoa(t.Hops)
+	case len(t.Prefixes) > 0:
+		s := make([]string, len(t.Prefixes))
+		for i, p := range t.Prefixes {
+			s[i] = p.String()
+		}
+		return strings.Join(s, ",")
+	}
+	return "false"
+}

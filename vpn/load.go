@@ -1,0 +1,684 @@
+package vpn
+
+import (
+	"encoding/base64"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	env "github.com/caarlos0/env/v10"
+
+	"github.com/obvpn/obvpn/subnet"
+)
+
+// ErrMissing reports a required variable that is not set.
+var ErrMissing = errors.New("required, not set")
+
+// ConfigError reports a missing or malformed configuration variable. Its
+// message is one line that names the variable, its value (unless the
+// variable holds a secret) and what is wrong, such as
+//
+//	VPN_BASE_PORT="ten": not an integer
+type ConfigError struct {
+	Var   string // the variable, such as "VPN_BASE_PORT"
+	Value string // its value; empty for secrets and unset variables
+	Err   error  // what is wrong
+}
+
+func (e *ConfigError) Error() string {
+	if e.Value == "" {
+		return e.Var + ": " + e.Err.Error()
+	}
+	return fmt.Sprintf("%s=%q: %v", e.Var, e.Value, e.Err)
+}
+
+func (e *ConfigError) Unwrap() error { return e.Err }
+
+// DefaultCPURequestFile is where Kubernetes' downward API puts the pod's CPU
+// request, read for the instance count when VPN_INSTANCE_COUNT is unset.
+const DefaultCPURequestFile = "/etc/podinfo/cpu_request"
+
+// Loader maps environment variables onto a [Config]. The zero Loader reads
+// the process environment, /etc/podinfo/cpu_request and the CPU count.
+type Loader struct {
+	// Env holds the variables. Nil means the process environment.
+	Env map[string]string
+
+	// CPURequestFile is read for the instance count when
+	// VPN_INSTANCE_COUNT is unset or 0. Empty means
+	// [DefaultCPURequestFile].
+	CPURequestFile string
+
+	// NumCPU returns the instance count when neither VPN_INSTANCE_COUNT
+	// nor the CPU request file gives one. Nil means runtime.NumCPU.
+	NumCPU func() int
+}
+
+// LoadConfig loads the server's configuration from the process environment
+// with the zero [Loader].
+func LoadConfig() (*Config, error) { return Loader{}.Config() }
+
+// LoadConnectProxyConfig loads the configuration of the CONNECT proxy when
+// it runs alone, from the process environment with the zero [Loader].
+func LoadConnectProxyConfig() (*ConnectProxyConfig, error) {
+	return Loader{}.ConnectProxyConfig()
+}
+
+// LoadPlan loads only the address and port plan from the process
+// environment with the zero [Loader].
+func LoadPlan() (subnet.Plan, error) { return Loader{}.Plan() }
+
+// environment is every variable that obvpn reads, as strings: the env
+// package maps them and applies the defaults, and the parse methods below
+// turn them into typed values with errors that name the variable. Where two
+// names are given, the first is the new one and the second the old.
+type environment struct {
+	BaseSubnet    string `env:"VPN_BASE_SUBNET"`
+	InstanceBits  string `env:"VPN_INSTANCE_SUBNET_BITMASK"`
+	Gateway       string `env:"VPN_GATEWAY"`
+	GatewayOld    string `env:"BALENA_VPN_GATEWAY"`
+	BasePort      string `env:"VPN_BASE_PORT" envDefault:"10000"`
+	MgmtPort      string `env:"VPN_BASE_MANAGEMENT_PORT" envDefault:"20000"`
+	APIPort       string `env:"VPN_API_PORT"`
+	APIBasePort   string `env:"VPN_API_BASE_PORT"`
+	InstanceCount string `env:"VPN_INSTANCE_COUNT"`
+
+	Proto             string `env:"VPN_OPENVPN_PROTO" envDefault:"tcp4-server"`
+	StatusInterval    string `env:"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS" envDefault:"10"`
+	KeepaliveFreq     string `env:"VPN_KEEPALIVE_FREQUENCY" envDefault:"10"`
+	KeepaliveTimeout  string `env:"VPN_KEEPALIVE_TIMEOUT" envDefault:"60"`
+	DataCiphers       string `env:"VPN_DATA_CIPHERS" envDefault:"AES-128-GCM:AES-192-GCM:AES-256-GCM:AES-128-CBC:AES-192-CBC:AES-256-CBC"`
+	BytecountInterval string `env:"VPN_BYTECOUNT_INTERVAL" envDefault:"0"`
+	CACert            string `env:"VPN_OPENVPN_CA_CRT"`
+	CACertFile        string `env:"VPN_OPENVPN_CA_CRT_FILE"`
+	ServerCert        string `env:"VPN_OPENVPN_SERVER_CRT"`
+	ServerCertFile    string `env:"VPN_OPENVPN_SERVER_CRT_FILE"`
+	ServerKey         string `env:"VPN_OPENVPN_SERVER_KEY"`
+	ServerKeyFile     string `env:"VPN_OPENVPN_SERVER_KEY_FILE"`
+	DH                string `env:"VPN_OPENVPN_SERVER_DH"`
+	DHFile            string `env:"VPN_OPENVPN_SERVER_DH_FILE"`
+
+	AuthMode         string `env:"VPN_AUTH_MODE" envDefault:"management"`
+	AuthCacheTimeout string `env:"VPN_AUTH_CACHE_TIMEOUT" envDefault:"60000"`
+	MaxAPIWorkers    string `env:"MAX_API_POST_WORKERS" envDefault:"20"`
+	DelayOnAuthFail  string `env:"DELAY_ON_AUTH_FAIL" envDefault:"10000"`
+
+	APIHost           string `env:"BALENA_API_HOST"`
+	APIInternalHost   string `env:"BALENA_API_INTERNAL_HOST"`
+	ServiceAPIKey     string `env:"VPN_SERVICE_API_KEY"`
+	GuestAPIKey       string `env:"VPN_GUEST_API_KEY"`
+	StateBatchSize    string `env:"API_DEVICE_STATE_POST_BATCH_SIZE" envDefault:"8000"`
+	RegisterInterface string `env:"VPN_SERVICE_REGISTER_INTERFACE"`
+	ServiceID         string `env:"VPN_SERVICE_ID" envDefault:"0"`
+
+	ProxyPort   string `env:"VPN_CONNECT_PROXY_PORT" envDefault:"0"`
+	ForwardPort string `env:"VPN_FORWARD_PROXY_PORT"`
+	StatusGlob  string `env:"NSS_OPENVPN_STATUS_GLOB"`
+
+	HAProxy         string `env:"VPN_HAPROXY" envDefault:"managed"`
+	VPNPort         string `env:"VPN_PORT" envDefault:"443"`
+	HAProxySocket   string `env:"VPN_HAPROXY_SOCKET" envDefault:"/run/haproxy.sock"`
+	HAProxyUseProxy string `env:"VPN_HAPROXY_USEPROXYPROTOCOL" envDefault:"false"`
+	DownRate        string `env:"VPN_DOWNRATE"`
+	UpRate          string `env:"VPN_UPRATE"`
+	MetricsAddr     string `env:"VPN_METRICS_ADDR" envDefault:":8080"`
+	MetricsTimeout  string `env:"METRICS_TIMEOUT" envDefault:"10000"`
+	DrainRate       string `env:"MINIMUM_DRAIN_RATE_PER_MINUTE" envDefault:"500"`
+	SigtermTimeout  string `env:"DEFAULT_SIGTERM_TIMEOUT" envDefault:"120"`
+	RunDir          string `env:"VPN_RUN_DIR" envDefault:"/run/openvpn"`
+	Verbose         string `env:"VPN_VERBOSE_LOGS"`
+	VerboseOld      string `env:"DEFAULT_VERBOSE_LOGS"`
+	TrustProxy      string `env:"TRUST_PROXY" envDefault:"false"`
+}
+
+// defaultAPIBasePort is the internal API's base port when neither
+// VPN_API_PORT nor VPN_API_BASE_PORT is set.
+const defaultAPIBasePort = 30000
+
+// load maps the variables onto an environment with the env package, which
+// applies the defaults; an empty variable counts as unset.
+func (l Loader) load() (*environment, error) {
+	vars := l.Env
+	if vars == nil {
+		vars = make(map[string]string)
+		for _, kv := range os.Environ() {
+			if k, v, ok := strings.Cut(kv, "="); ok {
+				vars[k] = v
+			}
+		}
+	}
+	var e environment
+	if err := env.ParseWithOptions(&e, env.Options{Environment: vars}); err != nil {
+		// Only string fields without required or file options: the env
+		// package has nothing to reject.
+		return nil, fmt.Errorf("vpn: mapping the environment: %w", err)
+	}
+	return &e, nil
+}
+
+// Config loads and validates the server's configuration: every variable,
+// with the address plan, the balena API host and service key, and the
+// server's certificate and key required.
+func (l Loader) Config() (*Config, error) {
+	e, err := l.load()
+	if err != nil {
+		return nil, err
+	}
+	var p parser
+	c := &Config{}
+	c.Plan = p.plan(e, l)
+	c.OpenVPN = p.openvpn(e, c.Plan)
+	c.Auth = p.auth(e)
+	c.Balena = p.balena(e)
+	c.Proxy = p.proxy(e)
+	c.HAProxy = HAProxyConfig{
+		Mode:             HAProxyMode(p.oneOf("VPN_HAPROXY", e.HAProxy, string(HAProxyManaged), string(HAProxyExternal), string(HAProxyOff))),
+		Port:             p.port("VPN_PORT", e.VPNPort, 1),
+		Socket:           p.absPath("VPN_HAPROXY_SOCKET", e.HAProxySocket),
+		UseProxyProtocol: p.bool("VPN_HAPROXY_USEPROXYPROTOCOL", e.HAProxyUseProxy),
+	}
+	c.Bandwidth = p.bandwidth(e)
+	c.Metrics = MetricsConfig{
+		Addr:    p.listenAddr("VPN_METRICS_ADDR", e.MetricsAddr),
+		Timeout: p.duration("METRICS_TIMEOUT", e.MetricsTimeout, time.Millisecond, 1),
+	}
+	c.Drain = DrainConfig{
+		MinRatePerMinute: p.int("MINIMUM_DRAIN_RATE_PER_MINUTE", e.DrainRate, 1, 1<<31-1),
+		Timeout:          p.duration("DEFAULT_SIGTERM_TIMEOUT", e.SigtermTimeout, time.Second, 1),
+	}
+	c.RunDir = p.absPath("VPN_RUN_DIR", e.RunDir)
+	c.Verbose = p.verbose(e)
+	c.TrustProxy = p.trustProxy("TRUST_PROXY", e.TrustProxy)
+	if p.err != nil {
+		return nil, p.err
+	}
+	return c, nil
+}
+
+// ConnectProxyConfig loads and validates what the CONNECT proxy needs when
+// it runs alone: the balena API host and service key, and a proxy port are
+// required.
+func (l Loader) ConnectProxyConfig() (*ConnectProxyConfig, error) {
+	e, err := l.load()
+	if err != nil {
+		return nil, err
+	}
+	var p parser
+	c := &ConnectProxyConfig{
+		Balena:                  p.balena(e),
+		Proxy:                   p.proxy(e),
+		ServiceID:               int64(p.int("VPN_SERVICE_ID", e.ServiceID, 0, 1<<53)),
+		StatusFileWriteInterval: p.duration("VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS", e.StatusInterval, time.Second, 1),
+		Verbose:                 p.verbose(e),
+	}
+	runDir := p.absPath("VPN_RUN_DIR", e.RunDir)
+	c.StatusGlob = e.StatusGlob
+	if c.StatusGlob == "" {
+		c.StatusGlob = filepath.Join(runDir, "server-*.status")
+	} else if _, err := filepath.Match(c.StatusGlob, ""); err != nil {
+		p.fail("NSS_OPENVPN_STATUS_GLOB", c.StatusGlob, fmt.Errorf("not a glob pattern: %w", err))
+	}
+	if p.err == nil && c.Proxy.Port == 0 {
+		p.fail("VPN_CONNECT_PROXY_PORT", "", ErrMissing)
+	}
+	if p.err != nil {
+		return nil, p.err
+	}
+	return c, nil
+}
+
+// Plan loads and validates only the address and port plan:
+// VPN_BASE_SUBNET is required, and VPN_OPENVPN_PROTO is checked against the
+// instance count.
+func (l Loader) Plan() (subnet.Plan, error) {
+	e, err := l.load()
+	if err != nil {
+		return subnet.Plan{}, err
+	}
+	var p parser
+	plan := p.plan(e, l)
+	p.proto(e, plan)
+	if p.err != nil {
+		return subnet.Plan{}, p.err
+	}
+	return plan, nil
+}
+
+// parser turns variables into typed values. It keeps the first error only:
+// after it, every method returns zero values, and the caller returns that
+// error, so that start-up fails with one line.
+type parser struct {
+	err error
+}
+
+func (p *parser) fail(name, value string, err error) {
+	if p.err == nil {
+		p.err = &ConfigError{Var: name, Value: value, Err: err}
+	}
+}
+
+func (p *parser) plan(e *environment, l Loader) subnet.Plan {
+	var plan subnet.Plan
+	if e.BaseSubnet == "" {
+		p.fail("VPN_BASE_SUBNET", "", ErrMissing)
+		return plan
+	}
+	base, err := netip.ParsePrefix(e.BaseSubnet)
+	if err == nil {
+		err = subnet.CheckBase(base)
+	}
+	if err != nil {
+		p.fail("VPN_BASE_SUBNET", e.BaseSubnet, err)
+		return plan
+	}
+	plan.Base = base
+	var countFrom string
+	plan.Instances, countFrom = p.instanceCount(e, l)
+	if p.err != nil {
+		return plan
+	}
+
+	// The instance prefix length: given, or from the instance count; both
+	// clamped to /16 as the reference system does.
+	bitsVar, bitsVal := "VPN_INSTANCE_COUNT", e.InstanceCount
+	if e.InstanceBits != "" {
+		bitsVar, bitsVal = "VPN_INSTANCE_SUBNET_BITMASK", e.InstanceBits
+		plan.Bits = subnet.ClampBits(p.int(bitsVar, bitsVal, 0, 32))
+	} else {
+		plan.Bits = subnet.DefaultBits(base, plan.Instances)
+	}
+	if p.err != nil {
+		return plan
+	}
+	n, err := subnet.Count(base, plan.Bits)
+	if err != nil {
+		if e.InstanceBits == "" {
+			err = fmt.Errorf("%d instances%s need /%d subnets of %s: %w", plan.Instances, countFrom, plan.Bits, base, err)
+		}
+		p.fail(bitsVar, bitsVal, err)
+		return plan
+	}
+	if plan.Instances > n {
+		p.fail("VPN_INSTANCE_COUNT", e.InstanceCount,
+			fmt.Errorf("%d instances%s, but %s at /%d has room for %d", plan.Instances, countFrom, base, plan.Bits, n))
+		return plan
+	}
+
+	if g := p.either("VPN_GATEWAY", e.Gateway, "BALENA_VPN_GATEWAY", e.GatewayOld); g.value != "" {
+		a, err := netip.ParseAddr(g.value)
+		if err == nil && !a.Is4() {
+			err = subnet.ErrNotIPv4
+		}
+		if err != nil {
+			p.fail(g.name, g.value, err)
+			return plan
+		}
+		plan.Gateway = a
+	}
+
+	plan.Ports.VPN = p.basePort("VPN_BASE_PORT", e.BasePort, plan.Instances)
+	plan.Ports.Management = p.basePort("VPN_BASE_MANAGEMENT_PORT", e.MgmtPort, plan.Instances)
+	switch {
+	case e.APIPort != "" && e.APIBasePort != "":
+		p.fail("VPN_API_PORT", e.APIPort, fmt.Errorf("VPN_API_BASE_PORT=%q is set too: set one (VPN_API_PORT is one port for all instances, VPN_API_BASE_PORT a base counted up per instance)", e.APIBasePort))
+	case e.APIPort != "":
+		plan.Ports.API = p.port("VPN_API_PORT", e.APIPort, 1)
+		plan.Ports.SharedAPI = true
+	case e.APIBasePort != "":
+		plan.Ports.API = p.basePort("VPN_API_BASE_PORT", e.APIBasePort, plan.Instances)
+	default:
+		plan.Ports.API = defaultAPIBasePort
+	}
+	if p.err == nil {
+		// The checks above cover everything Validate checks; this is a
+		// safety net for a plan this function got wrong.
+		if err := plan.Validate(); err != nil {
+			p.fail("VPN_BASE_SUBNET", e.BaseSubnet, err)
+		}
+	}
+	return plan
+}
+
+// instanceCount is VPN_INSTANCE_COUNT, else the integer in the CPU request
+// file, else the CPU count. It also says where the count came from, for
+// errors: "" for the variable.
+func (p *parser) instanceCount(e *environment, l Loader) (int, string) {
+	if n := p.int("VPN_INSTANCE_COUNT", e.InstanceCount, 0, 1<<20); n > 0 || p.err != nil {
+		return n, ""
+	}
+	file := l.CPURequestFile
+	if file == "" {
+		file = DefaultCPURequestFile
+	}
+	if b, err := os.ReadFile(file); err == nil {
+		// The downward API writes a whole number of cores (rounded up) for
+		// resource "requests.cpu" with divisor 1; anything else is ignored.
+		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n > 0 {
+			return n, " (from " + file + ")"
+		}
+	}
+	if l.NumCPU != nil {
+		return max(1, l.NumCPU()), " (the CPU count)"
+	}
+	return runtime.NumCPU(), " (the CPU count)"
+}
+
+// basePort parses a base port and checks that the last instance's port,
+// base+instances, is still a port.
+func (p *parser) basePort(name, value string, instances int) int {
+	base := p.int(name, value, 0, subnet.MaxPort-1)
+	if p.err == nil && base+instances > subnet.MaxPort {
+		p.fail(name, value, fmt.Errorf("instance %d would use port %d, above %d", instances, base+instances, subnet.MaxPort))
+	}
+	return base
+}
+
+func (p *parser) proto(e *environment, plan subnet.Plan) string {
+	proto := strings.ToLower(e.Proto)
+	switch proto {
+	case "tcp", "tcp4", "tcp6":
+		proto += "-server"
+	case "tcp-server", "tcp4-server", "tcp6-server":
+	case "udp", "udp4", "udp6":
+		if plan.Instances > 1 {
+			p.fail("VPN_OPENVPN_PROTO", e.Proto, fmt.Errorf("a udp protocol allows one instance, and VPN_INSTANCE_COUNT gives %d", plan.Instances))
+		}
+	default:
+		p.fail("VPN_OPENVPN_PROTO", e.Proto, errors.New("want tcp4-server, tcp6-server, tcp-server, udp4, udp6 or udp"))
+	}
+	return proto
+}
+
+func (p *parser) openvpn(e *environment, plan subnet.Plan) OpenVPNConfig {
+	c := OpenVPNConfig{
+		Proto:              p.proto(e, plan),
+		StatusInterval:     p.duration("VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS", e.StatusInterval, time.Second, 1),
+		KeepaliveFrequency: p.duration("VPN_KEEPALIVE_FREQUENCY", e.KeepaliveFreq, time.Second, 1),
+		KeepaliveTimeout:   p.duration("VPN_KEEPALIVE_TIMEOUT", e.KeepaliveTimeout, time.Second, 1),
+		DataCiphers:        e.DataCiphers,
+		BytecountInterval:  p.duration("VPN_BYTECOUNT_INTERVAL", e.BytecountInterval, time.Second, 0),
+	}
+	if strings.ContainsAny(c.DataCiphers, " \t\r\n\"'\\") {
+		p.fail("VPN_DATA_CIPHERS", c.DataCiphers, errors.New("want cipher names separated by colons, without spaces or quotes"))
+	}
+	c.CACert = p.pem("VPN_OPENVPN_CA_CRT", e.CACert, e.CACertFile, "CERTIFICATE", true)
+	c.ServerCert = p.pem("VPN_OPENVPN_SERVER_CRT", e.ServerCert, e.ServerCertFile, "CERTIFICATE", true)
+	c.ServerKey = p.pem("VPN_OPENVPN_SERVER_KEY", e.ServerKey, e.ServerKeyFile, "PRIVATE KEY", true)
+	c.DH = p.pem("VPN_OPENVPN_SERVER_DH", e.DH, e.DHFile, "PARAMETERS", false)
+	return c
+}
+
+func (p *parser) auth(e *environment) AuthConfig {
+	return AuthConfig{
+		Mode:         AuthMode(p.oneOf("VPN_AUTH_MODE", e.AuthMode, string(AuthManagement), string(AuthScript))),
+		CacheTimeout: p.duration("VPN_AUTH_CACHE_TIMEOUT", e.AuthCacheTimeout, time.Millisecond, 0),
+		MaxWorkers:   p.int("MAX_API_POST_WORKERS", e.MaxAPIWorkers, 1, 1<<16),
+		DelayOnFail:  p.duration("DELAY_ON_AUTH_FAIL", e.DelayOnAuthFail, time.Millisecond, 0),
+	}
+}
+
+func (p *parser) balena(e *environment) BalenaConfig {
+	c := BalenaConfig{
+		APIHost:           p.host("BALENA_API_HOST", e.APIHost),
+		APIInternalHost:   p.host("BALENA_API_INTERNAL_HOST", e.APIInternalHost),
+		ServiceAPIKey:     e.ServiceAPIKey,
+		GuestAPIKey:       e.GuestAPIKey,
+		StateBatchSize:    p.int("API_DEVICE_STATE_POST_BATCH_SIZE", e.StateBatchSize, 1, 1<<20),
+		RegisterInterface: e.RegisterInterface,
+	}
+	if c.APIHost == "" && c.APIInternalHost == "" {
+		p.fail("BALENA_API_HOST", "", fmt.Errorf("%w (nor is BALENA_API_INTERNAL_HOST)", ErrMissing))
+	}
+	if c.ServiceAPIKey == "" {
+		p.fail("VPN_SERVICE_API_KEY", "", ErrMissing)
+	}
+	for _, k := range []struct{ name, value string }{{"VPN_SERVICE_API_KEY", c.ServiceAPIKey}, {"VPN_GUEST_API_KEY", c.GuestAPIKey}} {
+		// Keys go into Authorization headers: refuse what would break one.
+		// The value is a secret and is not repeated in the error.
+		if strings.ContainsFunc(k.value, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
+			p.fail(k.name, "", errors.New("contains spaces or control characters"))
+		}
+	}
+	return c
+}
+
+func (p *parser) proxy(e *environment) ProxyConfig {
+	c := ProxyConfig{Port: p.port("VPN_CONNECT_PROXY_PORT", e.ProxyPort, 0)}
+	c.ForwardPort = c.Port
+	if e.ForwardPort != "" {
+		c.ForwardPort = p.port("VPN_FORWARD_PROXY_PORT", e.ForwardPort, 1)
+	}
+	return c
+}
+
+func (p *parser) bandwidth(e *environment) BandwidthConfig {
+	var c BandwidthConfig
+	switch {
+	case e.DownRate == "" && e.UpRate == "":
+		return c
+	case e.DownRate == "":
+		p.fail("VPN_DOWNRATE", "", fmt.Errorf("not set, but VPN_UPRATE=%q is: set both or neither", e.UpRate))
+	case e.UpRate == "":
+		p.fail("VPN_UPRATE", "", fmt.Errorf("not set, but VPN_DOWNRATE=%q is: set both or neither", e.DownRate))
+	}
+	c.Down = p.rate("VPN_DOWNRATE", e.DownRate)
+	c.Up = p.rate("VPN_UPRATE", e.UpRate)
+	return c
+}
+
+func (p *parser) verbose(e *environment) bool {
+	v := p.either("VPN_VERBOSE_LOGS", e.Verbose, "DEFAULT_VERBOSE_LOGS", e.VerboseOld)
+	if v.value == "" {
+		return false
+	}
+	return p.bool(v.name, v.value)
+}
+
+// named is a variable's name with its value.
+type named struct{ name, value string }
+
+// either returns whichever of a new and an old variable name is set. Both
+// set to different values is an error; the same value is fine.
+func (p *parser) either(newName, newValue, oldName, oldValue string) named {
+	switch {
+	case newValue != "" && oldValue != "" && newValue != oldValue:
+		p.fail(newName, newValue, fmt.Errorf("%s=%q is set too, to something else: set one (%s is the old name)", oldName, oldValue, oldName))
+		return named{}
+	case newValue == "" && oldValue != "":
+		return named{oldName, oldValue}
+	}
+	return named{newName, newValue}
+}
+
+func (p *parser) int(name, value string, lo, hi int) int {
+	if value == "" || p.err != nil {
+		return 0
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(value))
+	switch {
+	case err != nil:
+		p.fail(name, value, errors.New("not an integer"))
+	case n < lo || n > hi:
+		p.fail(name, value, fmt.Errorf("out of range %d…%d", lo, hi))
+	default:
+		return n
+	}
+	return 0
+}
+
+func (p *parser) port(name, value string, lo int) int {
+	return p.int(name, value, lo, subnet.MaxPort)
+}
+
+// duration parses a whole number of units, at least lo.
+func (p *parser) duration(name, value string, unit time.Duration, lo int) time.Duration {
+	return time.Duration(p.int(name, value, lo, int(time.Duration(1<<62)/unit))) * unit
+}
+
+func (p *parser) bool(name, value string) bool {
+	if p.err != nil {
+		return false
+	}
+	b, err := strconv.ParseBool(strings.TrimSpace(value))
+	if err != nil {
+		p.fail(name, value, errors.New("want true or false"))
+	}
+	return b
+}
+
+func (p *parser) oneOf(name, value string, allowed ...string) string {
+	v := strings.ToLower(strings.TrimSpace(value))
+	for _, a := range allowed {
+		if v == a {
+			return v
+		}
+	}
+	p.fail(name, value, fmt.Errorf("want one of %s", strings.Join(allowed, ", ")))
+	return ""
+}
+
+func (p *parser) rate(name, value string) Rate {
+	if p.err != nil {
+		return 0
+	}
+	r, err := ParseRate(strings.TrimSpace(value))
+	if err != nil {
+		p.fail(name, value, ErrRateSyntax)
+	}
+	return r
+}
+
+func (p *parser) absPath(name, value string) string {
+	if p.err == nil && !filepath.IsAbs(value) {
+		p.fail(name, value, errors.New("want an absolute path"))
+	}
+	return filepath.Clean(value)
+}
+
+// host checks an API host name with an optional port: no scheme, no path.
+func (p *parser) host(name, value string) string {
+	if value == "" || p.err != nil {
+		return value
+	}
+	if strings.Contains(value, "://") {
+		p.fail(name, value, errors.New("want a host name with an optional :port, without a scheme"))
+		return ""
+	}
+	if strings.ContainsAny(value, "/?#@ \t\r\n") {
+		p.fail(name, value, errors.New("want a host name with an optional :port, without a path"))
+		return ""
+	}
+	if h, port, err := net.SplitHostPort(value); err == nil {
+		if h == "" {
+			p.fail(name, value, errors.New("no host name"))
+		}
+		p.port(name, port, 1)
+	}
+	return value
+}
+
+func (p *parser) listenAddr(name, value string) string {
+	if p.err != nil {
+		return ""
+	}
+	_, port, err := net.SplitHostPort(value)
+	if err != nil {
+		p.fail(name, value, errors.New("want host:port or :port"))
+		return ""
+	}
+	if _, err := strconv.Atoi(port); err == nil {
+		p.port(name, port, 0)
+	} else if _, err := net.LookupPort("tcp", port); err != nil {
+		p.fail(name, value, fmt.Errorf("unknown port %q", port))
+	}
+	return value
+}
+
+func (p *parser) trustProxy(name, value string) TrustProxy {
+	v := strings.TrimSpace(value)
+	if v == "" || p.err != nil {
+		return TrustProxy{}
+	}
+	if b, err := strconv.ParseBool(v); err == nil {
+		return TrustProxy{All: b}
+	}
+	if n, err := strconv.Atoi(v); err == nil {
+		if n < 0 {
+			p.fail(name, value, errors.New("a hop count cannot be negative"))
+		}
+		return TrustProxy{Hops: n}
+	}
+	var t TrustProxy
+	for _, s := range strings.Split(v, ",") {
+		s = strings.TrimSpace(s)
+		pfx, err := netip.ParsePrefix(s)
+		if err != nil {
+			a, aerr := netip.ParseAddr(s)
+			if aerr != nil {
+				p.fail(name, value, errors.New("want true, false, a hop count, or addresses and prefixes separated by commas"))
+				return TrustProxy{}
+			}
+			pfx = netip.PrefixFrom(a, a.BitLen())
+		}
+		t.Prefixes = append(t.Prefixes, pfx.Masked())
+	}
+	return t
+}
+
+// pem returns the PEM data of a certificate variable: base64-encoded PEM
+// (as the reference container takes it), plain PEM, or the name of a PEM
+// file in its _FILE form. Its values are not repeated in errors, since one
+// of them is a private key.
+func (p *parser) pem(name, value, file, blockType string, required bool) []byte {
+	if p.err != nil {
+		return nil
+	}
+	var data []byte
+	switch {
+	case value != "" && file != "":
+		p.fail(name, "", fmt.Errorf("%s_FILE is set too: set one", name))
+		return nil
+	case file != "":
+		b, err := os.ReadFile(file)
+		if err != nil {
+			p.fail(name+"_FILE", file, err)
+			return nil
+		}
+		name, data = name+"_FILE", b
+	case value != "":
+		v := strings.TrimSpace(value)
+		if strings.HasPrefix(v, "-----BEGIN ") {
+			data = []byte(v + "\n")
+			break
+		}
+		b, err := base64.StdEncoding.DecodeString(strings.Join(strings.Fields(v), ""))
+		if err != nil {
+			p.fail(name, "", errors.New("not base64-encoded PEM"))
+			return nil
+		}
+		data = b
+	default:
+		if required {
+			p.fail(name, "", fmt.Errorf("%w (nor is %s_FILE)", ErrMissing, name))
+		}
+		return nil
+	}
+	block, _ := pem.Decode(data)
+	if block == nil {
+		p.fail(name, "", errors.New("holds no PEM block"))
+		return nil
+	}
+	if !strings.HasSuffix(block.Type, blockType) {
+		p.fail(name, "", fmt.Errorf("holds a PEM %q block, want %q", block.Type, blockType))
+		return nil
+	}
+	return data
+}
