@@ -580,7 +580,7 @@ func (p *parser) host(name, value string) string {
 		if h == "" {
 			p.fail(name, value, errors.New("no host name"))
 		}
-		p.port(name, port, 1)
+		p.portIn(name, value, port, 1)
 	}
 	return value
 }
@@ -594,12 +594,15 @@ func (p *parser) listenAddr(name, value string) string {
 		p.fail(name, value, errors.New("want host:port or :port"))
 		return ""
 	}
-	if _, err := strconv.Atoi(port); err == nil {
-		p.port(name, port, 0)
-	} else if _, err := net.LookupPort("tcp", port); err != nil {
-		p.fail(name, value, fmt.Errorf("unknown port %q", port))
-	}
+	p.portIn(name, value, port, 0)
 	return value
+}
+
+// portIn checks the port part of an address variable.
+func (p *parser) portIn(name, value, port string, lo int) {
+	if n, err := strconv.Atoi(port); err != nil || n < lo || n > subnet.MaxPort {
+		p.fail(name, value, fmt.Errorf("port %q: want a number from %d to %d", port, lo, subnet.MaxPort))
+	}
 }
 
 func (p *parser) trustProxy(name, value string) TrustProxy {

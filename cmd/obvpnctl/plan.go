@@ -102,14 +102,14 @@ func writePlanTable(w io.Writer, plan subnet.Plan, n int) error {
 		fmt.Fprintf(w, "internal API on port %d for every instance\n", plan.Ports.API)
 	}
 	fmt.Fprintln(w)
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "ID\tSUBNET\tGATEWAY\tPEER\tPOOL\tPORT\tMGMT\tAPI\tMAX CLIENTS\t")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSUBNET\tGATEWAY\tPEER\tPOOL\tPORT\tMGMT\tAPI\tMAX CLIENTS")
 	for id := 1; id <= n; id++ {
 		in, err := plan.Instance(id)
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s-%s\t%d\t%d\t%d\t%d\t\n", in.ID, in.Subnet, in.Gateway, in.Peer,
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s-%s\t%d\t%d\t%d\t%d\n", in.ID, in.Subnet, in.Gateway, in.Peer,
 			in.PoolFirst, in.PoolLast, in.Port, in.ManagementPort, in.APIPort, in.MaxClients)
 	}
 	return tw.Flush()

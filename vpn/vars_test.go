@@ -1,0 +1,54 @@
+package vpn
+
+import (
+	"os"
+	"strings"
+	"testing"
+
+	env "github.com/caarlos0/env/v10"
+)
+
+// variable is one variable of the environment with its default.
+type variable struct {
+	Name, Default string
+}
+
+// variables lists every variable that obvpn reads, in the order of the
+// environment struct.
+func variables() []variable {
+	params, err := env.GetFieldParamsWithOptions(&environment{}, env.Options{Environment: map[string]string{}})
+	if err != nil {
+		panic(err) // the struct's tags are fixed at compile time
+	}
+	out := make([]variable, len(params))
+	for i, p := range params {
+		out[i] = variable{p.Key, p.DefaultValue}
+	}
+	return out
+}
+
+// TestREADMEListsEveryVariable keeps the README's table of variables true:
+// every variable obvpn reads is in it, with its default.
+func TestREADMEListsEveryVariable(t *testing.T) {
+	b, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme := string(b)
+	for _, v := range variables() {
+		row := ""
+		for _, line := range strings.Split(readme, "\n") {
+			if strings.HasPrefix(line, "|") && strings.Contains(line, "`"+v.Name+"`") {
+				row = line
+				break
+			}
+		}
+		if row == "" {
+			t.Errorf("README.md has no table row for %s", v.Name)
+			continue
+		}
+		if v.Default != "" && !strings.Contains(row, "`"+v.Default+"`") {
+			t.Errorf("README.md's row for %s does not give its default `%s`: %s", v.Name, v.Default, row)
+		}
+	}
+}
