@@ -197,10 +197,70 @@ func (l Loader) Config() (*Config, error) {
 	c.RunDir = p.absPath("VPN_RUN_DIR", e.RunDir)
 	c.Verbose = p.verbose(e)
 	c.TrustProxy = p.trustProxy("TRUST_PROXY", e.TrustProxy)
+	p.portClash(e, c)
 	if p.err != nil {
 		return nil, p.err
 	}
 	return c, nil
+}
+
+// portRange is the ports that one variable gives to the instances or to a
+// listener of the server, lo…hi.
+type portRange struct {
+	name, value string
+	lo, hi      int
+}
+
+// portClash reports two listeners of the server that would share a port:
+// the instances' OpenVPN, management and internal API ports, HAProxy's
+// frontend, the CONNECT proxy and the metrics server.
+func (p *parser) portClash(e *environment, c *Config) {
+	if p.err != nil {
+		return
+	}
+	n := c.Plan.Instances
+	ports := c.Plan.Ports
+	ranges := []portRange{
+		{"VPN_BASE_PORT", e.BasePort, ports.VPN + 1, ports.VPN + n},
+		{"VPN_BASE_MANAGEMENT_PORT", e.MgmtPort, ports.Management + 1, ports.Management + n},
+	}
+	switch {
+	case ports.SharedAPI:
+		ranges = append(ranges, portRange{"VPN_API_PORT", e.APIPort, ports.API, ports.API})
+	case e.APIBasePort != "":
+		ranges = append(ranges, portRange{"VPN_API_BASE_PORT", e.APIBasePort, ports.API + 1, ports.API + n})
+	default:
+		ranges = append(ranges, portRange{"VPN_API_BASE_PORT", "", ports.API + 1, ports.API + n})
+	}
+	if c.HAProxy.Mode != HAProxyOff {
+		ranges = append(ranges, portRange{"VPN_PORT", e.VPNPort, c.HAProxy.Port, c.HAProxy.Port})
+	}
+	if c.Proxy.Port != 0 {
+		ranges = append(ranges, portRange{"VPN_CONNECT_PROXY_PORT", e.ProxyPort, c.Proxy.Port, c.Proxy.Port})
+	}
+	if _, port, err := net.SplitHostPort(c.Metrics.Addr); err == nil && port != "0" {
+		n, _ := strconv.Atoi(port)
+		ranges = append(ranges, portRange{"VPN_METRICS_ADDR", e.MetricsAddr, n, n})
+	}
+	for i, a := range ranges {
+		for _, b := range ranges[:i] {
+			if a.lo <= b.hi && b.lo <= a.hi {
+				verb := "overlap"
+				if a.lo == a.hi {
+					verb = "overlaps"
+				}
+				p.fail(a.name, a.value, fmt.Errorf("%s %s %s's %s", spanString(a.lo, a.hi), verb, b.name, spanString(b.lo, b.hi)))
+				return
+			}
+		}
+	}
+}
+
+func spanString(lo, hi int) string {
+	if lo == hi {
+		return "port " + strconv.Itoa(lo)
+	}
+	return fmt.Sprintf("ports %d…%d", lo, hi)
 }
 
 // ConnectProxyConfig loads and validates what the CONNECT proxy needs when

@@ -158,6 +158,11 @@ func TestLoadConfigEverything(t *testing.T) {
 	is.Equal(c.RunDir, "/var/run/obvpn")
 	is.True(c.Verbose)
 	is.Equal(c.TrustProxy.String(), "10.0.0.0/8,192.0.2.7/32")
+
+	// Without HAProxy the public port is not listened on, so it may be an
+	// instance's; a metrics port 0 is any free port.
+	_, err = loader(serverEnv("VPN_HAPROXY", "off", "VPN_PORT", "10001", "VPN_METRICS_ADDR", "127.0.0.1:0")).Config()
+	is.NoErr(err)
 }
 
 func TestOldAndNewNames(t *testing.T) {
@@ -297,6 +302,16 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"run dir relative", []string{"VPN_RUN_DIR", "run"}, `VPN_RUN_DIR="run": want an absolute path`},
 		{"trust proxy", []string{"TRUST_PROXY", "loopback"},
 			`TRUST_PROXY="loopback": want true, false, a hop count, or addresses and prefixes separated by commas`},
+		{"management ports overlap the OpenVPN ports", []string{"VPN_BASE_MANAGEMENT_PORT", "10001"},
+			`VPN_BASE_MANAGEMENT_PORT="10001": ports 10002…10003 overlap VPN_BASE_PORT's ports 10001…10002`},
+		{"default API ports overlap", []string{"VPN_BASE_PORT", "29999"},
+			`VPN_API_BASE_PORT: ports 30001…30002 overlap VPN_BASE_PORT's ports 30000…30001`},
+		{"shared API port inside the management ports", []string{"VPN_API_PORT", "20002"},
+			`VPN_API_PORT="20002": port 20002 overlaps VPN_BASE_MANAGEMENT_PORT's ports 20001…20002`},
+		{"public port is an instance port", []string{"VPN_PORT", "10002"},
+			`VPN_PORT="10002": port 10002 overlaps VPN_BASE_PORT's ports 10001…10002`},
+		{"proxy on the metrics port", []string{"VPN_CONNECT_PROXY_PORT", "8080"},
+			`VPN_METRICS_ADDR=":8080": port 8080 overlaps VPN_CONNECT_PROXY_PORT's port 8080`},
 		{"trust proxy negative", []string{"TRUST_PROXY", "-2"}, `TRUST_PROXY="-2": a hop count cannot be negative`},
 	}
 	for _, tt := range tests {
