@@ -1,0 +1,225 @@
+package vpn
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/matryer/is"
+)
+
+func TestConnections(t *testing.T) {
+	is := is.New(t)
+	var c Connections
+	is.Equal(c.Connect("a"), 0) // online
+	is.Equal(c.Connect("a"), 1) // a second session
+	is.Equal(c.Disconnect("a"), 2)
+	is.Equal(c.Online(), []string{"a"}) // still online
+	is.Equal(c.Disconnect("a"), 1)      // offline
+	is.Equal(c.Online(), []string(nil))
+
+	// A disconnect before its connect: -1, and the late connect makes 0,
+	// not online.
+	is.Equal(c.Disconnect("b"), 0)
+	is.Equal(c.Count("b"), -1)
+	is.Equal(c.Connect("b"), -1)
+	is.Equal(c.Count("b"), 0)
+	is.Equal(c.Online(), []string(nil))
+	is.Equal(len(c.counts), 0) // nothing kept for devices at zero
+}
+
+// fakeStateAPI records reports and holds the state the balena API would:
+// which devices are online for which service.
+type fakeStateAPI struct {
+	mu       sync.Mutex
+	online   map[string]int64 // uuid → service id
+	requests int
+	sizes    []int
+	fail     func() error // non-nil: the answer to the next call
+	calls    chan struct{}
+}
+
+func newFakeStateAPI() *fakeStateAPI {
+	return &fakeStateAPI{online: map[string]int64{}, calls: make(chan struct{}, 1<<16)}
+}
+
+func (f *fakeStateAPI) ReportState(ctx context.Context, id int64, uuids []string, connected bool) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	defer func() { f.calls <- struct{}{} }()
+	f.requests++
+	if f.fail != nil {
+		if err := f.fail(); err != nil {
+			return err
+		}
+	}
+	f.sizes = append(f.sizes, len(uuids))
+	for _, u := range uuids {
+		if connected {
+			f.online[u] = id
+		} else {
+			delete(f.online, u)
+		}
+	}
+	return nil
+}
+
+func (f *fakeStateAPI) onlineSet() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for u := range f.online {
+		out = append(out, u)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func TestReporterBatches(t *testing.T) {
+	is := is.New(t)
+	api := newFakeStateAPI()
+	r := &Reporter{API: api, ServiceID: func() int64 { return 7 }, BatchSize: 100}
+	for i := range 250 {
+		r.Set(fmt.Sprintf("%032x", i), true)
+	}
+	for i := range 30 {
+		r.Set(fmt.Sprintf("%032x", 1000+i), false)
+	}
+	is.Equal(r.Pending(), 280)
+	is.NoErr(r.Flush(context.Background()))
+	is.Equal(r.Pending(), 0)
+	is.Equal(api.sizes, []int{100, 100, 50, 30}) // ceil(250/100) connects, one disconnect
+	is.Equal(len(api.onlineSet()), 250)
+
+	// Setting what the API already holds sends nothing.
+	r.Set(fmt.Sprintf("%032x", 1), true)
+	is.Equal(r.Pending(), 0)
+	// A flip and a flip back before the pass sends nothing either.
+	r.Set(fmt.Sprintf("%032x", 2), false)
+	r.Set(fmt.Sprintf("%032x", 2), true)
+	is.Equal(r.Pending(), 0)
+}
+
+func TestReporterNotRegistered(t *testing.T) {
+	is := is.New(t)
+	api := newFakeStateAPI()
+	var id int64
+	var mu sync.Mutex
+	r := &Reporter{API: api, ServiceID: func() int64 { mu.Lock(); defer mu.Unlock(); return id }}
+	r.Set("aa", true)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	is.True(r.Flush(ctx) != nil) // cannot report without a service id
+	is.Equal(api.requests, 0)
+	mu.Lock()
+	id = 3
+	mu.Unlock()
+	is.NoErr(r.Flush(context.Background()))
+	is.Equal(api.online["aa"], int64(3))
+}
+
+// TestReporterOutage drives 500 random connects and disconnects through
+// Connections into a Reporter while the API fails every request, then lets
+// the API recover: the final online set must equal the truth, reached in
+// ceil(N/batch) requests per direction.
+func TestReporterOutage(t *testing.T) {
+	is := is.New(t)
+	api := newFakeStateAPI()
+	var down sync.Mutex
+	outage := true
+	api.fail = func() error {
+		down.Lock()
+		defer down.Unlock()
+		if outage {
+			return errors.New("503 Service Unavailable")
+		}
+		return nil
+	}
+	r := &Reporter{API: api, ServiceID: func() int64 { return 1 }, BatchSize: 64,
+		Interval: time.Millisecond, MaxBackoff: 4 * time.Millisecond}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+
+	var conns Connections
+	rng := rand.New(rand.NewPCG(3, 4))
+	devices := make([]string, 200)
+	for i := range devices {
+		devices[i] = fmt.Sprintf("%032x", i)
+	}
+	for range 500 {
+		u := devices[rng.IntN(len(devices))]
+		if rng.IntN(3) > 0 || conns.Count(u) <= 0 {
+			if conns.Connect(u) == 0 {
+				r.Set(u, true)
+			}
+		} else if conns.Disconnect(u) == 1 {
+			r.Set(u, false)
+		}
+	}
+	// Let the outage be seen several times, then end it.
+	for range 5 {
+		<-api.calls
+	}
+	is.Equal(len(api.onlineSet()), 0)
+	pending := r.Pending()
+	truth := conns.Online()
+	api.mu.Lock()
+	down.Lock()
+	outage = false
+	before := api.requests
+	down.Unlock()
+	api.mu.Unlock()
+
+	waitFor(t, func() bool { return r.Pending() == 0 })
+	cancel()
+	is.True(errors.Is(<-done, context.Canceled))
+	is.Equal(api.onlineSet(), truth)
+	// Once the API is back, one pass sends every pending device in
+	// ceil(n/batch) requests per direction; allow for a pass that was
+	// already failing when the outage ended.
+	api.mu.Lock()
+	sent := api.requests - before
+	api.mu.Unlock()
+	up := len(truth)
+	want := (up+63)/64 + (pending-up+63)/64
+	is.True(sent >= want && sent <= want+2) // requests after the outage
+	t.Logf("%d devices pending after the outage, %d online; %d requests to report them (bound %d)", pending, up, sent, want)
+}
+
+func TestReporterRunWakesOnSet(t *testing.T) {
+	is := is.New(t)
+	api := newFakeStateAPI()
+	r := &Reporter{API: api, ServiceID: func() int64 { return 1 }, Interval: time.Millisecond}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	r.Set("ab", true)
+	<-api.calls
+	waitFor(t, func() bool { return r.Pending() == 0 })
+	r.Set("ab", false)
+	<-api.calls
+	waitFor(t, func() bool { return r.Pending() == 0 })
+	cancel()
+	is.True(errors.Is(<-done, context.Canceled))
+	is.Equal(api.onlineSet(), []string(nil))
+	is.Equal(api.requests, 2)
+}
+
+// waitFor polls cond, for state that has no event to wait on, and fails the
+// test after 10 s.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 10 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
