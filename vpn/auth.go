@@ -1,0 +1,223 @@
+package vpn
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"log/slog"
+	"sync"
+	"time"
+)
+
+// AuthAPI is the part of the balena API that says whether a device may
+// connect: GET /services/vpn/auth/<uuid> with the device's API key as
+// bearer. The vpn/balena client implements it.
+//
+// DeviceAuth returns true for an allowed device (200) and false for a
+// denied one (401, 403): answers that may be cached. Anything else, a 503
+// included, is an error: the device is denied, and the answer is not
+// cached.
+type AuthAPI interface {
+	DeviceAuth(ctx context.Context, uuid, apiKey string) (bool, error)
+}
+
+// ErrBadCredentials reports a username that is not a device UUID (hex
+// digits only) or an empty username or password. Such devices are denied
+// without asking the API.
+var ErrBadCredentials = errors.New("malformed device credentials")
+
+// Authenticator decides whether devices may connect by asking an [AuthAPI],
+// with the rules of the reference system: allow and deny answers are cached
+// per device and key for CacheTimeout, errors are never cached, concurrent
+// identical checks share one request, and at most MaxInFlight requests are
+// in flight. It is safe for concurrent use; the zero value needs API set.
+type Authenticator struct {
+	// API answers the checks.
+	API AuthAPI
+
+	// CacheTimeout is how long an answer is reused. Zero turns the cache
+	// off (identical checks in flight are still shared).
+	CacheTimeout time.Duration
+
+	// MaxInFlight bounds the requests to the API in flight. Zero means 20.
+	MaxInFlight int
+
+	// Timeout bounds one request to the API, waiting for a place among
+	// MaxInFlight included. Zero means 30 s.
+	Timeout time.Duration
+
+	// Logger receives API failures. Nil means discard. Keys are never
+	// logged.
+	Logger *slog.Logger
+
+	// now returns the time; nil means time.Now. Tests set it.
+	now func() time.Time
+	// joined, if set, is called when a caller shares a request in flight.
+	// Tests set it.
+	joined func()
+
+	once     sync.Once
+	wg       sync.WaitGroup
+	sem      chan struct{}
+	mu       sync.Mutex
+	cache    map[authKey]authEntry
+	inflight map[authKey]*authCall
+	sweepAt  int // cache size at which expired entries are swept
+}
+
+// authKey identifies a check without keeping the API key in memory.
+type authKey [sha256.Size]byte
+
+type authEntry struct {
+	allowed bool
+	expires time.Time
+}
+
+type authCall struct {
+	done    chan struct{}
+	allowed bool
+	err     error
+}
+
+func (a *Authenticator) init() {
+	a.once.Do(func() {
+		n := a.MaxInFlight
+		if n <= 0 {
+			n = 20
+		}
+		a.sem = make(chan struct{}, n)
+		a.cache = make(map[authKey]authEntry)
+		a.inflight = make(map[authKey]*authCall)
+		a.sweepAt = 1024
+	})
+}
+
+// Authenticate reports whether the device uuid may connect with apiKey.
+// An error means the API could not say (or the credentials are malformed,
+// [ErrBadCredentials]); the device must then be denied. Authenticate waits
+// for a place among MaxInFlight and for the answer, or until ctx ends.
+func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (bool, error) {
+	a.init()
+	if !IsUUID(uuid) || apiKey == "" {
+		return false, ErrBadCredentials
+	}
+	h := sha256.New()
+	h.Write([]byte(uuid))
+	h.Write([]byte{0})
+	h.Write([]byte(apiKey))
+	var k authKey
+	h.Sum(k[:0])
+
+	a.mu.Lock()
+	if e, ok := a.cache[k]; ok {
+		if a.clock().Before(e.expires) {
+			a.mu.Unlock()
+			return e.allowed, nil
+		}
+		delete(a.cache, k)
+	}
+	c, shared := a.inflight[k]
+	if !shared {
+		c = &authCall{done: make(chan struct{})}
+		a.inflight[k] = c
+	}
+	a.mu.Unlock()
+	if shared && a.joined != nil {
+		a.joined()
+	}
+
+	if !shared {
+		// The request does not end with the caller's context, so that a
+		// caller who gives up does not fail the others waiting for the
+		// same answer; Timeout bounds it instead.
+		timeout := a.Timeout
+		if timeout <= 0 {
+			timeout = 30 * time.Second
+		}
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			a.check(context.WithoutCancel(ctx), timeout, k, c, uuid, apiKey)
+		}()
+	}
+	select {
+	case <-c.done:
+		return c.allowed, c.err
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+}
+
+// Wait blocks until every request to the API that is in flight has
+// ended: Authenticate returns when its caller's context ends, but the
+// request it started goes on for the others that wait for the same answer.
+func (a *Authenticator) Wait() { a.wg.Wait() }
+
+// check asks the API once for every caller waiting on c.
+func (a *Authenticator) check(ctx context.Context, timeout time.Duration, k authKey, c *authCall, uuid, apiKey string) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	select {
+	case a.sem <- struct{}{}:
+		c.allowed, c.err = a.API.DeviceAuth(ctx, uuid, apiKey)
+		<-a.sem
+	case <-ctx.Done():
+		c.err = ctx.Err()
+	}
+	if c.err != nil {
+		c.allowed = false
+		a.logger().Warn("device authentication failed", "uuid", uuid, "err", c.err)
+	}
+	a.mu.Lock()
+	delete(a.inflight, k)
+	if c.err == nil && a.CacheTimeout > 0 {
+		a.cache[k] = authEntry{allowed: c.allowed, expires: a.clock().Add(a.CacheTimeout)}
+		if len(a.cache) >= a.sweepAt {
+			a.sweep()
+		}
+	}
+	a.mu.Unlock()
+	close(c.done)
+}
+
+// sweep drops expired answers; a.mu is held. The next sweep waits until the
+// cache has doubled, so sweeping costs O(1) per insert over time.
+func (a *Authenticator) sweep() {
+	now := a.clock()
+	for k, e := range a.cache {
+		if !now.Before(e.expires) {
+			delete(a.cache, k)
+		}
+	}
+	a.sweepAt = max(1024, 2*len(a.cache))
+}
+
+func (a *Authenticator) clock() time.Time {
+	if a.now != nil {
+		return a.now()
+	}
+	return time.Now()
+}
+
+func (a *Authenticator) logger() *slog.Logger {
+	if a.Logger != nil {
+		return a.Logger
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// IsUUID reports whether s is a device UUID as the balena API issues them:
+// a non-empty run of hex digits (32 or 62 of them in practice) and nothing
+// else, which makes it safe to put in a URL path.
+func IsUUID(s string) bool {
+	if s == "" || len(s) > 128 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
+			return false
+		}
+	}
+	return true
+}
