@@ -1,0 +1,284 @@
+package vpn
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// DeviceAuthenticator decides whether a device may connect; *Authenticator
+// implements it.
+type DeviceAuthenticator interface {
+	Authenticate(ctx context.Context, uuid, apiKey string) (bool, error)
+}
+
+// StateSetter receives the devices that go online or offline; *Reporter
+// implements it.
+type StateSetter interface {
+	Set(uuid string, connected bool)
+}
+
+// InternalAPI is the HTTP API that OpenVPN's scripts (cmd/vpn-auth,
+// cmd/vpn-client-event) and operators call on the VPN host:
+//
+//	GET    /ping                          200 "OK", from anywhere
+//	POST   /api/v1/auth/                  {"username","password"}: 200 allowed, 400 missing, 401 denied
+//	POST   /api/v2/<instance>/clients/    {"common_name"}: the device connected
+//	DELETE /api/v2/<instance>/clients/    {"common_name","bytes_received","bytes_sent","time_duration"}
+//
+// Every endpoint but /ping answers 401 to callers that are not on loopback
+// (127.0.0.0/8, ::1, or IPv4-mapped loopback). Denials are answered after
+// DelayOnAuthFail, which holds up only the denied caller.
+type InternalAPI struct {
+	// Auth decides the /api/v1/auth/ requests. Nil denies every device.
+	Auth DeviceAuthenticator
+
+	// Connections counts each device's sessions. Nil means a Connections
+	// of the InternalAPI's own.
+	Connections *Connections
+
+	// State learns the devices that go online and offline. Nil means
+	// nobody.
+	State StateSetter
+
+	// Instances is the number of OpenVPN instances; a clients request for
+	// an instance outside 1…Instances is answered 404. Zero accepts any
+	// positive instance id.
+	Instances int
+
+	// DelayOnAuthFail delays the answer to a denied device.
+	DelayOnAuthFail time.Duration
+
+	// TrustProxy says whose X-Forwarded-For is believed when telling
+	// loopback callers from others. The zero value believes nobody.
+	TrustProxy TrustProxy
+
+	// Logger receives authentication failures and out-of-order
+	// disconnects. Nil means discard. Keys are never logged.
+	Logger *slog.Logger
+
+	conns Connections
+}
+
+// maxAPIBody bounds a request body: the largest legitimate one is a few
+// hundred bytes.
+const maxAPIBody = 64 << 10
+
+func (a *InternalAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/ping" {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", "GET, HEAD")
+			http.Error(w, "Method Not Allowed", http.StatusMethodNotAllowed)
+			return
+		}
+		io.WriteString(w, "OK")
+		return
+	}
+	if !clientAddr(r, a.TrustProxy).IsLoopback() {
+		http.Error(w, "Unauthorized", http.StatusUnauthorized)
+		return
+	}
+	switch {
+	case r.URL.Path == "/api/v1/auth/":
+		a.serveAuth(w, r)
+	case strings.HasPrefix(r.URL.Path, "/api/v2/") && strings.HasSuffix(r.URL.Path, "/clients/"):
+		id, err := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(r.URL.Path, "/api/v2/"), "/clients/"))
+		if err != nil || id < 1 || (a.Instances > 0 && id > a.Instances) {
+			http.NotFound(w, r)
+			return
+		}
+		a.serveClients(w, r, id)
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+func (a *InternalAPI) serveAuth(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", "POST")
+		http.Error(w, "Method Not Allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	var body struct {
+		Username *string `json:"username"`
+		Password *string `json:"password"`
+	}
+	if !decodeBody(w, r, &body) {
+		return
+	}
+	if body.Username == nil || body.Password == nil || *body.Username == "" || *body.Password == "" {
+		a.logger().Info("auth: username or password missing")
+		http.Error(w, "Bad Request", http.StatusBadRequest)
+		return
+	}
+	var ok bool
+	var err error
+	if a.Auth != nil {
+		ok, err = a.Auth.Authenticate(r.Context(), *body.Username, *body.Password)
+	}
+	if ok {
+		io.WriteString(w, "OK")
+		return
+	}
+	a.logger().Info("auth: device denied", "uuid", safeUUID(*body.Username), "err", err)
+	if a.DelayOnAuthFail > 0 {
+		t := time.NewTimer(a.DelayOnAuthFail)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			return
+		}
+	}
+	http.Error(w, "Unauthorized", http.StatusUnauthorized)
+}
+
+// clientEvent is the body of the clients endpoints. The counters are
+// numbers, or strings of digits as OpenVPN's environment gives them.
+type clientEvent struct {
+	CommonName    string   `json:"common_name"`
+	BytesReceived flexUint `json:"bytes_received"`
+	BytesSent     flexUint `json:"bytes_sent"`
+	TimeDuration  flexUint `json:"time_duration"`
+}
+
+func (a *InternalAPI) serveClients(w http.ResponseWriter, r *http.Request, instance int) {
+	if r.Method != http.MethodPost && r.Method != http.MethodDelete {
+		w.Header().Set("Allow", "POST, DELETE")
+		http.Error(w, "Method Not Allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	var ev clientEvent
+	if !decodeBody(w, r, &ev) {
+		return
+	}
+	if !IsUUID(ev.CommonName) {
+		http.Error(w, "Bad Request", http.StatusBadRequest)
+		return
+	}
+	conns := a.Connections
+	if conns == nil {
+		conns = &a.conns
+	}
+	if r.Method == http.MethodPost {
+		io.WriteString(w, "OK")
+		if conns.Connect(ev.CommonName) == 0 && a.State != nil {
+			a.State.Set(ev.CommonName, true)
+		}
+		return
+	}
+	before := conns.Disconnect(ev.CommonName)
+	if before != 1 {
+		// Still online with other sessions, or a disconnect that came
+		// before its connect: nothing to report.
+		a.logger().Warn("clients: disconnect does not take the device offline; dropped",
+			"uuid", ev.CommonName, "instance", instance, "sessions_before", before)
+		http.Error(w, "Bad Request", http.StatusBadRequest)
+		return
+	}
+	if a.State != nil {
+		a.State.Set(ev.CommonName, false)
+	}
+	io.WriteString(w, "OK")
+}
+
+// decodeBody decodes a JSON body of at most maxAPIBody bytes into v, or
+// answers 400 and returns false.
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxAPIBody))
+	if err := dec.Decode(v); err != nil {
+		http.Error(w, "Bad Request", http.StatusBadRequest)
+		return false
+	}
+	return true
+}
+
+// flexUint is a JSON number or a string of decimal digits.
+type flexUint uint64
+
+func (f *flexUint) UnmarshalJSON(b []byte) error {
+	s := strings.Trim(string(b), `"`)
+	if s == "" || s == "null" {
+		*f = 0
+		return nil
+	}
+	n, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		return errors.New("want a non-negative integer")
+	}
+	*f = flexUint(n)
+	return nil
+}
+
+// safeUUID returns s for a log line when it is a UUID, else a placeholder:
+// a malformed username could be a key typed in the wrong field.
+func safeUUID(s string) string {
+	if IsUUID(s) {
+		return s
+	}
+	return "(malformed)"
+}
+
+// clientAddr returns the address of the client of r: the peer's address,
+// or, when the peer is a trusted proxy, the nearest untrusted address of
+// X-Forwarded-For. IPv4-mapped addresses are unmapped. The zero Addr means
+// unknown (and is not loopback).
+func clientAddr(r *http.Request, trust TrustProxy) netip.Addr {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return netip.Addr{}
+	}
+	peer := ap.Addr().Unmap()
+	if !trust.All && trust.Hops == 0 && len(trust.Prefixes) == 0 {
+		return peer
+	}
+	// The chain from the client to us: X-Forwarded-For's addresses, left
+	// (farthest) to right (nearest), then the peer.
+	var chain []netip.Addr
+	for _, h := range r.Header.Values("X-Forwarded-For") {
+		for _, s := range strings.Split(h, ",") {
+			a, err := netip.ParseAddr(strings.TrimSpace(s))
+			if err != nil {
+				return netip.Addr{} // a forged or broken header: trust nothing
+			}
+			chain = append(chain, a.Unmap())
+		}
+	}
+	chain = append(chain, peer)
+	switch {
+	case trust.All:
+		return chain[0]
+	case trust.Hops > 0:
+		return chain[max(0, len(chain)-1-trust.Hops)]
+	}
+	for i := len(chain) - 1; i > 0; i-- {
+		if !trust.trusts(chain[i]) {
+			return chain[i]
+		}
+	}
+	return chain[0]
+}
+
+// trusts reports whether a is in one of the trusted prefixes.
+func (t TrustProxy) trusts(a netip.Addr) bool {
+	for _, p := range t.Prefixes {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+func (a *InternalAPI) logger() *slog.Logger {
+	if a.Logger != nil {
+		return a.Logger
+	}
+	return slog.New(slog.DiscardHandler)
+}
