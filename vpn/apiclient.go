@@ -1,0 +1,84 @@
+package vpn
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+)
+
+// APIClient calls the [InternalAPI], as OpenVPN's script-mode hooks do
+// (cmd/vpn-auth and cmd/vpn-client-event).
+type APIClient struct {
+	// BaseURL is the internal API's URL, such as "http://127.0.0.1:30001",
+	// without a trailing slash.
+	BaseURL string
+
+	// HTTPClient sends the requests. Nil means http.DefaultClient; the
+	// context of each call bounds it.
+	HTTPClient *http.Client
+}
+
+// ErrDenied reports an answer that refuses the request: 401 for
+// authentication, 400 for a client event the API dropped.
+var ErrDenied = errors.New("denied by the internal API")
+
+// Auth asks whether the device may connect: nil when allowed, an error
+// wrapping [ErrDenied] when refused, another error when the API could not
+// be asked.
+func (c *APIClient) Auth(ctx context.Context, username, password string) error {
+	return c.send(ctx, http.MethodPost, "/api/v1/auth/", map[string]string{"username": username, "password": password})
+}
+
+// ClientEvent is a client's connect or disconnect, as OpenVPN's
+// client-connect and client-disconnect scripts see it in their environment.
+type ClientEvent struct {
+	CommonName    string `json:"common_name"`
+	BytesReceived uint64 `json:"bytes_received,omitempty"`
+	BytesSent     uint64 `json:"bytes_sent,omitempty"`
+	TimeDuration  uint64 `json:"time_duration,omitempty"` // seconds
+}
+
+// Connected reports that the device ev.CommonName connected to instance.
+func (c *APIClient) Connected(ctx context.Context, instance int, ev ClientEvent) error {
+	return c.send(ctx, http.MethodPost, fmt.Sprintf("/api/v2/%d/clients/", instance), ev)
+}
+
+// Disconnected reports that the device ev.CommonName disconnected from
+// instance.
+func (c *APIClient) Disconnected(ctx context.Context, instance int, ev ClientEvent) error {
+	return c.send(ctx, http.MethodDelete, fmt.Sprintf("/api/v2/%d/clients/", instance), ev)
+}
+
+func (c *APIClient) send(ctx context.Context, method, path string, body any) error {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(c.BaseURL, "/")+path, bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	hc := c.HTTPClient
+	if hc == nil {
+		hc = http.DefaultClient
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
+	switch {
+	case resp.StatusCode == http.StatusOK:
+		return nil
+	case resp.StatusCode == http.StatusUnauthorized && path == "/api/v1/auth/", resp.StatusCode == http.StatusBadRequest:
+		return fmt.Errorf("%s %s: %s: %w", method, path, resp.Status, ErrDenied)
+	}
+	return fmt.Errorf("%s %s: %s", method, path, resp.Status)
+}
