@@ -1,0 +1,75 @@
+package vpn
+
+import (
+	"flag"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata")
+
+func golden(t *testing.T, name, got string) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *update {
+		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != string(want) {
+		t.Errorf("%s differs from the golden file (run go test -update to accept):\n%s", name, got)
+	}
+}
+
+func TestOpenVPNServerConfig(t *testing.T) {
+	c, err := loader(serverEnv("VPN_RUN_DIR", "/run/obvpn test", "VPN_BYTECOUNT_INTERVAL", "5")).Config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := c.Plan.Instance(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf, err := c.OpenVPNServerConfig(in, ScriptHooks{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "server-management.conf", conf)
+
+	c.Auth.Mode = AuthScript
+	c.OpenVPN.DH = []byte(testDH)
+	c.Plan.Gateway = c.Plan.Base.Addr().Next()
+	in, _ = c.Plan.Instance(2)
+	if _, err := c.OpenVPNServerConfig(in, ScriptHooks{}); err == nil {
+		t.Error("script mode without hooks: no error")
+	}
+	conf, err = c.OpenVPNServerConfig(in, ScriptHooks{Auth: "/usr/local/bin/vpn-auth", ClientEvent: "/usr/local/bin/vpn-client-event", APIURL: "http://127.0.0.1:30002"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "server-script.conf", conf)
+	if !strings.Contains(conf, "\ndh \"/run/obvpn test/dh.pem\"\n") {
+		t.Errorf("the DH file is not quoted:\n%s", conf)
+	}
+}
+
+func TestNetmask(t *testing.T) {
+	for p, want := range map[string]string{"10.240.0.0/20": "255.255.240.0", "0.0.0.0/0": "0.0.0.0", "10.0.0.0/8": "255.0.0.0", "192.0.2.8/29": "255.255.255.248"} {
+		pfx := netip.MustParsePrefix(p)
+		if got := netmask(pfx); got != want {
+			t.Errorf("netmask(%s) = %s, want %s", p, got, want)
+		}
+	}
+	for in, want := range map[string]string{"plain": "plain", "": `""`, "a b": `"a b"`, `say "hi"`: `"say \"hi\""`, `c:\x`: `"c:\\x"`, "#x": `"#x"`} {
+		if got := quoteConfigArg(in); got != want {
+			t.Errorf("quoteConfigArg(%q) = %s, want %s", in, got, want)
+		}
+	}
+}
