@@ -3,14 +3,26 @@
 // instances, device authentication against the balena API, state reporting,
 // the internal API, HAProxy, bandwidth limits, metrics and graceful drain.
 //
-// Today the package holds the configuration. Its variables are those of the
-// reference system, openBalena VPN, under both their old and their new
-// names; [Loader] maps them onto [Config] in one place, and every malformed
-// or missing value fails with a one-line [*ConfigError] that names the
-// variable. Programs call [LoadConfig] (or [LoadConnectProxyConfig] for the
-// proxy alone, [LoadPlan] for the address plan alone); tests and embedders
-// fill a [Loader] with their own variables.
+// The parts that exist so far, each usable on its own:
 //
-// The address and port arithmetic lives in package
+//   - [Config] and [Loader]: every variable of the reference system, under
+//     its old and new names, mapped in one place; a malformed or missing
+//     value fails with a one-line [*ConfigError] naming the variable.
+//     Programs call [LoadConfig] ([LoadConnectProxyConfig] for the proxy
+//     alone, [LoadPlan] for the address plan alone).
+//   - [Config.OpenVPNServerConfig]: the OpenVPN configuration of one
+//     instance.
+//   - [Authenticator]: device authentication against an [AuthAPI], with the
+//     balena API's cache, sharing and concurrency rules.
+//   - [Connections] and [Reporter]: session counts per device, and the
+//     batched, retried reports to a [StateAPI] of which devices are online.
+//   - [Service]: the service instance's registration and heartbeat with a
+//     [ServiceAPI].
+//   - [InternalAPI] and [APIClient]: the loopback HTTP API that OpenVPN's
+//     script-mode hooks (cmd/vpn-auth, cmd/vpn-client-event) call.
+//
+// The balena API is reached through the small interfaces this package
+// declares ([AuthAPI], [StateAPI], [ServiceAPI]); package vpn/balena
+// implements them. The address arithmetic lives in package
 // [github.com/obvpn/obvpn/subnet]; Config.Plan is a subnet.Plan.
 package vpn
