@@ -1,0 +1,179 @@
+package vpn
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/matryer/is"
+)
+
+// requireCommand returns the path of a command the test needs; it skips the
+// test when the command is missing, or fails it under OBVPN_E2E=1.
+func requireCommand(t *testing.T, name string) string {
+	t.Helper()
+	path, err := exec.LookPath(name)
+	if err == nil {
+		return path
+	}
+	if os.Getenv("OBVPN_E2E") == "1" {
+		t.Fatalf("OBVPN_E2E=1 but %s is missing: %v", name, err)
+	}
+	t.Skipf("%s is not installed (set OBVPN_E2E=1 to make this a failure)", name)
+	return ""
+}
+
+// freePort returns a loopback TCP port that was free a moment ago.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startHAProxy runs haproxy on cfg in the foreground until the test ends,
+// and returns once its worker runs.
+func startHAProxy(t *testing.T, bin, cfg string) {
+	t.Helper()
+	cmd := exec.Command(bin, "-W", "-db", "-f", cfg)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout = cmd.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+	})
+	ready := make(chan struct{})
+	var log strings.Builder
+	go func() {
+		defer close(exited)
+		sc := bufio.NewScanner(stderr)
+		once := false
+		for sc.Scan() {
+			log.WriteString(sc.Text() + "\n")
+			if !once && strings.Contains(sc.Text(), "New worker") {
+				once = true
+				close(ready)
+			}
+		}
+		_ = cmd.Wait()
+	}()
+	select {
+	case <-ready:
+	case <-exited:
+		t.Fatalf("haproxy exited:\n%s", log.String())
+	case <-time.After(10 * time.Second):
+		t.Fatal("haproxy did not start its worker within 10 s")
+	}
+}
+
+func TestHAProxyRuntime(t *testing.T) {
+	bin := requireCommand(t, "haproxy")
+	is := is.New(t)
+	dir := t.TempDir()
+	c, err := loader(serverEnv("VPN_RUN_DIR", dir, "VPN_HAPROXY_SOCKET", filepath.Join(dir, "admin.sock"),
+		"VPN_PORT", fmt.Sprint(freePort(t)))).Config()
+	is.NoErr(err)
+	monitor := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	cfg := filepath.Join(dir, "haproxy.cfg")
+	is.NoErr(os.WriteFile(cfg, []byte(c.RenderHAProxy(monitor)), 0o600))
+	out, err := exec.Command(bin, "-c", "-f", cfg).CombinedOutput()
+	is.NoErr(err) // the configuration is valid
+	t.Logf("haproxy -c: %s", strings.TrimSpace(string(out)))
+	startHAProxy(t, bin, cfg)
+
+	ping := func() int {
+		resp, err := http.Get("http://" + monitor + "/ping")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	h := &HAProxyRuntime{Socket: c.HAProxy.Socket}
+	ctx := context.Background()
+
+	servers, err := h.ServersState(ctx, HAProxyBackend)
+	is.NoErr(err)
+	is.Equal(len(servers), 2)
+	is.Equal(servers[0].Name, "vpn1")
+	is.True(!servers[0].Up && servers[0].Maint) // disabled until registered
+	is.Equal(ping(), 503)                       // no server up
+
+	in, _ := c.Plan.Instance(1)
+	is.NoErr(h.SetServerAddr(ctx, HAProxyServer(1), netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(in.Port))))
+	is.NoErr(h.SetServerState(ctx, HAProxyServer(1), StateReady))
+	servers, err = h.ServersState(ctx, HAProxyBackend)
+	is.NoErr(err)
+	is.Equal(servers[0].Addr.String(), "127.0.0.1:10001")
+	is.True(servers[0].Up)
+	is.Equal(ping(), 200)
+
+	is.NoErr(h.SetServerState(ctx, HAProxyServer(1), StateDrain))
+	servers, _ = h.ServersState(ctx, HAProxyBackend)
+	is.True(servers[0].Draining && !servers[0].Up)
+	is.Equal(ping(), 503)
+
+	is.NoErr(h.SetServerState(ctx, HAProxyServer(1), StateMaint))
+	servers, _ = h.ServersState(ctx, HAProxyBackend)
+	is.True(servers[0].Maint && !servers[0].Up)
+
+	err = h.SetServerState(ctx, HAProxyServer(9), StateReady)
+	is.True(errors.Is(err, ErrHAProxy))
+	is.True(strings.Contains(err.Error(), "No such server."))
+	err = h.SetServerAddr(ctx, "nope/vpn1", netip.MustParseAddrPort("127.0.0.1:1"))
+	is.True(errors.Is(err, ErrHAProxy))
+	_, err = h.ServersState(ctx, "nope")
+	is.True(errors.Is(err, ErrHAProxy))
+	_, err = h.Command(ctx, "show info; shutdown frontend vpn")
+	is.True(err != nil) // no command smuggling
+}
+
+func TestHAProxyRuntimeNoSocket(t *testing.T) {
+	h := &HAProxyRuntime{Socket: filepath.Join(t.TempDir(), "none.sock")}
+	if _, err := h.Command(context.Background(), "show info"); err == nil {
+		t.Fatal("no error without a socket")
+	}
+}
+
+func TestParseServersState(t *testing.T) {
+	is := is.New(t)
+	// An answer with the columns in another order and an extra one, as a
+	// later HAProxy might give.
+	out := "1\n# srv_name be_name srv_addr srv_port srv_op_state srv_admin_state extra\n" +
+		"vpn1 vpn-workers 127.0.0.1 10001 2 4 x\nvpn2 vpn-workers 127.0.0.1 10000 0 5 x\n"
+	s, err := parseServersState(out)
+	is.NoErr(err)
+	is.Equal(len(s), 2)
+	is.True(s[0].Up)
+	is.True(!s[1].Up && s[1].Maint)
+	_, err = parseServersState("1\n# srv_name srv_addr srv_port srv_op_state srv_admin_state\nvpn1 notanip 1 2 0\n")
+	is.True(err != nil)
+	_, err = parseServersState("Can't find backend.")
+	is.True(errors.Is(err, ErrHAProxy))
+}
