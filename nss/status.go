@@ -1,0 +1,374 @@
+// Package nss finds connected OpenVPN devices by name from the status files
+// that OpenVPN writes.
+//
+// [ParseStatus] reads a status file of any version (1, 2 or 3) into a
+// [Status]: its clients, its routing table and its global statistics. The
+// columns are found by the names of the file's headers, not by position,
+// so files from OpenVPN 2.4 to 2.7 parse alike, and the quirks of real files
+// (torn writes, UNDEF names, cached and subnet routes, IPv6 and MAC
+// routing rows, old timestamps, protocol prefixes) are handled.
+//
+// Name lookup by an index over many status files is the job of the
+// resolver in this package; the glibc NSS module cmd/libnss_openvpn exposes
+// it to every program on the host. The package reads files and nothing
+// else: it neither talks to OpenVPN nor knows about the balena API.
+package nss
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ErrIncomplete reports a status file without its closing END line: OpenVPN
+// rewrites the file in place, so a reader can see it half written.
+// ParseStatus returns it together with what it could read.
+var ErrIncomplete = errors.New("nss: status file incomplete (no END line)")
+
+// ErrFormat reports a file that is not an OpenVPN status file.
+var ErrFormat = errors.New("nss: not an OpenVPN status file")
+
+// Status is the content of one status file.
+type Status struct {
+	// Version is the status file version: 1, 2 or 3 (tab-separated).
+	Version int
+	// Title is OpenVPN's version banner (versions 2 and 3).
+	Title string
+	// Updated is when OpenVPN wrote the file.
+	Updated time.Time
+	// Clients are the connected clients, in file order.
+	Clients []Client
+	// Routes are the routing table's rows, in file order.
+	Routes []Route
+	// GlobalStats are the GLOBAL STATS name/value pairs.
+	GlobalStats map[string]string
+}
+
+// Client is one row of the client list.
+type Client struct {
+	// CommonName is the client's common name: the device UUID, as OpenVPN
+	// runs with username-as-common-name. Empty when OpenVPN printed UNDEF.
+	CommonName string
+	// RealAddress is the client's public address and port. Proto is the
+	// protocol prefix of OpenVPN 2.7 ("udp4", "tcp4-server", …), if any.
+	RealAddress netip.AddrPort
+	Proto       string
+	// VirtualAddress and VirtualIPv6 are the client's tunnel addresses;
+	// zero when absent (status version 1 has neither).
+	VirtualAddress netip.Addr
+	VirtualIPv6    netip.Addr
+	BytesReceived  uint64
+	BytesSent      uint64
+	ConnectedSince time.Time
+	// Username is the authenticated user name; empty for UNDEF.
+	Username string
+	// ClientID and PeerID are OpenVPN's ids; -1 when absent.
+	ClientID int64
+	PeerID   int64
+	// Cipher is the data channel cipher, when given.
+	Cipher string
+}
+
+// Route is one row of the routing table.
+type Route struct {
+	// Virtual is the row's virtual address as written: an IPv4 or IPv6
+	// address, an "a.b.c.d/nn" subnet, a MAC address (with "@vid"), and a
+	// trailing "C" for a cached route.
+	Virtual string
+	// Addr is Virtual as a host address when, and only when, it is a plain
+	// IPv4 address; otherwise it is the zero Addr. Only such rows answer
+	// a name lookup.
+	Addr        netip.Addr
+	CommonName  string
+	RealAddress netip.AddrPort
+	Proto       string
+	LastRef     time.Time
+}
+
+// maxLine bounds a status file line; real lines are a few hundred bytes.
+const maxLine = 64 << 10
+
+// ParseStatus reads a status file of version 1, 2 or 3. A file without its
+// END line yields the rows read so far and [ErrIncomplete]; a file that is
+// not a status file yields [ErrFormat]. Malformed rows are skipped, never
+// guessed at: a row that does not parse cannot give a name an address.
+func ParseStatus(r io.Reader) (*Status, error) {
+	br := bufio.NewReaderSize(r, 64<<10)
+	st := &Status{GlobalStats: map[string]string{}}
+	first, err := readLine(br)
+	switch {
+	case err == io.EOF:
+		return nil, fmt.Errorf("%w: empty", ErrFormat)
+	case err == errTornLine:
+		return st, ErrIncomplete // the first line is still being written
+	case err != nil:
+		return nil, err
+	}
+	switch {
+	case first == "OpenVPN CLIENT LIST":
+		st.Version = 1
+		err = parseV1(br, st)
+	case strings.HasPrefix(first, "TITLE,"), strings.HasPrefix(first, "TIME,"), strings.HasPrefix(first, "HEADER,"):
+		st.Version = 2
+		err = parseV23(br, st, first, ",")
+	case strings.HasPrefix(first, "TITLE\t"), strings.HasPrefix(first, "TIME\t"), strings.HasPrefix(first, "HEADER\t"):
+		st.Version = 3
+		err = parseV23(br, st, first, "\t")
+	default:
+		return nil, fmt.Errorf("%w: first line %q", ErrFormat, truncate(first))
+	}
+	return st, err
+}
+
+// readLine returns the next line without its end; io.EOF only when no
+// byte is left. A line longer than maxLine is an error.
+func readLine(br *bufio.Reader) (string, error) {
+	var buf []byte
+	for {
+		chunk, err := br.ReadSlice('\n')
+		buf = append(buf, chunk...)
+		if len(buf) > maxLine {
+			return "", fmt.Errorf("%w: a line longer than %d bytes", ErrFormat, maxLine)
+		}
+		switch err {
+		case nil:
+			return string(bytes.TrimRight(buf, "\r\n")), nil
+		case bufio.ErrBufferFull:
+			continue
+		case io.EOF:
+			if len(buf) == 0 {
+				return "", io.EOF
+			}
+			// A last line without its newline is a torn write: END
+			// without "\n" does not count as END.
+			return string(buf), errTornLine
+		default:
+			return "", err
+		}
+	}
+}
+
+// errTornLine marks a last line that has no newline.
+var errTornLine = errors.New("torn line")
+
+// columns maps a header's column names to their positions.
+type columns map[string]int
+
+func newColumns(names []string) columns {
+	c := make(columns, len(names))
+	for i, n := range names {
+		c[n] = i
+	}
+	return c
+}
+
+// get returns the field of the named column, or "".
+func (c columns) get(f []string, name string) string {
+	if i, ok := c[name]; ok && i < len(f) {
+		return f[i]
+	}
+	return ""
+}
+
+func parseV1(br *bufio.Reader, st *Status) error {
+	var section string
+	var cols columns
+	for {
+		line, err := readLine(br)
+		if err == io.EOF || err == errTornLine {
+			return ErrIncomplete
+		}
+		if err != nil {
+			return err
+		}
+		switch {
+		case line == "END":
+			return nil
+		case line == "ROUTING TABLE", line == "GLOBAL STATS":
+			section, cols = line, nil
+			continue
+		}
+		f := strings.Split(line, ",")
+		switch {
+		case section == "" && f[0] == "Updated" && len(f) > 1:
+			st.Updated = parseTime(f[1], "")
+		case section == "GLOBAL STATS":
+			if len(f) >= 2 {
+				st.GlobalStats[f[0]] = strings.Join(f[1:], ",")
+			}
+		case cols == nil:
+			// The first line of a section names its columns.
+			cols = newColumns(f)
+		case section == "":
+			if c, ok := clientRow(cols, f); ok {
+				st.Clients = append(st.Clients, c)
+			}
+		case section == "ROUTING TABLE":
+			if r, ok := routeRow(cols, f); ok {
+				st.Routes = append(st.Routes, r)
+			}
+		}
+	}
+}
+
+func parseV23(br *bufio.Reader, st *Status, line, sep string) error {
+	var clientCols, routeCols columns
+	for {
+		f := strings.Split(line, sep)
+		switch f[0] {
+		case "END":
+			if len(f) == 1 {
+				return nil
+			}
+		case "TITLE":
+			st.Title = strings.Join(f[1:], sep)
+		case "TIME":
+			if len(f) >= 3 {
+				st.Updated = parseTime(f[1], f[2])
+			} else if len(f) == 2 {
+				st.Updated = parseTime(f[1], "")
+			}
+		case "HEADER":
+			if len(f) >= 2 {
+				switch f[1] {
+				case "CLIENT_LIST":
+					clientCols = newColumns(f[2:])
+				case "ROUTING_TABLE":
+					routeCols = newColumns(f[2:])
+				}
+			}
+		case "CLIENT_LIST":
+			if clientCols != nil {
+				if c, ok := clientRow(clientCols, f[1:]); ok {
+					st.Clients = append(st.Clients, c)
+				}
+			}
+		case "ROUTING_TABLE":
+			if routeCols != nil {
+				if r, ok := routeRow(routeCols, f[1:]); ok {
+					st.Routes = append(st.Routes, r)
+				}
+			}
+		case "GLOBAL_STATS":
+			if len(f) >= 3 {
+				st.GlobalStats[f[1]] = strings.Join(f[2:], sep)
+			}
+		}
+		var err error
+		line, err = readLine(br)
+		if err == io.EOF || err == errTornLine {
+			return ErrIncomplete
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func clientRow(c columns, f []string) (Client, bool) {
+	cl := Client{
+		CommonName: undef(c.get(f, "Common Name")),
+		Username:   undef(c.get(f, "Username")),
+		Cipher:     c.get(f, "Data Channel Cipher"),
+		ClientID:   -1,
+		PeerID:     -1,
+	}
+	cl.Proto, cl.RealAddress = parseReal(c.get(f, "Real Address"))
+	cl.VirtualAddress = parseHost(c.get(f, "Virtual Address"), true)
+	cl.VirtualIPv6 = parseHost(c.get(f, "Virtual IPv6 Address"), false)
+	cl.BytesReceived, _ = strconv.ParseUint(c.get(f, "Bytes Received"), 10, 64)
+	cl.BytesSent, _ = strconv.ParseUint(c.get(f, "Bytes Sent"), 10, 64)
+	cl.ConnectedSince = parseTime(c.get(f, "Connected Since"), c.get(f, "Connected Since (time_t)"))
+	if n, err := strconv.ParseInt(c.get(f, "Client ID"), 10, 64); err == nil {
+		cl.ClientID = n
+	}
+	if n, err := strconv.ParseInt(c.get(f, "Peer ID"), 10, 64); err == nil {
+		cl.PeerID = n
+	}
+	// A row without a common name column is not a client row.
+	_, ok := c["Common Name"]
+	return cl, ok
+}
+
+func routeRow(c columns, f []string) (Route, bool) {
+	r := Route{
+		Virtual:    c.get(f, "Virtual Address"),
+		CommonName: undef(c.get(f, "Common Name")),
+		LastRef:    parseTime(c.get(f, "Last Ref"), c.get(f, "Last Ref (time_t)")),
+	}
+	r.Proto, r.RealAddress = parseReal(c.get(f, "Real Address"))
+	r.Addr = parseHost(r.Virtual, true)
+	return r, r.Virtual != ""
+}
+
+// parseHost returns s as an address when it is a plain host address of the
+// wanted family (IPv4 when v4, else IPv6): no "/nn", no cached-route "C",
+// no MAC address, no zone.
+func parseHost(s string, v4 bool) netip.Addr {
+	a, err := netip.ParseAddr(s)
+	if err != nil || a.Zone() != "" {
+		return netip.Addr{}
+	}
+	if v4 != a.Is4() {
+		return netip.Addr{}
+	}
+	return a
+}
+
+// parseReal parses a real address, "1.2.3.4:5678" or "[2001:db8::1]:5678"
+// or OpenVPN 2.7's "udp4:1.2.3.4:5678", into its protocol prefix and
+// address.
+func parseReal(s string) (proto string, ap netip.AddrPort) {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return "", ap
+	}
+	if p, rest, ok := strings.Cut(s, ":"); ok && p != "" && !strings.ContainsAny(p, ".[") {
+		if ap, err := netip.ParseAddrPort(rest); err == nil {
+			return p, ap
+		}
+		// OpenVPN prints a bare IPv6 address with its port after a colon.
+		if i := strings.LastIndexByte(rest, ':'); i > 0 {
+			if a, err := netip.ParseAddr(rest[:i]); err == nil {
+				if port, err := strconv.ParseUint(rest[i+1:], 10, 16); err == nil {
+					return p, netip.AddrPortFrom(a, uint16(port))
+				}
+			}
+		}
+	}
+	return "", netip.AddrPort{}
+}
+
+// parseTime prefers a time_t column; else it reads OpenVPN's formatted
+// time, "2006-01-02 15:04:05" since 2.5 or ctime-style before, as local
+// time.
+func parseTime(formatted, timeT string) time.Time {
+	if n, err := strconv.ParseInt(timeT, 10, 64); err == nil && n > 0 {
+		return time.Unix(n, 0)
+	}
+	for _, layout := range []string{time.DateTime, time.ANSIC} {
+		if t, err := time.ParseInLocation(layout, formatted, time.Local); err == nil {
+			return t
+		}
+	}
+	return time.Time{}
+}
+
+func undef(s string) string {
+	if s == "UNDEF" {
+		return ""
+	}
+	return s
+}
+
+func truncate(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
+}
