@@ -129,29 +129,31 @@ func ParseStatus(r io.Reader) (*Status, error) {
 // readLine returns the next line without its end; io.EOF only when no
 // byte is left. A line longer than maxLine is an error.
 func readLine(br *bufio.Reader) (string, error) {
-	var buf []byte
-	for {
-		chunk, err := br.ReadSlice('\n')
-		buf = append(buf, chunk...)
+	chunk, err := br.ReadSlice('\n')
+	if err == nil {
+		return string(bytes.TrimRight(chunk, "\r\n")), nil // the common case: one allocation
+	}
+	buf := append([]byte(nil), chunk...)
+	for err == bufio.ErrBufferFull {
 		if len(buf) > maxLine {
 			return "", fmt.Errorf("%w: a line longer than %d bytes", ErrFormat, maxLine)
 		}
-		switch err {
-		case nil:
-			return string(bytes.TrimRight(buf, "\r\n")), nil
-		case bufio.ErrBufferFull:
-			continue
-		case io.EOF:
-			if len(buf) == 0 {
-				return "", io.EOF
-			}
-			// A last line without its newline is a torn write: END
-			// without "\n" does not count as END.
-			return string(buf), errTornLine
-		default:
-			return "", err
-		}
+		chunk, err = br.ReadSlice('\n')
+		buf = append(buf, chunk...)
 	}
+	switch {
+	case len(buf) > maxLine:
+		return "", fmt.Errorf("%w: a line longer than %d bytes", ErrFormat, maxLine)
+	case err == nil:
+		return string(bytes.TrimRight(buf, "\r\n")), nil
+	case err == io.EOF && len(buf) == 0:
+		return "", io.EOF
+	case err == io.EOF:
+		// A last line without its newline is a torn write: END without
+		// "\n" does not count as END.
+		return string(buf), errTornLine
+	}
+	return "", err
 }
 
 // errTornLine marks a last line that has no newline.
@@ -272,12 +274,18 @@ func parseV23(br *bufio.Reader, st *Status, line, sep string) error {
 }
 
 func clientRow(c columns, f []string) (Client, bool) {
+	// The strings are copied out of the line, so that a Client does not
+	// keep the whole line alive.
 	cl := Client{
-		CommonName: undef(c.get(f, "Common Name")),
-		Username:   undef(c.get(f, "Username")),
-		Cipher:     c.get(f, "Data Channel Cipher"),
+		CommonName: strings.Clone(undef(c.get(f, "Common Name"))),
+		Cipher:     internCipher(c.get(f, "Data Channel Cipher")),
 		ClientID:   -1,
 		PeerID:     -1,
+	}
+	if u := undef(c.get(f, "Username")); u == cl.CommonName {
+		cl.Username = cl.CommonName
+	} else {
+		cl.Username = strings.Clone(u)
 	}
 	cl.Proto, cl.RealAddress = parseReal(c.get(f, "Real Address"))
 	cl.VirtualAddress = parseHost(c.get(f, "Virtual Address"), true)
@@ -298,8 +306,8 @@ func clientRow(c columns, f []string) (Client, bool) {
 
 func routeRow(c columns, f []string) (Route, bool) {
 	r := Route{
-		Virtual:    c.get(f, "Virtual Address"),
-		CommonName: undef(c.get(f, "Common Name")),
+		Virtual:    strings.Clone(c.get(f, "Virtual Address")),
+		CommonName: strings.Clone(undef(c.get(f, "Common Name"))),
 		LastRef:    parseTime(c.get(f, "Last Ref"), c.get(f, "Last Ref (time_t)")),
 	}
 	r.Proto, r.RealAddress = parseReal(c.get(f, "Real Address"))
@@ -357,6 +365,17 @@ func parseTime(formatted, timeT string) time.Time {
 		}
 	}
 	return time.Time{}
+}
+
+// internCipher returns the common cipher names without a copy of their
+// own.
+func internCipher(s string) string {
+	for _, c := range [...]string{"AES-256-GCM", "AES-128-GCM", "AES-192-GCM", "CHACHA20-POLY1305", "AES-256-CBC", "AES-128-CBC", "BF-CBC", "none"} {
+		if s == c {
+			return c
+		}
+	}
+	return strings.Clone(s)
 }
 
 func undef(s string) string {

@@ -1,0 +1,430 @@
+package nss
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// DefaultGlobs are the status files a Resolver reads when none are given:
+// every OpenVPN server instance's, under both spellings of the run
+// directory.
+var DefaultGlobs = []string{"/run/openvpn/server-*.status", "/var/run/openvpn/server-*.status"}
+
+// ErrNotFound reports a name that no status file holds.
+var ErrNotFound = errors.New("nss: no such device connected")
+
+// Resolver resolves device names, "<uuid>" or "<uuid>.vpn" in any case, to
+// the virtual IPv4 address that the routing table of an OpenVPN status file
+// gives the common name <uuid>.
+//
+// It keeps an index of every status file that its globs match. Lookups
+// read an immutable snapshot of the index through an atomic pointer and
+// take no lock. The index is refreshed on a lookup at most once per
+// Interval, and then only the files whose identity, size or modification
+// time changed are read again; a file that is torn (being rewritten) or
+// unreadable keeps its last good entries until it reads whole, and a file
+// that is gone drops its entries. When two files name the same device, the
+// routing row with the latest "Last Ref" wins.
+//
+// The zero Resolver reads [DefaultGlobs] and is safe for concurrent use.
+type Resolver struct {
+	// Globs are the file name patterns of the status files. Nil means
+	// DefaultGlobs.
+	Globs []string
+
+	// Interval is the least time between two refreshes started by
+	// lookups. Zero means 1 s; a negative value refreshes on every lookup.
+	Interval time.Duration
+
+	index     atomic.Pointer[index]
+	refreshed atomic.Int64 // unix nanoseconds of the last refresh
+	mu        sync.Mutex   // one refresh at a time; guards files and owners
+	files     map[string]*fileState
+	owners    map[string][]*fileState // name → the files that route it
+}
+
+// index is an immutable snapshot of the names and the files' clients.
+//
+// The names are a large base map and a small overlay of what changed since
+// the base was built (an invalid Addr in the overlay deletes the name). A
+// refresh copies only the overlay; when the overlay has grown to an eighth
+// of the base (and at least minCompact names), the next refresh merges it
+// into a new base. So a lookup is two map reads, and the cost of a refresh
+// follows what changed, not the size of the fleet.
+type index struct {
+	base, overlay map[string]netip.Addr
+	files         []fileSnapshot
+}
+
+// minCompact is the overlay size below which it is never merged.
+const minCompact = 1 << 14
+
+type fileSnapshot struct {
+	path     string
+	instance int
+	clients  []Client
+}
+
+// fileState is what the refresher knows of one file.
+type fileState struct {
+	path     string
+	instance int
+	id       fileID
+	names    map[string]route // lowercased common name → its address
+	clients  []Client
+}
+
+type route struct {
+	addr    netip.Addr
+	lastRef time.Time
+}
+
+// fileID tells whether a file changed: same device, inode, size and
+// modification time means the same content.
+type fileID struct {
+	dev, ino uint64
+	size     int64
+	mtime    int64
+}
+
+// key identifies the file itself, whatever its content.
+func (id fileID) key() [2]uint64 { return [2]uint64{id.dev, id.ino} }
+
+func statID(fi os.FileInfo) fileID {
+	id := fileID{size: fi.Size(), mtime: fi.ModTime().UnixNano()}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		id.dev, id.ino = uint64(st.Dev), st.Ino
+	}
+	return id
+}
+
+// Lookup returns the virtual IPv4 address of the device named name:
+// "<uuid>" or "<uuid>.vpn", in any case. The error wraps [ErrNotFound]
+// when no status file holds the device.
+func (r *Resolver) Lookup(name string) (netip.Addr, error) {
+	r.maybeRefresh()
+	if a, ok := r.lookup(name); ok {
+		return a, nil
+	}
+	return netip.Addr{}, fmt.Errorf("%w: %q", ErrNotFound, name)
+}
+
+// lookup reads the current snapshot. It does not allocate for names of up
+// to 128 bytes.
+func (r *Resolver) lookup(name string) (netip.Addr, bool) {
+	idx := r.index.Load()
+	if idx == nil {
+		return netip.Addr{}, false
+	}
+	if n := len(name); n > 4 && name[n-4] == '.' && name[n-3]|0x20 == 'v' && name[n-2]|0x20 == 'p' && name[n-1]|0x20 == 'n' {
+		name = name[:n-4] // ".vpn" in any case
+	}
+	if name == "" {
+		return netip.Addr{}, false
+	}
+	if hasUpper(name) {
+		if len(name) > 128 {
+			return idx.get(strings.ToLower(name))
+		}
+		var buf [128]byte
+		b := buf[:len(name)]
+		for i := 0; i < len(name); i++ {
+			c := name[i]
+			if 'A' <= c && c <= 'Z' {
+				c += 'a' - 'A'
+			}
+			b[i] = c
+		}
+		// Map reads keyed by string(b) do not allocate.
+		if a, ok := idx.overlay[string(b)]; ok {
+			return a, a.IsValid()
+		}
+		a, ok := idx.base[string(b)]
+		return a, ok
+	}
+	return idx.get(name)
+}
+
+func (idx *index) get(name string) (netip.Addr, bool) {
+	if a, ok := idx.overlay[name]; ok {
+		return a, a.IsValid()
+	}
+	a, ok := idx.base[name]
+	return a, ok
+}
+
+func hasUpper(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if 'A' <= s[i] && s[i] <= 'Z' {
+			return true
+		}
+	}
+	return false
+}
+
+// LookupHost is Lookup in the form of net.Resolver.LookupHost: the address
+// as a string, or a *net.DNSError with IsNotFound set.
+func (r *Resolver) LookupHost(ctx context.Context, host string) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	a, err := r.Lookup(host)
+	if err != nil {
+		return nil, &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}
+	}
+	return []string{a.String()}, nil
+}
+
+// FileClient is a client of one status file.
+type FileClient struct {
+	// File is the status file's path; Instance the instance id from its
+	// name (server-<id>.status), or 0.
+	File     string
+	Instance int
+	Client
+}
+
+// Clients returns every client of every status file, by file and then in
+// file order, after a refresh if one is due.
+func (r *Resolver) Clients() []FileClient {
+	r.maybeRefresh()
+	idx := r.index.Load()
+	if idx == nil {
+		return nil
+	}
+	var out []FileClient
+	for _, f := range idx.files {
+		for _, c := range f.clients {
+			out = append(out, FileClient{File: f.path, Instance: f.instance, Client: c})
+		}
+	}
+	return out
+}
+
+func (r *Resolver) maybeRefresh() {
+	interval := r.Interval
+	if interval == 0 {
+		interval = time.Second
+	}
+	if r.index.Load() != nil && time.Now().UnixNano()-r.refreshed.Load() < int64(interval) {
+		return
+	}
+	if !r.mu.TryLock() {
+		if r.index.Load() != nil {
+			return // another lookup refreshes; use what there is
+		}
+		r.mu.Lock() // the first lookup waits for the first index
+	}
+	defer r.mu.Unlock()
+	r.refreshLocked()
+}
+
+// Refresh reads every status file that changed since the last refresh and
+// publishes the new index. It returns the errors of files it could not
+// read whole; their last good entries stay in the index.
+func (r *Resolver) Refresh() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.refreshLocked()
+}
+
+var instanceRE = regexp.MustCompile(`^server-([0-9]+)\.status$`)
+
+func (r *Resolver) refreshLocked() error {
+	defer func() { r.refreshed.Store(time.Now().UnixNano()) }()
+	if r.files == nil {
+		r.files = make(map[string]*fileState)
+		r.owners = make(map[string][]*fileState)
+	}
+	globs := r.Globs
+	if globs == nil {
+		globs = DefaultGlobs
+	}
+	seen := make(map[string]bool)
+	seenID := make(map[[2]uint64]bool)
+	var errs []error
+	changed := make(map[string]bool) // names whose winner may have changed
+	for _, g := range globs {
+		paths, err := filepath.Glob(g)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("nss: glob %q: %w", g, err))
+			continue
+		}
+		for _, p := range paths {
+			// /var/run is usually a link to /run: the same file under two
+			// names is read once, under the first.
+			fi, err := os.Stat(p)
+			if err != nil {
+				continue // gone since the glob
+			}
+			id := statID(fi)
+			if seenID[id.key()] {
+				continue
+			}
+			seenID[id.key()] = true
+			seen[p] = true
+			if f := r.files[p]; f != nil && f.id == id {
+				continue // unchanged: not even opened
+			}
+			if err := r.refreshFile(p, changed); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	for p, f := range r.files {
+		if !seen[p] {
+			r.setNames(f, nil, changed)
+			delete(r.files, p)
+		}
+	}
+	r.publish(changed)
+	return errors.Join(errs...)
+}
+
+// refreshFile rereads one file if it changed.
+func (r *Resolver) refreshFile(path string, changed map[string]bool) error {
+	f := r.files[path]
+	if f == nil {
+		f = &fileState{path: path}
+		if m := instanceRE.FindStringSubmatch(filepath.Base(path)); m != nil {
+			f.instance, _ = strconv.Atoi(m[1])
+		}
+		r.files[path] = f
+	}
+	file, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("nss: %w", err)
+	}
+	defer file.Close()
+	before, err := file.Stat()
+	if err != nil {
+		return fmt.Errorf("nss: %w", err)
+	}
+	id := statID(before)
+	if id == f.id {
+		return nil
+	}
+	st, err := ParseStatus(file)
+	if err != nil {
+		return fmt.Errorf("nss: %s: %w", path, err)
+	}
+	if after, err := file.Stat(); err != nil || statID(after) != id {
+		// Rewritten while we read: try again on the next refresh.
+		return fmt.Errorf("nss: %s: %w (changed while read)", path, ErrIncomplete)
+	}
+	names := make(map[string]route, len(st.Routes))
+	for _, rt := range st.Routes {
+		if !rt.Addr.IsValid() || rt.CommonName == "" {
+			continue
+		}
+		cn := strings.ToLower(rt.CommonName)
+		if old, ok := names[cn]; !ok || rt.LastRef.After(old.lastRef) {
+			names[cn] = route{rt.Addr, rt.LastRef}
+		}
+	}
+	r.setNames(f, names, changed)
+	f.id, f.clients = id, st.Clients
+	return nil
+}
+
+// setNames replaces a file's names, keeping owners up to date and noting
+// every name whose routes changed.
+func (r *Resolver) setNames(f *fileState, names map[string]route, changed map[string]bool) {
+	for n, old := range f.names {
+		if nr, ok := names[n]; ok && nr == old {
+			continue
+		}
+		changed[n] = true
+		if _, ok := names[n]; !ok {
+			r.owners[n] = removeFile(r.owners[n], f)
+			if len(r.owners[n]) == 0 {
+				delete(r.owners, n)
+			}
+		}
+	}
+	for n, nr := range names {
+		old, had := f.names[n]
+		if had && old == nr {
+			continue
+		}
+		changed[n] = true
+		if !had {
+			r.owners[n] = append(r.owners[n], f)
+		}
+	}
+	f.names = names
+}
+
+func removeFile(s []*fileState, f *fileState) []*fileState {
+	for i, x := range s {
+		if x == f {
+			return append(s[:i:i], s[i+1:]...)
+		}
+	}
+	return s
+}
+
+// publish builds the next snapshot from the current one: a copy of the
+// overlay with the changed names, or a new base when the overlay is large.
+func (r *Resolver) publish(changed map[string]bool) {
+	next := &index{base: map[string]netip.Addr{}, overlay: map[string]netip.Addr{}}
+	if cur := r.index.Load(); cur != nil {
+		next.base = cur.base
+		if len(changed) == 0 {
+			next.overlay = cur.overlay
+		} else {
+			next.overlay = make(map[string]netip.Addr, len(cur.overlay)+len(changed))
+			for k, v := range cur.overlay {
+				next.overlay[k] = v
+			}
+		}
+	}
+	for n := range changed {
+		var best *route
+		for _, f := range r.owners[n] {
+			if rt, ok := f.names[n]; ok && (best == nil || rt.lastRef.After(best.lastRef)) {
+				best = &rt
+			}
+		}
+		switch _, inBase := next.base[n]; {
+		case best != nil:
+			next.overlay[n] = best.addr
+		case inBase:
+			next.overlay[n] = netip.Addr{} // deleted
+		default:
+			delete(next.overlay, n)
+		}
+	}
+	if len(next.overlay) >= max(minCompact, len(next.base)/8) {
+		base := make(map[string]netip.Addr, len(next.base)+len(next.overlay))
+		for k, v := range next.base {
+			if _, ok := next.overlay[k]; !ok {
+				base[k] = v
+			}
+		}
+		for k, v := range next.overlay {
+			if v.IsValid() {
+				base[k] = v
+			}
+		}
+		next.base, next.overlay = base, map[string]netip.Addr{}
+	}
+	for _, f := range r.files {
+		next.files = append(next.files, fileSnapshot{path: f.path, instance: f.instance, clients: f.clients})
+	}
+	sort.Slice(next.files, func(i, j int) bool { return next.files[i].path < next.files[j].path })
+	r.index.Store(next)
+}
