@@ -335,6 +335,14 @@ func (r *Resolver) refreshFile(path string, changed map[string]bool) error {
 			names[cn] = route{rt.Addr, rt.LastRef}
 		}
 	}
+	// Version 1 lists clients without their virtual address: take it
+	// from the routing table.
+	for i := range st.Clients {
+		c := &st.Clients[i]
+		if !c.VirtualAddress.IsValid() {
+			c.VirtualAddress = names[strings.ToLower(c.CommonName)].addr
+		}
+	}
 	r.setNames(f, names, changed)
 	f.id, f.clients = id, st.Clients
 	return nil

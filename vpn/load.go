@@ -279,13 +279,7 @@ func (l Loader) ConnectProxyConfig() (*ConnectProxyConfig, error) {
 		StatusFileWriteInterval: p.duration("VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS", e.StatusInterval, time.Second, 1),
 		Verbose:                 p.verbose(e),
 	}
-	runDir := p.absPath("VPN_RUN_DIR", e.RunDir)
-	c.StatusGlob = e.StatusGlob
-	if c.StatusGlob == "" {
-		c.StatusGlob = filepath.Join(runDir, "server-*.status")
-	} else if _, err := filepath.Match(c.StatusGlob, ""); err != nil {
-		p.fail("NSS_OPENVPN_STATUS_GLOB", c.StatusGlob, fmt.Errorf("not a glob pattern: %w", err))
-	}
+	c.StatusGlob = p.statusGlob(e)
 	if p.err == nil && c.Proxy.Port == 0 {
 		p.fail("VPN_CONNECT_PROXY_PORT", "", ErrMissing)
 	}
@@ -293,6 +287,28 @@ func (l Loader) ConnectProxyConfig() (*ConnectProxyConfig, error) {
 		return nil, p.err
 	}
 	return c, nil
+}
+
+// StatusGlob returns the glob of the OpenVPN status files to resolve
+// devices from: NSS_OPENVPN_STATUS_GLOB, else <VPN_RUN_DIR>/server-*.status.
+func (l Loader) StatusGlob() (string, error) {
+	e, err := l.load()
+	if err != nil {
+		return "", err
+	}
+	var p parser
+	g := p.statusGlob(e)
+	return g, p.err
+}
+
+func (p *parser) statusGlob(e *environment) string {
+	if e.StatusGlob == "" {
+		return filepath.Join(p.absPath("VPN_RUN_DIR", e.RunDir), "server-*.status")
+	}
+	if _, err := filepath.Match(e.StatusGlob, ""); err != nil {
+		p.fail("NSS_OPENVPN_STATUS_GLOB", e.StatusGlob, fmt.Errorf("not a glob pattern: %w", err))
+	}
+	return e.StatusGlob
 }
 
 // Plan loads and validates only the address and port plan:

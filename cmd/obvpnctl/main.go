@@ -24,7 +24,9 @@ type command struct {
 
 // commands is the table of subcommands; each lives in a file of its own.
 var commands = map[string]command{
-	"plan": {"print the address and port plan of the configured deployment", runPlan},
+	"plan":    {"print the address and port plan of the configured deployment", runPlan},
+	"lookup":  {"print the VPN address of a connected device", runLookup},
+	"clients": {"list the clients connected to the OpenVPN instances", runClients},
 }
 
 func main() {
