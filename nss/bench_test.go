@@ -177,3 +177,21 @@ func BenchmarkLinearScan(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkParseStatus: one status file of 4092 clients (a full /20).
+func BenchmarkParseStatus(b *testing.B) {
+	dir := b.TempDir()
+	writeFleet(b, dir, 1, 4092, "")
+	data, err := os.ReadFile(filepath.Join(dir, "server-1.status"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(int64(len(data)))
+	b.ReportAllocs()
+	for b.Loop() {
+		st, err := ParseStatus(strings.NewReader(string(data)))
+		if err != nil || len(st.Routes) != 4092 {
+			b.Fatal(err)
+		}
+	}
+}

@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -56,7 +55,7 @@ type Resolver struct {
 	owners    map[string][]*fileState // name → the files that route it
 }
 
-// index is an immutable snapshot of the names and the files' clients.
+// index is an immutable snapshot of the names.
 //
 // The names are a large base map and a small overlay of what changed since
 // the base was built (an invalid Addr in the overlay deletes the name). A
@@ -66,25 +65,16 @@ type Resolver struct {
 // follows what changed, not the size of the fleet.
 type index struct {
 	base, overlay map[string]netip.Addr
-	files         []fileSnapshot
 }
 
 // minCompact is the overlay size below which it is never merged.
 const minCompact = 1 << 14
 
-type fileSnapshot struct {
-	path     string
-	instance int
-	clients  []Client
-}
-
 // fileState is what the refresher knows of one file.
 type fileState struct {
-	path     string
-	instance int
-	id       fileID
-	names    map[string]route // lowercased common name → its address
-	clients  []Client
+	path  string
+	id    fileID
+	names map[string]route // lowercased common name → its address
 }
 
 type route struct {
@@ -197,21 +187,72 @@ type FileClient struct {
 	Client
 }
 
-// Clients returns every client of every status file, by file and then in
-// file order, after a refresh if one is due.
-func (r *Resolver) Clients() []FileClient {
-	r.maybeRefresh()
-	idx := r.index.Load()
-	if idx == nil {
-		return nil
-	}
+// Clients returns every client of every status file that the globs match,
+// by file and then in file order. It reads the files anew (the index keeps
+// only names), so it costs a full read: it is meant for operators, not for
+// a hot path.
+func (r *Resolver) Clients() ([]FileClient, error) {
 	var out []FileClient
-	for _, f := range idx.files {
-		for _, c := range f.clients {
-			out = append(out, FileClient{File: f.path, Instance: f.instance, Client: c})
+	var errs []error
+	seen := make(map[[2]uint64]bool)
+	for _, g := range r.globs() {
+		paths, err := filepath.Glob(g)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("nss: glob %q: %w", g, err))
+			continue
+		}
+		for _, p := range paths {
+			f, err := os.Open(p)
+			if err != nil {
+				continue // gone since the glob
+			}
+			fi, err := f.Stat()
+			if err != nil || seen[statID(fi).key()] {
+				f.Close()
+				continue
+			}
+			seen[statID(fi).key()] = true
+			st, err := ParseStatus(f)
+			f.Close()
+			if err != nil {
+				errs = append(errs, fmt.Errorf("nss: %s: %w", p, err))
+			}
+			if st == nil {
+				continue
+			}
+			routes := make(map[string]netip.Addr, len(st.Routes))
+			for _, rt := range st.Routes {
+				if rt.Addr.IsValid() {
+					routes[strings.ToLower(rt.CommonName)] = rt.Addr
+				}
+			}
+			inst := instanceOf(p)
+			for _, c := range st.Clients {
+				if !c.VirtualAddress.IsValid() {
+					// Version 1 lists clients without their virtual
+					// address: take it from the routing table.
+					c.VirtualAddress = routes[strings.ToLower(c.CommonName)]
+				}
+				out = append(out, FileClient{File: p, Instance: inst, Client: c})
+			}
 		}
 	}
-	return out
+	return out, errors.Join(errs...)
+}
+
+func (r *Resolver) globs() []string {
+	if r.Globs == nil {
+		return DefaultGlobs
+	}
+	return r.Globs
+}
+
+func instanceOf(path string) int {
+	if m := instanceRE.FindStringSubmatch(filepath.Base(path)); m != nil {
+		n, _ := strconv.Atoi(m[1])
+		return n
+	}
+	return 0
 }
 
 func (r *Resolver) maybeRefresh() {
@@ -249,10 +290,7 @@ func (r *Resolver) refreshLocked() error {
 		r.files = make(map[string]*fileState)
 		r.owners = make(map[string][]*fileState)
 	}
-	globs := r.Globs
-	if globs == nil {
-		globs = DefaultGlobs
-	}
+	globs := r.globs()
 	seen := make(map[string]bool)
 	seenID := make(map[[2]uint64]bool)
 	var errs []error
@@ -299,9 +337,6 @@ func (r *Resolver) refreshFile(path string, changed map[string]bool) error {
 	f := r.files[path]
 	if f == nil {
 		f = &fileState{path: path}
-		if m := instanceRE.FindStringSubmatch(filepath.Base(path)); m != nil {
-			f.instance, _ = strconv.Atoi(m[1])
-		}
 		r.files[path] = f
 	}
 	file, err := os.Open(path)
@@ -317,7 +352,7 @@ func (r *Resolver) refreshFile(path string, changed map[string]bool) error {
 	if id == f.id {
 		return nil
 	}
-	st, err := ParseStatus(file)
+	st, err := parseStatus(file, true)
 	if err != nil {
 		return fmt.Errorf("nss: %s: %w", path, err)
 	}
@@ -335,16 +370,8 @@ func (r *Resolver) refreshFile(path string, changed map[string]bool) error {
 			names[cn] = route{rt.Addr, rt.LastRef}
 		}
 	}
-	// Version 1 lists clients without their virtual address: take it
-	// from the routing table.
-	for i := range st.Clients {
-		c := &st.Clients[i]
-		if !c.VirtualAddress.IsValid() {
-			c.VirtualAddress = names[strings.ToLower(c.CommonName)].addr
-		}
-	}
 	r.setNames(f, names, changed)
-	f.id, f.clients = id, st.Clients
+	f.id = id
 	return nil
 }
 
@@ -390,14 +417,13 @@ func removeFile(s []*fileState, f *fileState) []*fileState {
 func (r *Resolver) publish(changed map[string]bool) {
 	next := &index{base: map[string]netip.Addr{}, overlay: map[string]netip.Addr{}}
 	if cur := r.index.Load(); cur != nil {
-		next.base = cur.base
 		if len(changed) == 0 {
-			next.overlay = cur.overlay
-		} else {
-			next.overlay = make(map[string]netip.Addr, len(cur.overlay)+len(changed))
-			for k, v := range cur.overlay {
-				next.overlay[k] = v
-			}
+			return // the snapshot is still right
+		}
+		next.base = cur.base
+		next.overlay = make(map[string]netip.Addr, len(cur.overlay)+len(changed))
+		for k, v := range cur.overlay {
+			next.overlay[k] = v
 		}
 	}
 	for n := range changed {
@@ -430,9 +456,5 @@ func (r *Resolver) publish(changed map[string]bool) {
 		}
 		next.base, next.overlay = base, map[string]netip.Addr{}
 	}
-	for _, f := range r.files {
-		next.files = append(next.files, fileSnapshot{path: f.path, instance: f.instance, clients: f.clients})
-	}
-	sort.Slice(next.files, func(i, j int) bool { return next.files[i].path < next.files[j].path })
 	r.index.Store(next)
 }

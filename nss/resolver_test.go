@@ -97,7 +97,8 @@ func TestResolver(t *testing.T) {
 	is.Equal(a.String(), "10.240.0.9")
 
 	// Clients, by file, with the instance from the file name.
-	cl := r.Clients()
+	cl, err := r.Clients()
+	is.NoErr(err)
 	is.Equal(len(cl), 2)
 	is.Equal(cl[0].Instance, 1)
 	is.Equal(cl[0].CommonName, devA)
@@ -124,7 +125,12 @@ func TestResolverRealFiles(t *testing.T) {
 	a, err := r.Lookup(devA + ".vpn")
 	is.NoErr(err)
 	is.True(strings.HasPrefix(a.String(), "10.240."))
-	is.Equal(len(r.Clients()), 6)
+	cl, err := r.Clients()
+	is.NoErr(err)
+	is.Equal(len(cl), 6)
+	for _, c := range cl {
+		is.True(c.VirtualAddress.Is4()) // version 1's too, from its routing table
+	}
 }
 
 func TestResolverInterval(t *testing.T) {

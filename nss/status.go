@@ -99,6 +99,12 @@ const maxLine = 64 << 10
 // not a status file yields [ErrFormat]. Malformed rows are skipped, never
 // guessed at: a row that does not parse cannot give a name an address.
 func ParseStatus(r io.Reader) (*Status, error) {
+	return parseStatus(r, false)
+}
+
+// parseStatus is ParseStatus; with routesOnly it skips the client list,
+// which the resolver's index does not need.
+func parseStatus(r io.Reader, routesOnly bool) (*Status, error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	st := &Status{GlobalStats: map[string]string{}}
 	first, err := readLine(br)
@@ -113,13 +119,13 @@ func ParseStatus(r io.Reader) (*Status, error) {
 	switch {
 	case first == "OpenVPN CLIENT LIST":
 		st.Version = 1
-		err = parseV1(br, st)
+		err = parseV1(br, st, routesOnly)
 	case strings.HasPrefix(first, "TITLE,"), strings.HasPrefix(first, "TIME,"), strings.HasPrefix(first, "HEADER,"):
 		st.Version = 2
-		err = parseV23(br, st, first, ",")
+		err = parseV23(br, st, first, ",", routesOnly)
 	case strings.HasPrefix(first, "TITLE\t"), strings.HasPrefix(first, "TIME\t"), strings.HasPrefix(first, "HEADER\t"):
 		st.Version = 3
-		err = parseV23(br, st, first, "\t")
+		err = parseV23(br, st, first, "\t", routesOnly)
 	default:
 		return nil, fmt.Errorf("%w: first line %q", ErrFormat, truncate(first))
 	}
@@ -159,28 +165,87 @@ func readLine(br *bufio.Reader) (string, error) {
 // errTornLine marks a last line that has no newline.
 var errTornLine = errors.New("torn line")
 
-// columns maps a header's column names to their positions.
-type columns map[string]int
+// Column names of the headers, by the field they fill.
+const (
+	colCommonName = iota
+	colRealAddress
+	colVirtualAddress
+	colVirtualIPv6
+	colBytesReceived
+	colBytesSent
+	colConnectedSince
+	colConnectedSinceT
+	colUsername
+	colClientID
+	colPeerID
+	colCipher
+	colLastRef
+	colLastRefT
+	nCols
+)
 
-func newColumns(names []string) columns {
-	c := make(columns, len(names))
-	for i, n := range names {
-		c[n] = i
-	}
-	return c
+var colNames = [nCols]string{
+	colCommonName:      "Common Name",
+	colRealAddress:     "Real Address",
+	colVirtualAddress:  "Virtual Address",
+	colVirtualIPv6:     "Virtual IPv6 Address",
+	colBytesReceived:   "Bytes Received",
+	colBytesSent:       "Bytes Sent",
+	colConnectedSince:  "Connected Since",
+	colConnectedSinceT: "Connected Since (time_t)",
+	colUsername:        "Username",
+	colClientID:        "Client ID",
+	colPeerID:          "Peer ID",
+	colCipher:          "Data Channel Cipher",
+	colLastRef:         "Last Ref",
+	colLastRefT:        "Last Ref (time_t)",
 }
 
-// get returns the field of the named column, or "".
-func (c columns) get(f []string, name string) string {
-	if i, ok := c[name]; ok && i < len(f) {
+// columns holds, for each known column, its position in a header's rows,
+// or -1.
+type columns [nCols]int
+
+func newColumns(names []string) *columns {
+	var c columns
+	for i := range c {
+		c[i] = -1
+	}
+	for pos, n := range names {
+		for i, want := range colNames {
+			if n == want {
+				c[i] = pos
+			}
+		}
+	}
+	return &c
+}
+
+// get returns the field of column col, or "".
+func (c *columns) get(f []string, col int) string {
+	if i := c[col]; i >= 0 && i < len(f) {
 		return f[i]
 	}
 	return ""
 }
 
-func parseV1(br *bufio.Reader, st *Status) error {
+// splitInto splits s at sep into dst's storage, to spare an allocation
+// per line.
+func splitInto(dst []string, s, sep string) []string {
+	dst = dst[:0]
+	for {
+		i := strings.Index(s, sep)
+		if i < 0 {
+			return append(dst, s)
+		}
+		dst = append(dst, s[:i])
+		s = s[i+len(sep):]
+	}
+}
+
+func parseV1(br *bufio.Reader, st *Status, routesOnly bool) error {
 	var section string
-	var cols columns
+	var cols *columns
+	var f []string
 	for {
 		line, err := readLine(br)
 		if err == io.EOF || err == errTornLine {
@@ -196,18 +261,21 @@ func parseV1(br *bufio.Reader, st *Status) error {
 			section, cols = line, nil
 			continue
 		}
-		f := strings.Split(line, ",")
+		f = splitInto(f, line, ",")
 		switch {
 		case section == "" && f[0] == "Updated" && len(f) > 1:
 			st.Updated = parseTime(f[1], "")
 		case section == "GLOBAL STATS":
 			if len(f) >= 2 {
-				st.GlobalStats[f[0]] = strings.Join(f[1:], ",")
+				st.GlobalStats[strings.Clone(f[0])] = strings.Join(f[1:], ",")
 			}
 		case cols == nil:
 			// The first line of a section names its columns.
 			cols = newColumns(f)
 		case section == "":
+			if routesOnly {
+				continue
+			}
 			if c, ok := clientRow(cols, f); ok {
 				st.Clients = append(st.Clients, c)
 			}
@@ -219,10 +287,17 @@ func parseV1(br *bufio.Reader, st *Status) error {
 	}
 }
 
-func parseV23(br *bufio.Reader, st *Status, line, sep string) error {
-	var clientCols, routeCols columns
+func parseV23(br *bufio.Reader, st *Status, line, sep string, routesOnly bool) error {
+	clientPrefix := "CLIENT_LIST" + sep
+	var clientCols, routeCols *columns
+	var f []string
 	for {
-		f := strings.Split(line, sep)
+		if routesOnly && strings.HasPrefix(line, clientPrefix) {
+			f = f[:0]
+			f = append(f, "")
+		} else {
+			f = splitInto(f, line, sep)
+		}
 		switch f[0] {
 		case "END":
 			if len(f) == 1 {
@@ -259,7 +334,7 @@ func parseV23(br *bufio.Reader, st *Status, line, sep string) error {
 			}
 		case "GLOBAL_STATS":
 			if len(f) >= 3 {
-				st.GlobalStats[f[1]] = strings.Join(f[2:], sep)
+				st.GlobalStats[strings.Clone(f[1])] = strings.Join(f[2:], sep)
 			}
 		}
 		var err error
@@ -273,44 +348,43 @@ func parseV23(br *bufio.Reader, st *Status, line, sep string) error {
 	}
 }
 
-func clientRow(c columns, f []string) (Client, bool) {
+func clientRow(c *columns, f []string) (Client, bool) {
 	// The strings are copied out of the line, so that a Client does not
 	// keep the whole line alive.
 	cl := Client{
-		CommonName: strings.Clone(undef(c.get(f, "Common Name"))),
-		Cipher:     internCipher(c.get(f, "Data Channel Cipher")),
+		CommonName: strings.Clone(undef(c.get(f, colCommonName))),
+		Cipher:     internCipher(c.get(f, colCipher)),
 		ClientID:   -1,
 		PeerID:     -1,
 	}
-	if u := undef(c.get(f, "Username")); u == cl.CommonName {
+	if u := undef(c.get(f, colUsername)); u == cl.CommonName {
 		cl.Username = cl.CommonName
 	} else {
 		cl.Username = strings.Clone(u)
 	}
-	cl.Proto, cl.RealAddress = parseReal(c.get(f, "Real Address"))
-	cl.VirtualAddress = parseHost(c.get(f, "Virtual Address"), true)
-	cl.VirtualIPv6 = parseHost(c.get(f, "Virtual IPv6 Address"), false)
-	cl.BytesReceived, _ = strconv.ParseUint(c.get(f, "Bytes Received"), 10, 64)
-	cl.BytesSent, _ = strconv.ParseUint(c.get(f, "Bytes Sent"), 10, 64)
-	cl.ConnectedSince = parseTime(c.get(f, "Connected Since"), c.get(f, "Connected Since (time_t)"))
-	if n, err := strconv.ParseInt(c.get(f, "Client ID"), 10, 64); err == nil {
+	cl.Proto, cl.RealAddress = parseReal(c.get(f, colRealAddress))
+	cl.VirtualAddress = parseHost(c.get(f, colVirtualAddress), true)
+	cl.VirtualIPv6 = parseHost(c.get(f, colVirtualIPv6), false)
+	cl.BytesReceived, _ = strconv.ParseUint(c.get(f, colBytesReceived), 10, 64)
+	cl.BytesSent, _ = strconv.ParseUint(c.get(f, colBytesSent), 10, 64)
+	cl.ConnectedSince = parseTime(c.get(f, colConnectedSince), c.get(f, colConnectedSinceT))
+	if n, err := strconv.ParseInt(c.get(f, colClientID), 10, 64); err == nil {
 		cl.ClientID = n
 	}
-	if n, err := strconv.ParseInt(c.get(f, "Peer ID"), 10, 64); err == nil {
+	if n, err := strconv.ParseInt(c.get(f, colPeerID), 10, 64); err == nil {
 		cl.PeerID = n
 	}
-	// A row without a common name column is not a client row.
-	_, ok := c["Common Name"]
-	return cl, ok
+	// A header without a common name column has no client rows.
+	return cl, c[colCommonName] >= 0
 }
 
-func routeRow(c columns, f []string) (Route, bool) {
+func routeRow(c *columns, f []string) (Route, bool) {
 	r := Route{
-		Virtual:    strings.Clone(c.get(f, "Virtual Address")),
-		CommonName: strings.Clone(undef(c.get(f, "Common Name"))),
-		LastRef:    parseTime(c.get(f, "Last Ref"), c.get(f, "Last Ref (time_t)")),
+		Virtual:    strings.Clone(c.get(f, colVirtualAddress)),
+		CommonName: strings.Clone(undef(c.get(f, colCommonName))),
+		LastRef:    parseTime(c.get(f, colLastRef), c.get(f, colLastRefT)),
 	}
-	r.Proto, r.RealAddress = parseReal(c.get(f, "Real Address"))
+	r.Proto, r.RealAddress = parseReal(c.get(f, colRealAddress))
 	r.Addr = parseHost(r.Virtual, true)
 	return r, r.Virtual != ""
 }

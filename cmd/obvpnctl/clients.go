@@ -102,7 +102,11 @@ func runClients(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "obvpnctl clients: %v\n", err)
 		return 2
 	}
-	clients := r.Clients()
+	clients, err := r.Clients()
+	if err != nil && !errors.Is(err, nss.ErrIncomplete) {
+		fmt.Fprintf(stderr, "obvpnctl clients: %v\n", err)
+		return 1
+	}
 	w := bufio.NewWriter(stdout)
 	if *asJSON {
 		out := make([]clientJSON, len(clients))
