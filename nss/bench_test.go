@@ -143,6 +143,21 @@ func BenchmarkRefreshOneFile(b *testing.B) {
 	}
 }
 
+// BenchmarkFind: one lookup by Find (a scan with no index, as the NSS
+// module does for a process's first lookup) over the same files as
+// BenchmarkLinearScan.
+func BenchmarkFind(b *testing.B) {
+	glob, names := writeFleet(b, b.TempDir(), 256, 1_000_000/256+1, "")
+	b.ResetTimer()
+	i := 0
+	for b.Loop() {
+		if _, err := Find([]string{glob}, names[i%len(names)]+".vpn"); err != nil {
+			b.Fatal(err)
+		}
+		i += 7919
+	}
+}
+
 // BenchmarkLinearScan is the reference module's way, the baseline: open
 // and scan every file for every lookup (here 256 files of 3907 devices).
 func BenchmarkLinearScan(b *testing.B) {

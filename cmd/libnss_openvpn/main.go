@@ -76,29 +76,36 @@ static const char *status_glob(void) {
 import "C"
 
 import (
+	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/obvpn/obvpn/nss"
 )
 
-// resolver is the process's index, made on the first lookup.
+// The process's first lookup scans the status files (nss.Find): most
+// processes that resolve a .vpn name resolve one, and an index of the
+// whole fleet would cost more than the scan. From the second lookup on,
+// the process keeps an index (nss.Resolver) that it refreshes at most once
+// a second from the files that changed.
 var (
 	once     sync.Once
-	resolver *nss.Resolver
+	globs    []string // nil: nss.DefaultGlobs
+	lookups  atomic.Int64
+	resolver nss.Resolver
 )
 
-func getResolver() *nss.Resolver {
+func setup() {
 	once.Do(func() {
-		resolver = &nss.Resolver{}
 		if g := C.status_glob(); g != nil {
 			if s := C.GoString(g); s != "" {
-				resolver.Globs = strings.Split(s, ":")
+				globs = strings.Split(s, ":")
 			}
 		}
+		resolver.Globs = globs
 	})
-	return resolver
 }
 
 // lookup resolves name (a NUL-terminated C string, read up to its NUL and
@@ -111,7 +118,14 @@ func lookup(name *C.char, addr *[4]byte) bool {
 	if len(s) <= len(".vpn") || !strings.EqualFold(s[len(s)-4:], ".vpn") {
 		return false // not ours: let the next source answer
 	}
-	a, err := getResolver().Lookup(s)
+	setup()
+	var a netip.Addr
+	var err error
+	if lookups.Add(1) == 1 {
+		a, err = nss.Find(globs, s)
+	} else {
+		a, err = resolver.Lookup(s)
+	}
 	if err != nil || !a.Is4() {
 		return false
 	}

@@ -1,0 +1,140 @@
+package nss
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Find looks one name up by scanning the status files that globs match,
+// without building an index: what a short-lived process needs, such as
+// one getent call through the NSS module, where building an index of the
+// whole fleet would cost more than the scan. It reads every file (the
+// routing row with the latest Last Ref wins, as with [Resolver]), but
+// parses a row only when its common name is the one asked for. The error
+// wraps [ErrNotFound] when no file routes the name.
+func Find(globs []string, name string) (netip.Addr, error) {
+	if globs == nil {
+		globs = DefaultGlobs
+	}
+	cn := strings.ToLower(name)
+	if n := len(cn); n > 4 && cn[n-4:] == ".vpn" {
+		cn = cn[:n-4]
+	}
+	var best netip.Addr
+	var bestRef time.Time
+	seen := make(map[[2]uint64]bool)
+	for _, g := range globs {
+		paths, err := filepath.Glob(g)
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("nss: glob %q: %w", g, err)
+		}
+		for _, p := range paths {
+			a, ref, ok := findInFile(p, cn, seen)
+			if ok && (!best.IsValid() || ref.After(bestRef)) {
+				best, bestRef = a, ref
+			}
+		}
+	}
+	if !best.IsValid() || cn == "" {
+		return netip.Addr{}, fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	return best, nil
+}
+
+// findInFile scans one file for cn's routing rows. A file without its END
+// line yields nothing: a torn row must not give an address.
+func findInFile(path, cn string, seen map[[2]uint64]bool) (netip.Addr, time.Time, bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		return netip.Addr{}, time.Time{}, false
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil || seen[statID(fi).key()] {
+		return netip.Addr{}, time.Time{}, false
+	} else {
+		seen[statID(fi).key()] = true
+	}
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), maxLine)
+	var (
+		best     netip.Addr
+		bestRef  time.Time
+		cols     *columns // the routing table's header
+		v1Routes bool     // inside version 1's ROUTING TABLE section
+		complete bool
+		sep      = []byte{','}
+	)
+	needle := []byte(cn)
+	for sc.Scan() {
+		line := sc.Bytes()
+		var row []byte
+		switch {
+		case bytes.Equal(line, []byte("END")):
+			complete = true
+			continue
+		case bytes.HasPrefix(line, []byte("HEADER,ROUTING_TABLE,")), bytes.HasPrefix(line, []byte("HEADER\tROUTING_TABLE\t")):
+			sep = []byte{line[len("HEADER")]} // a copy: line is reused by the scanner
+			cols = newColumns(strings.Split(string(line[len("HEADER,ROUTING_TABLE,"):]), string(sep)))
+			continue
+		case bytes.HasPrefix(line, []byte("ROUTING_TABLE,")), bytes.HasPrefix(line, []byte("ROUTING_TABLE\t")):
+			row = line[len("ROUTING_TABLE,"):]
+		case bytes.Equal(line, []byte("ROUTING TABLE")):
+			v1Routes, cols = true, nil
+			continue
+		case bytes.Equal(line, []byte("GLOBAL STATS")):
+			v1Routes = false
+			continue
+		case v1Routes && cols == nil:
+			cols = newColumns(strings.Split(string(line), ","))
+			continue
+		case v1Routes:
+			row = line
+		default:
+			continue
+		}
+		// Only rows whose common name is the name are split and parsed.
+		if cols == nil || !bytes.EqualFold(field(row, sep[0], cols[colCommonName]), needle) {
+			continue
+		}
+		f := strings.Split(string(row), string(sep))
+		if !strings.EqualFold(cols.get(f, colCommonName), cn) {
+			continue
+		}
+		a := parseHost(cols.get(f, colVirtualAddress), true)
+		if !a.IsValid() {
+			continue
+		}
+		ref := parseTime(cols.get(f, colLastRef), cols.get(f, colLastRefT))
+		if !best.IsValid() || ref.After(bestRef) {
+			best, bestRef = a, ref
+		}
+	}
+	if sc.Err() != nil || !complete {
+		return netip.Addr{}, time.Time{}, false
+	}
+	return best, bestRef, best.IsValid()
+}
+
+// field returns the i-th field of row, or nil.
+func field(row []byte, sep byte, i int) []byte {
+	if i < 0 {
+		return nil
+	}
+	for ; i > 0; i-- {
+		j := bytes.IndexByte(row, sep)
+		if j < 0 {
+			return nil
+		}
+		row = row[j+1:]
+	}
+	if j := bytes.IndexByte(row, sep); j >= 0 {
+		return row[:j]
+	}
+	return row
+}
