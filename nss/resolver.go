@@ -64,7 +64,21 @@ type Resolver struct {
 // into a new base. So a lookup is two map reads, and the cost of a refresh
 // follows what changed, not the size of the fleet.
 type index struct {
-	base, overlay map[string]netip.Addr
+	base, overlay map[string]v4 // a zero v4 in the overlay deletes the name
+}
+
+// v4 is an IPv4 address as a number: a quarter of a netip.Addr's size and
+// free of pointers, which keeps the maps small and out of the garbage
+// collector's way. 0.0.0.0, never a client's address, is the zero value.
+type v4 uint32
+
+func toV4(a netip.Addr) v4 {
+	b := a.As4()
+	return v4(b[0])<<24 | v4(b[1])<<16 | v4(b[2])<<8 | v4(b[3])
+}
+
+func (x v4) addr() netip.Addr {
+	return netip.AddrFrom4([4]byte{byte(x >> 24), byte(x >> 16), byte(x >> 8), byte(x)})
 }
 
 // minCompact is the overlay size below which it is never merged.
@@ -139,21 +153,25 @@ func (r *Resolver) lookup(name string) (netip.Addr, bool) {
 			b[i] = c
 		}
 		// Map reads keyed by string(b) do not allocate.
-		if a, ok := idx.overlay[string(b)]; ok {
-			return a, a.IsValid()
+		if len(idx.overlay) > 0 {
+			if a, ok := idx.overlay[string(b)]; ok {
+				return a.addr(), a != 0
+			}
 		}
 		a, ok := idx.base[string(b)]
-		return a, ok
+		return a.addr(), ok
 	}
 	return idx.get(name)
 }
 
 func (idx *index) get(name string) (netip.Addr, bool) {
-	if a, ok := idx.overlay[name]; ok {
-		return a, a.IsValid()
+	if len(idx.overlay) > 0 {
+		if a, ok := idx.overlay[name]; ok {
+			return a.addr(), a != 0
+		}
 	}
 	a, ok := idx.base[name]
-	return a, ok
+	return a.addr(), ok
 }
 
 func hasUpper(s string) bool {
@@ -415,13 +433,13 @@ func removeFile(s []*fileState, f *fileState) []*fileState {
 // publish builds the next snapshot from the current one: a copy of the
 // overlay with the changed names, or a new base when the overlay is large.
 func (r *Resolver) publish(changed map[string]bool) {
-	next := &index{base: map[string]netip.Addr{}, overlay: map[string]netip.Addr{}}
+	next := &index{base: map[string]v4{}, overlay: map[string]v4{}}
 	if cur := r.index.Load(); cur != nil {
 		if len(changed) == 0 {
 			return // the snapshot is still right
 		}
 		next.base = cur.base
-		next.overlay = make(map[string]netip.Addr, len(cur.overlay)+len(changed))
+		next.overlay = make(map[string]v4, len(cur.overlay)+len(changed))
 		for k, v := range cur.overlay {
 			next.overlay[k] = v
 		}
@@ -435,26 +453,26 @@ func (r *Resolver) publish(changed map[string]bool) {
 		}
 		switch _, inBase := next.base[n]; {
 		case best != nil:
-			next.overlay[n] = best.addr
+			next.overlay[n] = toV4(best.addr)
 		case inBase:
-			next.overlay[n] = netip.Addr{} // deleted
+			next.overlay[n] = 0 // deleted
 		default:
 			delete(next.overlay, n)
 		}
 	}
 	if len(next.overlay) >= max(minCompact, len(next.base)/8) {
-		base := make(map[string]netip.Addr, len(next.base)+len(next.overlay))
+		base := make(map[string]v4, len(next.base)+len(next.overlay))
 		for k, v := range next.base {
 			if _, ok := next.overlay[k]; !ok {
 				base[k] = v
 			}
 		}
 		for k, v := range next.overlay {
-			if v.IsValid() {
+			if v != 0 {
 				base[k] = v
 			}
 		}
-		next.base, next.overlay = base, map[string]netip.Addr{}
+		next.base, next.overlay = base, map[string]v4{}
 	}
 	r.index.Store(next)
 }

@@ -130,6 +130,16 @@ func TestModule(t *testing.T) {
 		t.Errorf("a device gone from the file still resolves")
 	}
 
+	// A status file as OpenVPN 2.6.14 wrote it (captured in nss/testdata).
+	real, err := os.ReadFile("../../nss/testdata/openvpn-2.6-v2.status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rewrite(t, filepath.Join(dir, "server-2.status"), string(real))
+	if out, _ := getent("hosts", "FEDCBA9876543210fedcba9876543210.vpn"); out != "10.240.32.4 FEDCBA9876543210fedcba9876543210.vpn" {
+		t.Errorf("from OpenVPN's own file: %q", out)
+	}
+
 	// The entry points directly: tiny buffers, the address family, short
 	// names. Status -2 with errno 34 is NSS_STATUS_TRYAGAIN with ERANGE;
 	// 0 with errno 2 is NSS_STATUS_NOTFOUND with ENOENT.
