@@ -1,0 +1,362 @@
+package openvpnmgmt_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/matryer/is"
+
+	"github.com/obvpn/obvpn/openvpnmgmt"
+	"github.com/obvpn/obvpn/openvpnmgmt/mgmttest"
+)
+
+func dial(t *testing.T, s *mgmttest.Server, opts openvpnmgmt.Options) *openvpnmgmt.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := openvpnmgmt.Dial(ctx, "tcp", s.Addr(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// next returns the next event that is not the connect banner.
+func next(t *testing.T, c *openvpnmgmt.Client) openvpnmgmt.Event {
+	t.Helper()
+	for {
+		select {
+		case ev, ok := <-c.Events():
+			if !ok {
+				t.Fatalf("events closed: %v", c.Err())
+			}
+			if info, ok := ev.(*openvpnmgmt.InfoEvent); ok && strings.HasPrefix(info.Message, "OpenVPN Management Interface") {
+				continue
+			}
+			return ev
+		case <-time.After(5 * time.Second):
+			t.Fatal("no event within 5 s")
+		}
+	}
+}
+
+func TestEvents(t *testing.T) {
+	is := is.New(t)
+	s := mgmttest.NewServer(t)
+	c := dial(t, s, openvpnmgmt.Options{})
+	is.NoErr(s.Send(
+		">CLIENT:CONNECT,5,1",
+		">CLIENT:ENV,untrusted_ip=192.0.2.9",
+		">CLIENT:ENV,username=0123456789abcdef0123456789abcdef",
+		">CLIENT:ENV,password=k=e,y",
+		">CLIENT:ENV,END",
+		">CLIENT:ADDRESS,5,10.240.0.3,1",
+		">CLIENT:ESTABLISHED,5",
+		">CLIENT:ENV,common_name=0123456789abcdef0123456789abcdef",
+		">CLIENT:ENV,END",
+		">BYTECOUNT_CLI:5,100,200",
+		">BYTECOUNT:1,2",
+		">LOG:1795580781,W,warning, with a comma",
+		">STATE:1795580781,CONNECTED,SUCCESS,10.8.0.2,192.0.2.1,1194,,",
+		">HOLD:Waiting for hold release:0",
+		">FATAL:cannot open tun",
+		">ECHO:1795580781,hello",
+		">PASSWORD:Need 'Auth' username/password",
+		">NEED-OK:Need 'token-insertion-request' confirmation MSG:Please insert",
+		">NEED-STR:Need 'name' input MSG:Please specify",
+		">INFOMSG:WEB_AUTH::https://example.com",
+		">UPDOWN:UP",
+		">UPDOWN:ENV,dev=tun0",
+		">UPDOWN:ENV,END",
+		">NOTIFY:info,remote-exit,EXIT",
+		">CLIENT:REAUTH,5,2",
+		">CLIENT:ENV,END",
+		">CLIENT:DISCONNECT,5",
+		">CLIENT:ENV,bytes_received=100",
+		">CLIENT:ENV,bytes_sent=200",
+		">CLIENT:ENV,time_duration=3",
+		">CLIENT:ENV,END",
+		">CLIENT:CR_RESPONSE,5,2,cmVzcG9uc2U=",
+		">CLIENT:ENV,END",
+		">SOMETHING-NEW:payload",
+		">LOG:garbage",
+	))
+	ev := next(t, c).(*openvpnmgmt.ClientEvent)
+	is.Equal(ev.Kind, openvpnmgmt.ClientConnect)
+	is.Equal(ev.CID, uint64(5))
+	is.Equal(ev.KID, uint64(1))
+	is.Equal(ev.Env.Value("password"), "k=e,y") // split at the first "=" only
+	is.Equal(len(ev.Env), 3)
+	addr := next(t, c).(*openvpnmgmt.ClientAddressEvent)
+	is.Equal(addr.Addr, "10.240.0.3")
+	is.True(addr.Primary)
+	est := next(t, c).(*openvpnmgmt.ClientEvent)
+	is.Equal(est.Kind, openvpnmgmt.ClientEstablished)
+	is.Equal(est.Env.Value("common_name"), "0123456789abcdef0123456789abcdef")
+	bc := next(t, c).(*openvpnmgmt.ByteCountClientEvent)
+	is.Equal([3]uint64{bc.CID, bc.Received, bc.Sent}, [3]uint64{5, 100, 200})
+	is.Equal(next(t, c).(*openvpnmgmt.ByteCountEvent).Sent, uint64(2))
+	log := next(t, c).(*openvpnmgmt.LogEvent)
+	is.Equal(log.Level, openvpnmgmt.LogWarning)
+	is.Equal(log.Message, "warning, with a comma")
+	is.Equal(log.Time.Unix(), int64(1795580781))
+	st := next(t, c).(*openvpnmgmt.StateEvent)
+	is.Equal(st.State, "CONNECTED")
+	is.Equal(st.RemoteIP, "192.0.2.1")
+	is.Equal(next(t, c).(*openvpnmgmt.HoldEvent).Message, "Waiting for hold release:0")
+	is.Equal(next(t, c).(*openvpnmgmt.FatalEvent).Message, "cannot open tun")
+	is.Equal(next(t, c).(*openvpnmgmt.EchoEvent).Message, "hello")
+	is.True(strings.HasPrefix(next(t, c).(*openvpnmgmt.PasswordEvent).Message, "Need 'Auth'"))
+	next(t, c).(*openvpnmgmt.NeedOKEvent).Raw()
+	next(t, c).(*openvpnmgmt.NeedStrEvent).Raw()
+	is.Equal(next(t, c).(*openvpnmgmt.InfoMsgEvent).Message, "WEB_AUTH::https://example.com")
+	ud := next(t, c).(*openvpnmgmt.UpDownEvent)
+	is.True(ud.Up)
+	is.Equal(ud.Env.Value("dev"), "tun0")
+	is.Equal(next(t, c).(*openvpnmgmt.NotifyEvent).Message, "info,remote-exit,EXIT")
+	is.Equal(next(t, c).(*openvpnmgmt.ClientEvent).Kind, openvpnmgmt.ClientReauth)
+	dis := next(t, c).(*openvpnmgmt.ClientEvent)
+	is.Equal(dis.Kind, openvpnmgmt.ClientDisconnect)
+	is.Equal(dis.Env.Value("time_duration"), "3")
+	cr := next(t, c).(*openvpnmgmt.ClientEvent)
+	is.Equal(cr.Response, "cmVzcG9uc2U=")
+	is.Equal(next(t, c).(*openvpnmgmt.UnknownEvent).Raw(), "SOMETHING-NEW:payload")
+	is.Equal(next(t, c).(*openvpnmgmt.UnknownEvent).Raw(), "LOG:garbage")
+}
+
+func TestRepliesInOrderWithInterleavedEvents(t *testing.T) {
+	is := is.New(t)
+	s := mgmttest.NewServer(t)
+	s.Handle("pid", func(string) []string { return []string{">LOG:1,I,in between", "SUCCESS: pid=4242"} })
+	s.Handle("status", func(string) []string {
+		return []string{"TITLE,OpenVPN 2.6.14", ">LOG:2,I,inside a multi-line reply", "TIME,2026-11-25 04:26:21,1795580781",
+			"HEADER,ROUTING_TABLE,Virtual Address,Common Name,Real Address,Last Ref,Last Ref (time_t)",
+			"ROUTING_TABLE,10.240.0.3,0123456789abcdef0123456789abcdef,192.0.2.1:1,x,1795580778", "END"}
+	})
+	s.Handle("version", func(string) []string { return []string{"ERROR: no version for you"} })
+	c := dial(t, s, openvpnmgmt.Options{})
+	ctx := context.Background()
+	pid, err := c.PID(ctx)
+	is.NoErr(err)
+	is.Equal(pid, 4242)
+	st, err := c.Status(ctx, 2)
+	is.NoErr(err)
+	is.Equal(st.Routes[0].Addr.String(), "10.240.0.3")
+	_, err = c.Version(ctx) // a multi-line command answered with one ERROR line
+	var se *openvpnmgmt.ServerError
+	is.True(errors.As(err, &se))
+	is.Equal(se.Message, "no version for you")
+	is.Equal(se.Command, "version")
+	is.Equal(next(t, c).(*openvpnmgmt.LogEvent).Message, "in between")
+	is.Equal(next(t, c).(*openvpnmgmt.LogEvent).Message, "inside a multi-line reply")
+	_, err = c.Raw(ctx, "frobnicate", false)
+	is.True(errors.As(err, &se))
+}
+
+func TestCommandsOnTheWire(t *testing.T) {
+	is := is.New(t)
+	s := mgmttest.NewServer(t)
+	s.Handle("load-stats", func(string) []string { return []string{"SUCCESS: nclients=3,bytesin=10,bytesout=20"} })
+	c := dial(t, s, openvpnmgmt.Options{})
+	ctx := context.Background()
+	is.NoErr(c.HoldRelease(ctx))
+	is.NoErr(c.ByteCount(ctx, 5))
+	is.NoErr(c.ClientAuth(ctx, 7, 1, []string{`push "route 10.0.0.0 255.0.0.0"`}))
+	is.NoErr(c.ClientAuthNT(ctx, 7, 1))
+	is.NoErr(c.ClientDeny(ctx, 7, 1, `bad "key"`, "auth failed, try again"))
+	is.NoErr(c.ClientPendingAuth(ctx, 7, 1, "WEB_AUTH::https://example.com/a b", 60))
+	is.NoErr(c.ClientKill(ctx, 7, openvpnmgmt.KillHalt))
+	is.NoErr(c.Kill(ctx, "0123456789abcdef0123456789abcdef"))
+	is.NoErr(c.KillAddr(ctx, "tcp:192.0.2.1:40000"))
+	is.NoErr(c.Signal(ctx, "SIGUSR1"))
+	is.NoErr(c.Log(ctx, true))
+	is.NoErr(c.State(ctx, false))
+	is.NoErr(c.Echo(ctx, true))
+	is.NoErr(c.EnvFilter(ctx, 0))
+	ls, err := c.LoadStats(ctx)
+	is.NoErr(err)
+	is.Equal(ls, openvpnmgmt.LoadStats{Clients: 3, BytesIn: 10, BytesOut: 20})
+	is.Equal(s.Commands(), []string{
+		"hold release",
+		"bytecount 5",
+		"client-auth 7 1\npush \"route 10.0.0.0 255.0.0.0\"",
+		"client-auth-nt 7 1",
+		`client-deny 7 1 "bad \"key\"" "auth failed, try again"`,
+		`client-pending-auth 7 1 "WEB_AUTH::https://example.com/a b" 60`,
+		"client-kill 7 HALT",
+		"kill 0123456789abcdef0123456789abcdef",
+		"kill tcp:192.0.2.1:40000",
+		"signal SIGUSR1",
+		"log on",
+		"state off",
+		"echo on",
+		"env-filter 0",
+		"load-stats",
+	})
+}
+
+func TestRefusedCommands(t *testing.T) {
+	is := is.New(t)
+	s := mgmttest.NewServer(t)
+	c := dial(t, s, openvpnmgmt.Options{})
+	ctx := context.Background()
+	err := c.Kill(ctx, strings.Repeat("a", 1020))
+	is.True(errors.Is(err, openvpnmgmt.ErrLineTooLong))
+	err = c.ClientDeny(ctx, 1, 1, "line\nbreak", "")
+	is.True(errors.Is(err, openvpnmgmt.ErrBadArgument))
+	err = c.ClientAuth(ctx, 1, 1, []string{"END"})
+	is.True(errors.Is(err, openvpnmgmt.ErrBadArgument))
+	_, err = c.Raw(ctx, "echo \x00", false)
+	is.True(errors.Is(err, openvpnmgmt.ErrBadArgument))
+	is.Equal(len(s.Commands()), 0) // nothing reached the server
+	is.NoErr(c.Kill(ctx, strings.Repeat("a", 1018))) // "kill " + 1018 + "\n" = 1024
+}
+
+func TestHandlerSendsCommands(t *testing.T) {
+	is := is.New(t)
+	s := mgmttest.NewServer(t)
+	c := dial(t, s, openvpnmgmt.Options{})
+	// Many CONNECTs, each answered from the event loop, while more arrive.
+	const n = 200
+	go func() {
+		for i := range n {
+			s.Send(fmt.Sprintf(">CLIENT:CONNECT,%d,0", i), ">CLIENT:ENV,username=x", ">CLIENT:ENV,END")
+		}
+	}()
+	for i := 0; i < n; {
+		ev := next(t, c)
+		if ce, ok := ev.(*openvpnmgmt.ClientEvent); ok && ce.Kind == openvpnmgmt.ClientConnect {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			is.NoErr(c.ClientAuthNT(ctx, ce.CID, ce.KID))
+			cancel()
+			i++
+		}
+	}
+	is.Equal(len(s.Commands()), n)
+}
+
+func TestSlowConsumerDoesNotBlockReplies(t *testing.T) {
+	is := is.New(t)
+	s := mgmttest.NewServer(t)
+	c := dial(t, s, openvpnmgmt.Options{})
+	<-s.Connected()
+	lines := make([]string, 20000)
+	for i := range lines {
+		lines[i] = fmt.Sprintf(">BYTECOUNT_CLI:%d,1,2", i)
+	}
+	is.NoErr(s.Send(lines...))
+	// Nobody reads the events, yet the command is answered.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	is.NoErr(c.HoldRelease(ctx))
+	// And no event was lost.
+	count := 0
+	for count < len(lines) {
+		if _, ok := next(t, c).(*openvpnmgmt.ByteCountClientEvent); ok {
+			count++
+		}
+	}
+}
+
+func TestQueueOverflow(t *testing.T) {
+	s := mgmttest.NewServer(t)
+	c := dial(t, s, openvpnmgmt.Options{MaxQueue: 10})
+	lines := make([]string, 50)
+	for i := range lines {
+		lines[i] = ">BYTECOUNT:1,2"
+	}
+	s.Send(lines...)
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("no overflow")
+	}
+	if !errors.Is(c.Err(), openvpnmgmt.ErrQueueOverflow) {
+		t.Fatalf("Err = %v", c.Err())
+	}
+}
+
+func TestPassword(t *testing.T) {
+	s := mgmttest.NewServer(t)
+	s.SetPassword("s3cret")
+	c := dial(t, s, openvpnmgmt.Options{Password: "s3cret"})
+	if err := c.HoldRelease(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	s.Disconnect()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := openvpnmgmt.Dial(ctx, "tcp", s.Addr(), openvpnmgmt.Options{Password: "wrong"}); !errors.Is(err, openvpnmgmt.ErrBadPassword) {
+		t.Fatalf("wrong password: %v", err)
+	}
+}
+
+func TestCloseEndsEverything(t *testing.T) {
+	before := runtime.NumGoroutine()
+	for range 20 {
+		s := mgmttest.NewServer(t)
+		c := dial(t, s, openvpnmgmt.Options{})
+		s.Handle("status", func(string) []string { return nil }) // never answers
+		done := make(chan error, 1)
+		go func() { _, err := c.Status(context.Background(), 2); done <- err }()
+		c.Close()
+		if err := <-done; !errors.Is(err, openvpnmgmt.ErrClosed) {
+			t.Fatalf("pending command after Close: %v", err)
+		}
+		for range c.Events() {
+		}
+		if err := c.HoldRelease(context.Background()); !errors.Is(err, openvpnmgmt.ErrClosed) {
+			t.Fatalf("command after Close: %v", err)
+		}
+		c.Close()
+		s.Close()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+		runtime.Gosched()
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := runtime.NumGoroutine(); n > before {
+		t.Errorf("%d goroutines before, %d after", before, n)
+	}
+}
+
+func TestCommandContext(t *testing.T) {
+	is := is.New(t)
+	s := mgmttest.NewServer(t)
+	late := make(chan struct{})
+	s.Handle("pid", func(string) []string { <-late; return []string{"SUCCESS: pid=1"} })
+	c := dial(t, s, openvpnmgmt.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	_, err := c.PID(ctx)
+	is.True(errors.Is(err, context.DeadlineExceeded))
+	close(late)
+	// The late reply is matched to the abandoned command, not to the next.
+	s.Handle("load-stats", func(string) []string { return []string{"SUCCESS: nclients=9,bytesin=0,bytesout=0"} })
+	ls, err := c.LoadStats(context.Background())
+	is.NoErr(err)
+	is.Equal(ls.Clients, 9)
+}
+
+func TestServerGoesAway(t *testing.T) {
+	s := mgmttest.NewServer(t)
+	c := dial(t, s, openvpnmgmt.Options{})
+	<-s.Connected()
+	s.Disconnect()
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the client did not notice")
+	}
+	if c.Err() == nil || errors.Is(c.Err(), openvpnmgmt.ErrClosed) {
+		t.Fatalf("Err = %v", c.Err())
+	}
+}
