@@ -85,6 +85,7 @@ type Client struct {
 	events chan Event
 
 	done    chan struct{} // closed when the connection is finished with
+	closing chan struct{} // closed by Close: stop delivering events
 	errOnce sync.Once
 	err     error
 	wg      sync.WaitGroup
@@ -124,12 +125,13 @@ func Dial(ctx context.Context, network, addr string, opts Options) (*Client, err
 // password in opts, it first answers OpenVPN's prompt, within ctx.
 func NewClient(ctx context.Context, conn net.Conn, opts Options) (*Client, error) {
 	c := &Client{
-		conn:   conn,
-		opts:   opts,
-		log:    opts.Logger,
-		signal: make(chan struct{}, 1),
-		events: make(chan Event),
-		done:   make(chan struct{}),
+		conn:    conn,
+		opts:    opts,
+		log:     opts.Logger,
+		signal:  make(chan struct{}, 1),
+		events:  make(chan Event),
+		done:    make(chan struct{}),
+		closing: make(chan struct{}),
 	}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
@@ -222,6 +224,7 @@ func (c *Client) Err() error {
 // than once.
 func (c *Client) Close() error {
 	c.finish(ErrClosed)
+	c.closeMu.Do(func() { close(c.closing) })
 	c.wg.Wait()
 	return nil
 }
@@ -383,7 +386,9 @@ func (c *Client) enqueue(ev Event) {
 	}
 }
 
-// deliver hands the queued events to the consumer, in order.
+// deliver hands the queued events to the consumer, in order. When the
+// connection ends, it still delivers what was queued before, then closes
+// the channel; Close stops it at once.
 func (c *Client) deliver() {
 	defer c.wg.Done()
 	defer close(c.events)
@@ -396,25 +401,25 @@ func (c *Client) deliver() {
 			select {
 			case c.events <- ev:
 				batch[i] = nil
-			case <-c.done:
+			case <-c.closing:
 				return
 			}
+		}
+		if len(batch) > 0 {
+			continue // more may have come meanwhile
 		}
 		select {
 		case <-c.signal:
 		case <-c.done:
-			// Deliver what came before the end, then stop.
+			// The reader has stopped: nothing more will be queued once
+			// the queue is empty.
 			c.qmu.Lock()
-			rest := c.queue
-			c.queue = nil
+			empty := len(c.queue) == 0
 			c.qmu.Unlock()
-			for _, ev := range rest {
-				select {
-				case c.events <- ev:
-				default:
-					return // nobody is listening any more
-				}
+			if empty {
+				return
 			}
+		case <-c.closing:
 			return
 		}
 	}

@@ -39,15 +39,25 @@ type Server struct {
 // the test ends.
 func NewServer(tb testing.TB) *Server {
 	tb.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	s, err := Start()
 	if err != nil {
 		tb.Fatalf("mgmttest: %v", err)
+	}
+	tb.Cleanup(s.Close)
+	return s
+}
+
+// Start starts a Server on 127.0.0.1 on a free port, for use outside
+// tests (examples, demos); the caller closes it.
+func Start() (*Server, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
 	}
 	s := &Server{l: l, handlers: map[string]HandlerFunc{}, ready: make(chan struct{})}
 	s.wg.Add(1)
 	go s.accept()
-	tb.Cleanup(s.Close)
-	return s
+	return s, nil
 }
 
 // SetPassword makes the next connections ask for password with "ENTER
