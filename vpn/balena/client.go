@@ -1,0 +1,255 @@
+// Package balena is a client of the balena API endpoints that an openBalena
+// VPN server calls: device authentication, device state reports, service
+// instance registration and heartbeats, and the three queries of the CONNECT
+// proxy (may this caller tunnel to that device and port, is the device
+// online, which VPN server holds it). The paths, query strings, bodies and
+// bearer keys are the reference system's, so that the client works against
+// a real balena API; package balenatest serves the same endpoints from
+// memory for tests and demos.
+//
+// A [Client] implements the small interfaces that package vpn (AuthAPI,
+// StateAPI, ServiceAPI) and package connectproxy (Authorizer,
+// OnlineChecker, Locator) declare. It is not a general client of the balena
+// API: it knows these endpoints only.
+//
+// Every call takes a context. Device UUIDs are checked to be hexadecimal
+// before they are put in a URL ([ErrInvalidUUID]), and keys are never
+// logged. Reads and idempotent calls (GETs, the canAccess query, the
+// heartbeat PATCH) are retried on connection errors, 429 and 5xx answers;
+// state reports and service registration are POSTs that are sent once, and
+// their callers retry them in their own loops. An answer with an unexpected
+// status is an [*APIError].
+package balena
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-retryablehttp"
+)
+
+// Client calls the balena API. Set BaseURL and ServiceKey; the other fields
+// are optional. A Client is safe for concurrent use; its fields must not
+// change after the first call.
+type Client struct {
+	// BaseURL is the API's root, such as "https://api.balena-cloud.com" or
+	// "http://api.internal" (no trailing slash needed).
+	BaseURL string
+
+	// ServiceKey is the VPN service's own API key (VPN_SERVICE_API_KEY),
+	// sent on state reports, service registration, heartbeats and the
+	// device online query.
+	ServiceKey string
+
+	// GuestKey (VPN_GUEST_API_KEY) is sent instead of the caller's key on
+	// the proxy's queries (CanAccess, LocateDevice) when the caller has
+	// none. Empty means that such queries carry no Authorization header.
+	GuestKey string
+
+	// HTTPClient sends the requests. Nil means a client with a 30 s
+	// timeout and a connection pool sized for the VPN's concurrency.
+	HTTPClient *http.Client
+
+	// RetryMax is how many times a read or idempotent call is retried
+	// after a connection error, a 429 or a 5xx answer. Zero means 2;
+	// negative means never.
+	RetryMax int
+
+	// Logger receives the retries, at debug level. Nil means discard. Keys
+	// are never logged.
+	Logger *slog.Logger
+
+	once sync.Once
+	hc   *http.Client
+	rc   *retryablehttp.Client
+}
+
+// ErrInvalidUUID reports a device UUID that is empty or not made of
+// hexadecimal digits only. Such a UUID is never sent.
+var ErrInvalidUUID = errors.New("balena: invalid device UUID")
+
+// ValidUUID reports whether uuid is a device UUID that may be put in a URL:
+// one or more hexadecimal digits, at most 128.
+func ValidUUID(uuid string) bool {
+	if len(uuid) == 0 || len(uuid) > 128 {
+		return false
+	}
+	for i := 0; i < len(uuid); i++ {
+		c := uuid[i]
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
+			return false
+		}
+	}
+	return true
+}
+
+func checkUUID(uuid string) error {
+	if !ValidUUID(uuid) {
+		return fmt.Errorf("%w: %q", ErrInvalidUUID, uuid)
+	}
+	return nil
+}
+
+// APIError is an answer of the API with a status that the call does not
+// expect. Callers branch on it with errors.As.
+type APIError struct {
+	// Method and Path are the request's method and its path with the
+	// query, as sent.
+	Method, Path string
+	// StatusCode is the answer's HTTP status code.
+	StatusCode int
+	// Body is the start of the answer's body (at most 1 KiB).
+	Body string
+}
+
+func (e *APIError) Error() string {
+	msg := fmt.Sprintf("balena: %s %s: %d %s", e.Method, e.Path, e.StatusCode, http.StatusText(e.StatusCode))
+	if b := strings.TrimSpace(e.Body); b != "" {
+		msg += ": " + b
+	}
+	return msg
+}
+
+const (
+	maxErrorBody  = 1 << 10
+	maxAnswerBody = 1 << 20
+	retryWaitMin  = 100 * time.Millisecond
+	retryWaitMax  = 2 * time.Second
+	defaultRetry  = 2
+	clientTimeout = 30 * time.Second
+)
+
+func (c *Client) init() {
+	c.once.Do(func() {
+		c.hc = c.HTTPClient
+		if c.hc == nil {
+			t := http.DefaultTransport.(*http.Transport).Clone()
+			t.MaxIdleConnsPerHost = 64
+			c.hc = &http.Client{Transport: t, Timeout: clientTimeout}
+		}
+		n := c.RetryMax
+		switch {
+		case n == 0:
+			n = defaultRetry
+		case n < 0:
+			n = 0
+		}
+		c.rc = &retryablehttp.Client{
+			HTTPClient:   c.hc,
+			RetryWaitMin: retryWaitMin,
+			RetryWaitMax: retryWaitMax,
+			RetryMax:     n,
+			CheckRetry:   retryablehttp.DefaultRetryPolicy,
+			Backoff:      retryablehttp.DefaultBackoff,
+			ErrorHandler: retryablehttp.PassthroughErrorHandler,
+		}
+		if c.Logger != nil {
+			c.rc.Logger = retryLogger{c.Logger}
+		}
+	})
+}
+
+// request is one call of the API.
+type request struct {
+	method string
+	path   string // path and query, escaped as sent
+	key    string // bearer; empty sends no Authorization header
+	body   any    // JSON body; nil sends none
+	retry  bool   // safe to send more than once
+}
+
+// do sends req and returns the answer's status and body. Transport errors
+// are returned as they are, wrapped with the method and path.
+func (c *Client) do(ctx context.Context, req request) (int, []byte, error) {
+	c.init()
+	if c.BaseURL == "" {
+		return 0, nil, errors.New("balena: Client.BaseURL is not set")
+	}
+	var body []byte
+	if req.body != nil {
+		var err error
+		if body, err = json.Marshal(req.body); err != nil {
+			return 0, nil, err
+		}
+	}
+	url := strings.TrimSuffix(c.BaseURL, "/") + req.path
+	var resp *http.Response
+	var err error
+	if req.retry {
+		var rr *retryablehttp.Request
+		var raw any
+		if body != nil {
+			raw = body
+		}
+		rr, err = retryablehttp.NewRequestWithContext(ctx, req.method, url, raw)
+		if err != nil {
+			return 0, nil, err
+		}
+		setHeaders(rr.Header, req.key, body != nil)
+		resp, err = c.rc.Do(rr)
+	} else {
+		var hr *http.Request
+		var r io.Reader
+		if body != nil {
+			r = bytes.NewReader(body)
+		}
+		hr, err = http.NewRequestWithContext(ctx, req.method, url, r)
+		if err != nil {
+			return 0, nil, err
+		}
+		setHeaders(hr.Header, req.key, body != nil)
+		resp, err = c.hc.Do(hr)
+	}
+	if err != nil {
+		return 0, nil, fmt.Errorf("balena: %s %s: %w", req.method, req.path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswerBody))
+	if err != nil {
+		return 0, nil, fmt.Errorf("balena: %s %s: reading the answer: %w", req.method, req.path, err)
+	}
+	return resp.StatusCode, b, nil
+}
+
+func setHeaders(h http.Header, key string, hasBody bool) {
+	if key != "" {
+		h.Set("Authorization", "Bearer "+key)
+	}
+	if hasBody {
+		h.Set("Content-Type", "application/json")
+	}
+	h.Set("Accept", "application/json")
+}
+
+func apiError(req request, status int, body []byte) *APIError {
+	if len(body) > maxErrorBody {
+		body = body[:maxErrorBody]
+	}
+	return &APIError{Method: req.method, Path: req.path, StatusCode: status, Body: string(body)}
+}
+
+// decode unmarshals an answer's JSON body into v.
+func decode(req request, body []byte, v any) error {
+	if err := json.Unmarshal(body, v); err != nil {
+		return fmt.Errorf("balena: %s %s: malformed answer: %w", req.method, req.path, err)
+	}
+	return nil
+}
+
+// retryLogger passes retryablehttp's messages to a slog.Logger at debug
+// level. retryablehttp logs methods and redacted URLs, never headers.
+type retryLogger struct{ l *slog.Logger }
+
+func (r retryLogger) Error(msg string, kv ...any) { r.l.Debug("balena API: "+msg, kv...) }
+func (r retryLogger) Info(msg string, kv ...any)  { r.l.Debug("balena API: "+msg, kv...) }
+func (r retryLogger) Debug(msg string, kv ...any) { r.l.Debug("balena API: "+msg, kv...) }
+func (r retryLogger) Warn(msg string, kv ...any)  { r.l.Debug("balena API: "+msg, kv...) }
