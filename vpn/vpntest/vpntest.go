@@ -1,0 +1,397 @@
+// Package vpntest is the test kit for code that runs real OpenVPN: a
+// throw-away PKI made with crypto/x509, network namespaces that are removed
+// when the test ends, and real openvpn servers and clients inside them.
+//
+// Tests that need root, openvpn or ip call [Require], which skips the test
+// with the reason when something is missing, or fails it when OBVPN_E2E=1
+// (as CI sets it). Every namespace, process and file the kit makes is
+// removed in t.Cleanup, also when the test fails.
+//
+// A server runs in a namespace of its own (a "world" with loopback and the
+// test's links, no default route), so nothing it does can leave the
+// machine. Its management interface is a unix socket in the test's
+// directory, reachable from the test's own namespace.
+package vpntest
+
+import (
+	"bufio"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Require skips tb, or fails it under OBVPN_E2E=1, unless the process is
+// root and every command in cmds is installed. It returns the commands'
+// paths in order.
+func Require(tb testing.TB, cmds ...string) []string {
+	tb.Helper()
+	e2e := os.Getenv("OBVPN_E2E") == "1"
+	missing := func(format string, args ...any) {
+		tb.Helper()
+		msg := fmt.Sprintf(format, args...)
+		if e2e {
+			tb.Fatalf("OBVPN_E2E=1 but %s", msg)
+		}
+		tb.Skipf("%s (set OBVPN_E2E=1 to make this a failure)", msg)
+	}
+	if os.Geteuid() != 0 {
+		missing("the test needs root (network namespaces, tun devices)")
+	}
+	paths := make([]string, len(cmds))
+	for i, c := range cmds {
+		p, err := exec.LookPath(c)
+		if err != nil {
+			missing("%s is not installed", c)
+		}
+		paths[i] = p
+	}
+	return paths
+}
+
+// PKI is a throw-away certificate authority with one server certificate,
+// written as PEM files (mode 0600) into a directory of the test.
+type PKI struct {
+	CACert, ServerCert, ServerKey []byte // PEM
+	CAFile, CertFile, KeyFile     string
+}
+
+// NewPKI makes a CA and a server certificate (ECDSA P-256, valid for a
+// day) in tb's temporary directory.
+func NewPKI(tb testing.TB) *PKI {
+	tb.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	now := time.Now()
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "obvpn test CA"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	srvTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "obvpn test server"},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyAgreement,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, ca, &srvKey.PublicKey, caKey)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(srvKey)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	dir := tb.TempDir()
+	p := &PKI{
+		CACert:     pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
+		ServerCert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srvDER}),
+		ServerKey:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+		CAFile:     filepath.Join(dir, "ca.crt"),
+		CertFile:   filepath.Join(dir, "server.crt"),
+		KeyFile:    filepath.Join(dir, "server.key"),
+	}
+	for file, data := range map[string][]byte{p.CAFile: p.CACert, p.CertFile: p.ServerCert, p.KeyFile: p.ServerKey} {
+		if err := os.WriteFile(file, data, 0o600); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return p
+}
+
+var nsSeq atomic.Int64
+
+// Netns is a network namespace that the test owns: loopback up, nothing
+// else until the test links it.
+type Netns struct {
+	Name string
+}
+
+// NewNetns creates a namespace named obvpn-<prefix>-<pid>-<n>; it is
+// deleted when the test ends.
+func NewNetns(tb testing.TB, prefix string) *Netns {
+	tb.Helper()
+	Require(tb, "ip")
+	n := &Netns{Name: fmt.Sprintf("obvpn-%s-%d-%d", prefix, os.Getpid(), nsSeq.Add(1))}
+	if out, err := exec.Command("ip", "netns", "add", n.Name).CombinedOutput(); err != nil {
+		tb.Fatalf("ip netns add %s: %v: %s", n.Name, err, out)
+	}
+	tb.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", n.Name).CombinedOutput(); err != nil {
+			tb.Errorf("ip netns del %s: %v: %s", n.Name, err, out)
+		}
+	})
+	if out, err := n.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		tb.Fatalf("lo up in %s: %v: %s", n.Name, err, out)
+	}
+	return n
+}
+
+// Command returns a command that runs name inside the namespace.
+func (n *Netns) Command(name string, args ...string) *exec.Cmd {
+	return exec.Command("ip", append([]string{"netns", "exec", n.Name, name}, args...)...)
+}
+
+// Process is a process the kit started; it is stopped (SIGTERM, then
+// SIGKILL after 5 s) and waited for when the test ends.
+type Process struct {
+	cmd    *exec.Cmd
+	exited chan struct{}
+	mu     sync.Mutex
+	lines  []string
+	waitCh []waiter
+}
+
+type waiter struct {
+	substr string
+	ch     chan string
+}
+
+// start runs cmd, collecting its output lines (OpenVPN logs to stdout).
+func start(tb testing.TB, cmd *exec.Cmd) *Process {
+	tb.Helper()
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cmd.Stderr = cmd.Stdout
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		tb.Fatalf("%s: %v", cmd.Path, err)
+	}
+	p := &Process{cmd: cmd, exited: make(chan struct{})}
+	go func() {
+		defer close(p.exited)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			p.add(sc.Text())
+		}
+		_ = cmd.Wait()
+	}()
+	tb.Cleanup(func() {
+		p.Stop()
+		if tb.Failed() {
+			tb.Logf("output of %v:\n%s", cmd.Args, strings.Join(p.Lines(), "\n"))
+		}
+	})
+	return p
+}
+
+func (p *Process) add(line string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.lines = append(p.lines, line)
+	kept := p.waitCh[:0]
+	for _, w := range p.waitCh {
+		if strings.Contains(line, w.substr) {
+			w.ch <- line
+		} else {
+			kept = append(kept, w)
+		}
+	}
+	p.waitCh = kept
+}
+
+// Lines returns the output so far.
+func (p *Process) Lines() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.lines...)
+}
+
+// WaitFor waits until an output line contains substr (one already printed
+// counts) and returns it; it fails when ctx ends or the process exits
+// first.
+func (p *Process) WaitFor(ctx context.Context, substr string) (string, error) {
+	ch := make(chan string, 1)
+	p.mu.Lock()
+	for _, l := range p.lines {
+		if strings.Contains(l, substr) {
+			p.mu.Unlock()
+			return l, nil
+		}
+	}
+	p.waitCh = append(p.waitCh, waiter{substr, ch})
+	p.mu.Unlock()
+	select {
+	case l := <-ch:
+		return l, nil
+	case <-p.exited:
+		select {
+		case l := <-ch:
+			return l, nil
+		default:
+		}
+		return "", fmt.Errorf("vpntest: %s exited before printing %q", filepath.Base(p.cmd.Path), substr)
+	case <-ctx.Done():
+		return "", fmt.Errorf("vpntest: waiting for %q: %w", substr, ctx.Err())
+	}
+}
+
+// Exited returns a channel closed when the process has exited.
+func (p *Process) Exited() <-chan struct{} { return p.exited }
+
+// Stop ends the process group and waits for it.
+func (p *Process) Stop() {
+	select {
+	case <-p.exited:
+		return
+	default:
+	}
+	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-p.exited:
+	case <-time.After(5 * time.Second):
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		<-p.exited
+	}
+}
+
+// ServerOptions configure StartServer.
+type ServerOptions struct {
+	// Netns is where the server runs; nil makes a world namespace.
+	Netns *Netns
+	// Port is the TCP port on 127.0.0.1 inside the namespace; zero means
+	// 1194.
+	Port int
+	// Subnet is the server's --server network, such as "10.8.0.0
+	// 255.255.255.0"; empty means that one.
+	Subnet string
+	// ClientAuth adds --management-client-auth: every client must be
+	// answered on the management interface.
+	ClientAuth bool
+	// Extra are more configuration lines.
+	Extra []string
+}
+
+// Server is a running openvpn server.
+type Server struct {
+	*Process
+	Netns *Netns
+	PKI   *PKI
+	// Management is the management interface's unix socket.
+	Management string
+	// StatusFile is written every second in status version 2.
+	StatusFile string
+	Port       int
+}
+
+// StartServer starts an openvpn server with a fresh PKI on 127.0.0.1
+// inside its namespace, held (--management-hold) until a management
+// client releases it, and returns once the management socket is ready.
+func StartServer(tb testing.TB, opts ServerOptions) *Server {
+	tb.Helper()
+	bin := Require(tb, "openvpn", "ip")[0]
+	if opts.Netns == nil {
+		opts.Netns = NewNetns(tb, "world")
+	}
+	if opts.Port == 0 {
+		opts.Port = 1194
+	}
+	if opts.Subnet == "" {
+		opts.Subnet = "10.8.0.0 255.255.255.0"
+	}
+	pki := NewPKI(tb)
+	dir := tb.TempDir()
+	s := &Server{Netns: opts.Netns, PKI: pki, Management: filepath.Join(dir, "mgmt.sock"),
+		StatusFile: filepath.Join(dir, "server-1.status"), Port: opts.Port}
+	conf := []string{
+		"mode server", "tls-server", "topology subnet", "proto tcp4-server", "local 127.0.0.1",
+		fmt.Sprintf("port %d", opts.Port), "dev tun", "server " + opts.Subnet,
+		"ca " + pki.CAFile, "cert " + pki.CertFile, "key " + pki.KeyFile, "dh none",
+		"verify-client-cert none", "username-as-common-name",
+		"management " + s.Management + " unix", "management-hold",
+		"status " + s.StatusFile + " 1", "status-version 2",
+		"keepalive 2 10", "hand-window 20", "verb 3",
+	}
+	if opts.ClientAuth {
+		conf = append(conf, "management-client-auth")
+	} else {
+		// Without management auth a client needs a verify script; accept
+		// every client.
+		conf = append(conf, "script-security 2", "auth-user-pass-verify /bin/true via-env")
+	}
+	conf = append(conf, opts.Extra...)
+	file := filepath.Join(dir, "server.conf")
+	if err := os.WriteFile(file, []byte(strings.Join(conf, "\n")+"\n"), 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	s.Process = start(tb, opts.Netns.Command(bin, "--config", file))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := s.WaitFor(ctx, "MANAGEMENT: unix domain socket listening"); err != nil {
+		tb.Fatal(err)
+	}
+	return s
+}
+
+// ClientOptions configure StartClient.
+type ClientOptions struct {
+	// Netns is where the client runs, normally the server's.
+	Netns *Netns
+	// Remote is the server's address and port inside the namespace.
+	Remote string
+	// Username and Password are sent with auth-user-pass.
+	Username, Password string
+	// CA is the server's CA certificate file.
+	CA string
+	// Extra are more configuration lines.
+	Extra []string
+}
+
+// StartClient starts an openvpn client that does not configure its tun
+// device nor routes (--ifconfig-noexec, --route-nopull): enough to talk to
+// a server. Wait for "Initialization Sequence Completed" or AUTH_FAILED
+// with WaitFor.
+func StartClient(tb testing.TB, opts ClientOptions) *Process {
+	tb.Helper()
+	bin := Require(tb, "openvpn", "ip")[0]
+	dir := tb.TempDir()
+	cred := filepath.Join(dir, "credentials")
+	if err := os.WriteFile(cred, []byte(opts.Username+"\n"+opts.Password+"\n"), 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	host, port, _ := strings.Cut(opts.Remote, ":")
+	conf := []string{
+		"client", "dev tun", "proto tcp4-client", "remote " + host + " " + port,
+		"ca " + opts.CA, "auth-user-pass " + cred, "ifconfig-noexec", "route-nopull",
+		"remote-cert-tls server", "connect-retry 1", "auth-retry none", "verb 3",
+	}
+	conf = append(conf, opts.Extra...)
+	file := filepath.Join(dir, "client.conf")
+	if err := os.WriteFile(file, []byte(strings.Join(conf, "\n")+"\n"), 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	return start(tb, opts.Netns.Command(bin, "--config", file))
+}
