@@ -24,6 +24,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"math/big"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -158,6 +159,46 @@ func NewNetns(tb testing.TB, prefix string) *Netns {
 	return n
 }
 
+var linkSeq atomic.Int64
+
+// Device is a namespace of a device's own, linked to a world namespace by
+// a veth pair with addresses from 192.0.2.0/24 (a /30 per device).
+type Device struct {
+	*Netns
+	// Addr is the device's address on the link; WorldAddr the world's,
+	// which the device reaches its server at.
+	Addr, WorldAddr netip.Addr
+}
+
+// NewDevice creates a device namespace linked to world. The namespace and
+// the link go when the test ends.
+func NewDevice(tb testing.TB, world *Netns) *Device {
+	tb.Helper()
+	n := linkSeq.Add(1)
+	if n > 63 {
+		tb.Fatal("vpntest: at most 63 devices per test process")
+	}
+	dev := &Device{Netns: NewNetns(tb, "dev")}
+	base := netip.AddrFrom4([4]byte{192, 0, 2, byte(4 * n)})
+	dev.WorldAddr, dev.Addr = base.Next(), base.Next().Next()
+	w, d := fmt.Sprintf("ow%d-%d", os.Getpid()%10000, n), fmt.Sprintf("od%d-%d", os.Getpid()%10000, n)
+	for _, c := range [][]string{
+		{"ip", "link", "add", w, "netns", world.Name, "type", "veth", "peer", "name", d, "netns", dev.Name},
+		{"ip", "-n", world.Name, "addr", "add", dev.WorldAddr.String() + "/30", "dev", w},
+		{"ip", "-n", dev.Name, "addr", "add", dev.Addr.String() + "/30", "dev", d},
+		{"ip", "-n", world.Name, "link", "set", w, "up"},
+		{"ip", "-n", dev.Name, "link", "set", d, "up"},
+	} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			tb.Fatalf("%v: %v: %s", c, err, out)
+		}
+	}
+	// Deleting either namespace deletes the pair; the world may outlive
+	// the device, so delete the link explicitly too.
+	tb.Cleanup(func() { _ = exec.Command("ip", "-n", world.Name, "link", "del", w).Run() })
+	return dev
+}
+
 // Command returns a command that runs name inside the namespace.
 func (n *Netns) Command(name string, args ...string) *exec.Cmd {
 	return exec.Command("ip", append([]string{"netns", "exec", n.Name, name}, args...)...)
@@ -282,8 +323,11 @@ func (p *Process) Stop() {
 type ServerOptions struct {
 	// Netns is where the server runs; nil makes a world namespace.
 	Netns *Netns
-	// Port is the TCP port on 127.0.0.1 inside the namespace; zero means
-	// 1194.
+	// Listen is the address the server listens on inside its namespace;
+	// empty means 127.0.0.1. Devices in namespaces of their own need the
+	// world side of their link, or "0.0.0.0".
+	Listen string
+	// Port is the TCP port; zero means 1194.
 	Port int
 	// Subnet is the server's --server network, such as "10.8.0.0
 	// 255.255.255.0"; empty means that one.
@@ -319,6 +363,9 @@ func StartServer(tb testing.TB, opts ServerOptions) *Server {
 	if opts.Port == 0 {
 		opts.Port = 1194
 	}
+	if opts.Listen == "" {
+		opts.Listen = "127.0.0.1"
+	}
 	if opts.Subnet == "" {
 		opts.Subnet = "10.8.0.0 255.255.255.0"
 	}
@@ -327,7 +374,7 @@ func StartServer(tb testing.TB, opts ServerOptions) *Server {
 	s := &Server{Netns: opts.Netns, PKI: pki, Management: filepath.Join(dir, "mgmt.sock"),
 		StatusFile: filepath.Join(dir, "server-1.status"), Port: opts.Port}
 	conf := []string{
-		"mode server", "tls-server", "topology subnet", "proto tcp4-server", "local 127.0.0.1",
+		"mode server", "tls-server", "topology subnet", "proto tcp4-server", "local " + opts.Listen,
 		fmt.Sprintf("port %d", opts.Port), "dev tun", "server " + opts.Subnet,
 		"ca " + pki.CAFile, "cert " + pki.CertFile, "key " + pki.KeyFile, "dh none",
 		"verify-client-cert none", "username-as-common-name",
@@ -366,6 +413,11 @@ type ClientOptions struct {
 	Username, Password string
 	// CA is the server's CA certificate file.
 	CA string
+	// Tunnel configures the client's tun device and routes, so that the
+	// device is reachable through the tunnel; it needs a namespace of the
+	// client's own (see NewDevice). Without it the client only talks to
+	// the server (--ifconfig-noexec, --route-nopull).
+	Tunnel bool
 	// Extra are more configuration lines.
 	Extra []string
 }
@@ -385,8 +437,11 @@ func StartClient(tb testing.TB, opts ClientOptions) *Process {
 	host, port, _ := strings.Cut(opts.Remote, ":")
 	conf := []string{
 		"client", "dev tun", "proto tcp4-client", "remote " + host + " " + port,
-		"ca " + opts.CA, "auth-user-pass " + cred, "ifconfig-noexec", "route-nopull",
+		"ca " + opts.CA, "auth-user-pass " + cred,
 		"remote-cert-tls server", "connect-retry 1", "auth-retry none", "verb 3",
+	}
+	if !opts.Tunnel {
+		conf = append(conf, "ifconfig-noexec", "route-nopull")
 	}
 	conf = append(conf, opts.Extra...)
 	file := filepath.Join(dir, "client.conf")
