@@ -275,9 +275,15 @@ func (p *Process) Lines() []string {
 // counts) and returns it; it fails when ctx ends or the process exits
 // first.
 func (p *Process) WaitFor(ctx context.Context, substr string) (string, error) {
+	return p.WaitFrom(ctx, 0, substr)
+}
+
+// WaitFrom is WaitFor for the lines from the from-th on (0-indexed, as in
+// Lines), so that a test can wait for something to happen again.
+func (p *Process) WaitFrom(ctx context.Context, from int, substr string) (string, error) {
 	ch := make(chan string, 1)
 	p.mu.Lock()
-	for _, l := range p.lines {
+	for _, l := range p.lines[min(from, len(p.lines)):] {
 		if strings.Contains(l, substr) {
 			p.mu.Unlock()
 			return l, nil
