@@ -34,6 +34,12 @@ func (s *recordedState) Set(uuid string, connected bool) {
 	}
 }
 
+func (s *recordedState) snapshot() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.log...)
+}
+
 func do(h http.Handler, remote, method, path, body string) *httptest.ResponseRecorder {
 	r := httptest.NewRequest(method, path, strings.NewReader(body))
 	r.RemoteAddr = remote

@@ -1,0 +1,228 @@
+package vpn
+
+import (
+	"context"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/obvpn/obvpn/openvpnmgmt"
+)
+
+// Sessions decides, in management mode, who may connect, and keeps track
+// of who is connected, for every instance of a server. Its
+// [Sessions.Handler] is an instance's EventHandler:
+//
+//   - CONNECT and REAUTH are decided asynchronously (many in flight, as
+//     many as Auth allows): allowed devices get client-auth-nt, denied ones
+//     client-deny after DelayOnAuthFail, without holding up others; a
+//     denied REAUTH also gets client-kill, since denying it only drops the
+//     new key. A missing username or password is a denial.
+//   - ESTABLISHED counts a session for its common name, and a device's
+//     first session reports it online; DISCONNECT of an established
+//     session uncounts it, and its last reports it offline.
+//
+// The zero value needs Auth.
+type Sessions struct {
+	// Auth decides. Errors count as denials.
+	Auth DeviceAuthenticator
+
+	// Connections counts the sessions. Nil means a Connections of the
+	// Sessions' own.
+	Connections *Connections
+
+	// State learns the devices that go online and offline. Nil means
+	// nobody.
+	State StateSetter
+
+	// DelayOnAuthFail delays the answer to a denied device.
+	DelayOnAuthFail time.Duration
+
+	// Metrics, if set, counts devices, auth failures, bytes and sessions.
+	Metrics *Metrics
+
+	// Logger receives denials and anomalies. Nil means discard.
+	Logger *slog.Logger
+
+	mu          sync.Mutex
+	established map[sessionKey]established
+	conns       Connections
+	wg          sync.WaitGroup
+}
+
+type sessionKey struct {
+	instance int
+	cid      uint64
+}
+
+type established struct {
+	cn    string
+	since time.Time
+	rx    uint64 // bytes at the last BYTECOUNT_CLI, for the deltas
+	tx    uint64
+}
+
+// Handler returns the event handler of instance id.
+func (s *Sessions) Handler(id int) EventHandler {
+	return func(ctx context.Context, c *openvpnmgmt.Client, ev openvpnmgmt.Event) {
+		switch ev := ev.(type) {
+		case *openvpnmgmt.ClientEvent:
+			switch ev.Kind {
+			case openvpnmgmt.ClientConnect, openvpnmgmt.ClientReauth:
+				s.wg.Add(1)
+				go func() {
+					defer s.wg.Done()
+					s.decide(ctx, c, id, ev)
+				}()
+			case openvpnmgmt.ClientEstablished:
+				s.onEstablished(id, ev)
+			case openvpnmgmt.ClientDisconnect:
+				s.onDisconnect(id, ev)
+			}
+		case *openvpnmgmt.ByteCountClientEvent:
+			s.onByteCount(id, ev)
+		}
+	}
+}
+
+// Wait waits for the decisions in flight.
+func (s *Sessions) Wait() { s.wg.Wait() }
+
+func (s *Sessions) log() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func (s *Sessions) counts() *Connections {
+	if s.Connections != nil {
+		return s.Connections
+	}
+	return &s.conns
+}
+
+// decide answers one CONNECT or REAUTH.
+func (s *Sessions) decide(ctx context.Context, c *openvpnmgmt.Client, id int, ev *openvpnmgmt.ClientEvent) {
+	user, pass := ev.Env.Value("username"), ev.Env.Value("password")
+	ok := false
+	var err error
+	if user != "" && pass != "" && s.Auth != nil {
+		ok, err = s.Auth.Authenticate(ctx, user, pass)
+	}
+	if ok {
+		if err := c.ClientAuthNT(ctx, ev.CID, ev.KID); err != nil {
+			s.log().Warn("client-auth-nt failed", "instance", id, "cid", ev.CID, "err", err)
+		}
+		return
+	}
+	if s.Metrics != nil {
+		s.Metrics.AuthFailures.Inc()
+	}
+	s.log().Info("device denied", "instance", id, "uuid", safeUUID(user), "kind", ev.Kind, "err", err)
+	if s.DelayOnAuthFail > 0 {
+		t := time.NewTimer(s.DelayOnAuthFail)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+	}
+	if err := c.ClientDeny(ctx, ev.CID, ev.KID, "device authentication failed", ""); err != nil {
+		s.log().Warn("client-deny failed", "instance", id, "cid", ev.CID, "err", err)
+	}
+	if ev.Kind == openvpnmgmt.ClientReauth {
+		// A denied REAUTH only drops the new key: end the session.
+		if err := c.ClientKill(ctx, ev.CID, openvpnmgmt.KillDefault); err != nil {
+			s.log().Warn("client-kill after a denied REAUTH failed", "instance", id, "cid", ev.CID, "err", err)
+		}
+	}
+}
+
+func (s *Sessions) onEstablished(id int, ev *openvpnmgmt.ClientEvent) {
+	cn := ev.Env.Value("common_name")
+	if cn == "" {
+		return
+	}
+	s.mu.Lock()
+	if s.established == nil {
+		s.established = make(map[sessionKey]established)
+	}
+	s.established[sessionKey{id, ev.CID}] = established{cn: cn, since: time.Now()}
+	s.mu.Unlock()
+	if s.Metrics != nil {
+		s.Metrics.Devices.Inc()
+	}
+	if s.counts().Connect(cn) == 0 {
+		if s.Metrics != nil {
+			s.Metrics.OnlineDevices.Inc()
+		}
+		if s.State != nil {
+			s.State.Set(cn, true)
+		}
+	}
+}
+
+func (s *Sessions) onByteCount(id int, ev *openvpnmgmt.ByteCountClientEvent) {
+	s.mu.Lock()
+	e, ok := s.established[sessionKey{id, ev.CID}]
+	if ok {
+		s.established[sessionKey{id, ev.CID}] = established{e.cn, e.since, ev.Received, ev.Sent}
+	}
+	s.mu.Unlock()
+	if ok && s.Metrics != nil && ev.Received >= e.rx && ev.Sent >= e.tx {
+		s.Metrics.RxBytes.Add(float64(ev.Received - e.rx))
+		s.Metrics.TxBytes.Add(float64(ev.Sent - e.tx))
+	}
+}
+
+func (s *Sessions) onDisconnect(id int, ev *openvpnmgmt.ClientEvent) {
+	key := sessionKey{id, ev.CID}
+	s.mu.Lock()
+	e, ok := s.established[key]
+	delete(s.established, key)
+	s.mu.Unlock()
+	if !ok {
+		return // a client that never got through: nothing was counted
+	}
+	if s.Metrics != nil {
+		rx, _ := strconv.ParseUint(ev.Env.Value("bytes_received"), 10, 64)
+		tx, _ := strconv.ParseUint(ev.Env.Value("bytes_sent"), 10, 64)
+		if rx >= e.rx && tx >= e.tx {
+			s.Metrics.RxBytes.Add(float64(rx - e.rx))
+			s.Metrics.TxBytes.Add(float64(tx - e.tx))
+		}
+		secs, err := strconv.ParseInt(ev.Env.Value("time_duration"), 10, 64)
+		d := time.Duration(secs) * time.Second
+		if err != nil {
+			d = time.Since(e.since)
+		}
+		s.Metrics.SessionEnded(d, rx, tx)
+	}
+	if s.counts().Disconnect(e.cn) == 1 {
+		if s.Metrics != nil {
+			s.Metrics.OnlineDevices.Dec()
+		}
+		if s.State != nil {
+			s.State.Set(e.cn, false)
+		}
+	}
+}
+
+// Forget drops the sessions of instance id, as when its openvpn died: they
+// are gone with it. Their devices are disconnected as by DISCONNECT.
+func (s *Sessions) Forget(id int) {
+	s.mu.Lock()
+	var gone []uint64
+	for k := range s.established {
+		if k.instance == id {
+			gone = append(gone, k.cid)
+		}
+	}
+	s.mu.Unlock()
+	for _, cid := range gone {
+		s.onDisconnect(id, &openvpnmgmt.ClientEvent{Kind: openvpnmgmt.ClientDisconnect, CID: cid})
+	}
+}
