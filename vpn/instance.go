@@ -148,16 +148,25 @@ func (i *Instance) writeFiles(in subnet.Instance) error {
 	return nil
 }
 
-// writeFile0600 replaces name atomically with a file of mode 0600.
+// writeFile0600 replaces name atomically with a file of mode 0600. The
+// instances of a server write the shared certificate files at the same
+// time: each through a temporary file of its own.
 func writeFile0600(name string, data []byte) error {
-	tmp := name + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+	f, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+".*")
+	if err != nil {
 		return err
 	}
-	if err := os.Chmod(tmp, 0o600); err != nil { // an older tmp file may have had another mode
-		return err
+	_, err = f.Write(data)
+	if cerr := f.Close(); err == nil {
+		err = cerr
 	}
-	return os.Rename(tmp, name)
+	if err == nil {
+		err = os.Rename(f.Name(), name) // CreateTemp makes it 0600
+	}
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
 }
 
 // runOnce runs openvpn once, with its management sessions, until it exits

@@ -1,0 +1,243 @@
+package vpn
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os/exec"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/obvpn/obvpn/vpn/balena"
+)
+
+// BalenaAPI is everything the server asks of the balena API;
+// *balena.Client implements it.
+type BalenaAPI interface {
+	AuthAPI
+	StateAPI
+	ServiceAPI
+}
+
+// Server is the VPN server: the OpenVPN instances of the plan, device
+// authentication, state reporting, the service instance's registration,
+// the internal API and the metrics. Configure its fields, then call Run;
+// the zero value of each optional field is documented.
+type Server struct {
+	// Config is the configuration, as LoadConfig returns it.
+	Config *Config
+
+	// API is the balena API. Nil means a balena.Client for Config.Balena.
+	API BalenaAPI
+
+	// Hooks name the script-mode executables (Config.Auth.Mode ==
+	// AuthScript). The APIURL of each instance is filled in by the
+	// server.
+	Hooks ScriptHooks
+
+	// Command, Dial and Listen are how the server starts openvpn, reaches
+	// a management port and listens (internal API, metrics). Nil means
+	// exec.CommandContext, a net.Dialer and net.Listen; tests put them in
+	// a network namespace.
+	Command func(ctx context.Context, name string, args ...string) *exec.Cmd
+	Dial    func(ctx context.Context, network, addr string) (net.Conn, error)
+	Listen  func(network, addr string) (net.Listener, error)
+
+	// Registry receives the metrics. Nil means a registry of the server's
+	// own.
+	Registry *prometheus.Registry
+
+	// Logger receives the server's logs. Nil means discard.
+	Logger *slog.Logger
+
+	once    sync.Once
+	ready   chan struct{}
+	service *Service
+}
+
+func (s *Server) init() {
+	s.once.Do(func() { s.ready = make(chan struct{}) })
+}
+
+// Ready returns a channel that is closed once every instance has
+// released its hold and takes clients.
+func (s *Server) Ready() <-chan struct{} {
+	s.init()
+	return s.ready
+}
+
+// ServiceID returns the registered service instance id, or 0.
+func (s *Server) ServiceID() int64 {
+	if s.service == nil {
+		return 0
+	}
+	return s.service.ID()
+}
+
+func (s *Server) log() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// Run runs the server until ctx ends, then stops the instances, reports
+// their devices offline (within the drain timeout) and returns nil; or it
+// returns the error that stopped it.
+func (s *Server) Run(ctx context.Context) error {
+	s.init()
+	cfg := s.Config
+	n, err := cfg.Plan.Len()
+	if err != nil {
+		return fmt.Errorf("vpn: %w", err)
+	}
+	api := s.API
+	if api == nil {
+		api = &balena.Client{BaseURL: cfg.Balena.BaseURL(), ServiceKey: cfg.Balena.ServiceAPIKey,
+			GuestKey: cfg.Balena.GuestAPIKey, Logger: s.Logger}
+	}
+	reg := s.Registry
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	metrics, err := NewMetrics(reg)
+	if err != nil {
+		return fmt.Errorf("vpn: metrics: %w", err)
+	}
+	var addr netip.Addr
+	if cfg.Balena.RegisterInterface != "" {
+		if addr, err = InterfaceIPv4(cfg.Balena.RegisterInterface); err != nil {
+			s.log().Warn("no address to register", "interface", cfg.Balena.RegisterInterface, "err", err)
+		}
+	}
+	auth := &Authenticator{API: api, CacheTimeout: cfg.Auth.CacheTimeout, MaxInFlight: cfg.Auth.MaxWorkers, Logger: s.Logger}
+	conns := &Connections{}
+	s.service = &Service{API: api, Addr: addr, Logger: s.Logger}
+	reporter := &Reporter{API: api, ServiceID: s.service.ID, BatchSize: cfg.Balena.StateBatchSize, Logger: s.Logger}
+	sessions := &Sessions{Auth: auth, Connections: conns, State: reporter, DelayOnAuthFail: cfg.Auth.DelayOnFail,
+		Metrics: metrics, Logger: s.Logger}
+	internal := &InternalAPI{Auth: auth, Connections: conns, State: reporter, Instances: n,
+		DelayOnAuthFail: cfg.Auth.DelayOnFail, TrustProxy: cfg.TrustProxy, Logger: s.Logger}
+
+	listen := s.Listen
+	if listen == nil {
+		listen = net.Listen
+	}
+	var servers []*http.Server
+	var serving sync.WaitGroup
+	serve := func(addr string, h http.Handler) error {
+		l, err := listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("vpn: %w", err)
+		}
+		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+		servers = append(servers, srv)
+		serving.Add(1)
+		go func() {
+			defer serving.Done()
+			_ = srv.Serve(l) // ends with Shutdown below
+		}()
+		return nil
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		for _, srv := range servers {
+			_ = srv.Shutdown(sctx)
+		}
+		serving.Wait()
+	}()
+	apiURLs := make(map[int]string)
+	if cfg.Plan.Ports.SharedAPI {
+		if err := serve(":"+strconv.Itoa(cfg.Plan.Ports.API), internal); err != nil {
+			return err
+		}
+	}
+	for id := 1; id <= n; id++ {
+		in, _ := cfg.Plan.Instance(id)
+		if !cfg.Plan.Ports.SharedAPI {
+			if err := serve(":"+strconv.Itoa(in.APIPort), internal); err != nil {
+				return err
+			}
+		}
+		apiURLs[id] = "http://127.0.0.1:" + strconv.Itoa(in.APIPort)
+	}
+	if cfg.Metrics.Addr != "" {
+		if err := serve(cfg.Metrics.Addr, MetricsHandler(reg, cfg.Metrics.Timeout)); err != nil {
+			return err
+		}
+	}
+
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	fatal := make(chan error, n+2)
+	wg.Add(2)
+	go func() { defer wg.Done(); _ = s.service.Run(runCtx) }()
+	go func() { defer wg.Done(); _ = reporter.Run(runCtx) }()
+	var readyMu sync.Mutex
+	readySet := map[int]bool{}
+	for id := 1; id <= n; id++ {
+		hooks := s.Hooks
+		hooks.APIURL = apiURLs[id]
+		inst := &Instance{Config: cfg, ID: id, Hooks: hooks, Handler: sessions.Handler(id),
+			Command: s.Command, Dial: s.Dial, Logger: s.Logger,
+			OnReady: func(id int) {
+				readyMu.Lock()
+				defer readyMu.Unlock()
+				if !readySet[id] {
+					readySet[id] = true
+					if len(readySet) == n {
+						close(s.ready)
+					}
+				}
+			},
+			OnDown: sessions.Forget,
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := inst.Run(runCtx); err != nil && runCtx.Err() == nil {
+				fatal <- err
+			}
+		}()
+	}
+	s.log().Info("VPN server running", "instances", n, "plan", cfg.Plan.String())
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-fatal:
+		s.log().Error("VPN server stopping", "err", runErr)
+	}
+	cancel()
+	wg.Wait()
+	sessions.Wait()
+	auth.Wait()
+	// The instances are gone, and their clients with them.
+	for id := 1; id <= n; id++ {
+		sessions.Forget(id)
+	}
+	if s.service.ID() != 0 {
+		timeout := cfg.Drain.Timeout
+		if timeout <= 0 {
+			timeout = 120 * time.Second
+		}
+		fctx, fcancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
+		defer fcancel()
+		if err := reporter.Flush(fctx); err != nil {
+			s.log().Error("could not report every device offline", "err", err, "pending", reporter.Pending())
+		}
+	}
+	if runErr != nil && !errors.Is(runErr, context.Canceled) {
+		return runErr
+	}
+	return nil
+}

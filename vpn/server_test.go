@@ -1,0 +1,131 @@
+package vpn_test
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/vpntest"
+)
+
+// TestServer runs the whole server with two real instances in a world
+// namespace against balenatest: a device with the right key connects and
+// is reported online with the registered service id, one with a wrong key
+// is refused, the internal API answers, and a stop reports the device
+// offline.
+func TestServer(t *testing.T) {
+	vpntest.Require(t, "openvpn", "ip")
+	world := vpntest.NewNetns(t, "world")
+	pki := vpntest.NewPKI(t)
+	api := balenatest.NewServer(t)
+	good := api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "good-key"})
+	api.AddDevice(balenatest.Device{UUID: "fedcba9876543210fedcba9876543210", Key: "other-key"})
+	cfg, err := vpn.Loader{Env: map[string]string{
+		"VPN_BASE_SUBNET":             "10.240.0.0/16",
+		"VPN_INSTANCE_SUBNET_BITMASK": "24",
+		"VPN_INSTANCE_COUNT":          "2",
+		"VPN_RUN_DIR":                 t.TempDir(),
+		"BALENA_API_INTERNAL_HOST":    strings.TrimPrefix(api.URL, "http://"),
+		"VPN_SERVICE_API_KEY":         api.ServiceKey,
+		"VPN_OPENVPN_CA_CRT":          string(pki.CACert),
+		"VPN_OPENVPN_SERVER_CRT":      string(pki.ServerCert),
+		"VPN_OPENVPN_SERVER_KEY":      string(pki.ServerKey),
+		"VPN_API_PORT":                "8081",
+		"VPN_METRICS_ADDR":            "127.0.0.1:8080",
+		"DELAY_ON_AUTH_FAIL":          "0",
+		"DEFAULT_SIGTERM_TIMEOUT":     "10",
+	}}.Config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &vpn.Server{
+		Config: cfg,
+		API:    api.Client(),
+		Command: func(ctx context.Context, name string, args ...string) *exec.Cmd {
+			return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", world.Name, name}, args...)...)
+		},
+		Dial:   world.Dial,
+		Listen: world.Listen,
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	var runErr error
+	go func() { runErr = srv.Run(ctx); close(done) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Error("Run did not return")
+		}
+	})
+	select {
+	case <-srv.Ready():
+	case <-done:
+		t.Fatalf("Run: %v", runErr)
+	case <-time.After(30 * time.Second):
+		t.Fatal("not ready within 30 s")
+	}
+
+	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
+	defer wcancel()
+	ok := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:10001", CA: pki.CAFile,
+		Username: good.UUID, Password: good.Key})
+	bad := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:10002", CA: pki.CAFile,
+		Username: "fedcba9876543210fedcba9876543210", Password: "stolen-key"})
+	if _, err := ok.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bad.WaitFor(wctx, "AUTH_FAILED"); err != nil {
+		t.Fatal(err)
+	}
+	// Online in the API, managed by the registered instance.
+	waitUntil(t, wctx, func() bool {
+		d, _ := api.Device(good.UUID)
+		return d.ConnectedToVPN && d.ServiceInstance != 0 && d.ServiceInstance == srv.ServiceID()
+	})
+
+	// The internal API and the metrics, from inside the world.
+	hc := &http.Client{Transport: &http.Transport{DialContext: world.Dial}}
+	for url, want := range map[string]string{
+		"http://127.0.0.1:8081/ping":            "OK",
+		"http://127.0.0.1:8080/cluster_metrics": "vpn_online_devices 1",
+	} {
+		resp, err := hc.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(b), want) {
+			t.Errorf("%s: %q lacks %q", url, b, want)
+		}
+	}
+
+	// A stop reports the device offline.
+	cancel()
+	<-done
+	if runErr != nil {
+		t.Fatalf("Run = %v", runErr)
+	}
+	if d, _ := api.Device(good.UUID); d.ConnectedToVPN {
+		t.Error("the device is still online in the API after the stop")
+	}
+}
+
+func waitUntil(t *testing.T, ctx context.Context, cond func() bool) {
+	t.Helper()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			t.Fatal("condition not met in time")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
