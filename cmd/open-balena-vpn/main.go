@@ -1,0 +1,101 @@
+// Command open-balena-vpn is the VPN server of an openBalena deployment:
+// the OpenVPN instances of the configured plan, device authentication
+// against the balena API, state reporting, the service instance's
+// registration, the internal API and the metrics. It is configured by the
+// environment (see the README's table, or vpn.LoadConfig).
+//
+// SIGTERM or SIGINT stops it: the instances end, their devices are
+// reported offline, and it exits 0; a second signal exits at once with
+// status 1. SIGUSR2 toggles verbose logs. A configuration error is one
+// line on standard error and exit status 2.
+//
+// In script mode (VPN_AUTH_MODE=script) OpenVPN runs vpn-auth and
+// vpn-client-event, looked for beside this executable, then in PATH.
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/lmittmann/tint"
+
+	"github.com/obvpn/obvpn/vpn"
+)
+
+func main() {
+	os.Exit(run())
+}
+
+func run() int {
+	cfg, err := vpn.LoadConfig()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "open-balena-vpn: %v\n", err)
+		return 2
+	}
+	level := new(slog.LevelVar)
+	if cfg.Verbose {
+		level.Set(slog.LevelDebug)
+	}
+	log := slog.New(tint.NewHandler(os.Stderr, &tint.Options{Level: level, TimeFormat: time.DateTime}))
+
+	srv := &vpn.Server{Config: cfg, Logger: log}
+	if cfg.Auth.Mode == vpn.AuthScript {
+		srv.Hooks.Auth, srv.Hooks.ClientEvent = hook("vpn-auth"), hook("vpn-client-event")
+		if srv.Hooks.Auth == "" || srv.Hooks.ClientEvent == "" {
+			fmt.Fprintln(os.Stderr, "open-balena-vpn: VPN_AUTH_MODE=\"script\": vpn-auth and vpn-client-event are needed beside this executable or in PATH")
+			return 2
+		}
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR2)
+	go func() {
+		stopping := false
+		for sig := range sigs {
+			switch {
+			case sig == syscall.SIGUSR2:
+				if level.Level() == slog.LevelDebug {
+					level.Set(slog.LevelInfo)
+				} else {
+					level.Set(slog.LevelDebug)
+				}
+				log.Info("verbose logs toggled", "level", level.Level())
+			case stopping:
+				log.Error("second signal: exiting at once", "signal", sig)
+				os.Exit(1)
+			default:
+				stopping = true
+				log.Info("stopping", "signal", sig)
+				cancel()
+			}
+		}
+	}()
+	log.Info("open-balena-vpn starting", "config", cfg)
+	if err := srv.Run(ctx); err != nil {
+		log.Error("open-balena-vpn failed", "err", err)
+		return 1
+	}
+	log.Info("open-balena-vpn stopped")
+	return 0
+}
+
+// hook finds a script-mode executable beside this one, else in PATH.
+func hook(name string) string {
+	if self, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(self), name)
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+			return p
+		}
+	}
+	p, _ := exec.LookPath(name)
+	return p
+}

@@ -1,0 +1,156 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/base64"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/vpntest"
+)
+
+func TestConfigErrorExit2(t *testing.T) {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("go not found")
+	}
+	bin := filepath.Join(t.TempDir(), "open-balena-vpn")
+	if out, err := exec.Command(goBin, "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	cmd := exec.Command(bin)
+	cmd.Env = []string{"PATH=/usr/bin:/bin", "VPN_BASE_SUBNET=10.240.1.0/12"}
+	out, err := cmd.CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 {
+		t.Fatalf("exit: %v", err)
+	}
+	want := "open-balena-vpn: VPN_BASE_SUBNET=\"10.240.1.0/12\": base prefix 10.240.1.0/12: host bits set (did you mean 10.240.0.0/12?)\n"
+	if string(out) != want {
+		t.Errorf("output %q, want %q", out, want)
+	}
+}
+
+// TestEndToEnd runs the built command in a world namespace, with the
+// balena API (balenatest) served inside it, in both authentication modes:
+// a device with its key connects and is reported online, SIGTERM stops the
+// server with status 0 and the device is reported offline.
+func TestEndToEnd(t *testing.T) {
+	goBin := vpntest.Require(t, "openvpn", "ip", "go")[2]
+	dir := t.TempDir()
+	for _, c := range []string{"open-balena-vpn", "vpn-auth", "vpn-client-event"} {
+		if out, err := exec.Command(goBin, "build", "-o", filepath.Join(dir, c), "../"+c).CombinedOutput(); err != nil {
+			t.Fatalf("building %s: %v\n%s", c, err, out)
+		}
+	}
+	for _, mode := range []string{"management", "script"} {
+		t.Run(mode, func(t *testing.T) { endToEnd(t, dir, mode) })
+	}
+}
+
+func endToEnd(t *testing.T, bin, mode string) {
+	world := vpntest.NewNetns(t, "world")
+	pki := vpntest.NewPKI(t)
+	api := balenatest.New()
+	dev := api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "device-key"})
+	l, err := world.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: api}
+	go hs.Serve(l)
+	t.Cleanup(func() { hs.Close() })
+
+	b64 := base64.StdEncoding.EncodeToString
+	cmd := exec.Command("ip", "netns", "exec", world.Name, filepath.Join(bin, "open-balena-vpn"))
+	cmd.Env = []string{
+		"PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+		"VPN_BASE_SUBNET=10.240.0.0/16", "VPN_INSTANCE_SUBNET_BITMASK=24", "VPN_INSTANCE_COUNT=2",
+		"VPN_RUN_DIR=" + t.TempDir(),
+		"BALENA_API_INTERNAL_HOST=" + l.Addr().String(), "VPN_SERVICE_API_KEY=" + api.ServiceKey,
+		"VPN_OPENVPN_CA_CRT=" + b64(pki.CACert), "VPN_OPENVPN_SERVER_CRT=" + b64(pki.ServerCert),
+		"VPN_OPENVPN_SERVER_KEY=" + b64(pki.ServerKey),
+		"VPN_API_BASE_PORT=30000", "VPN_METRICS_ADDR=127.0.0.1:8080", "VPN_AUTH_MODE=" + mode,
+		"DELAY_ON_AUTH_FAIL=0", "DEFAULT_SIGTERM_TIMEOUT=10", "VPN_HAPROXY=off",
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var logs []string
+	exited := make(chan error, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			mu.Lock()
+			logs = append(logs, sc.Text())
+			mu.Unlock()
+		}
+		exited <- cmd.Wait()
+	}()
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-exited
+		}
+		if t.Failed() {
+			mu.Lock()
+			t.Logf("server log:\n%s", strings.Join(logs, "\n"))
+			mu.Unlock()
+		}
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	client := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:10002", CA: pki.CAFile,
+		Username: dev.UUID, Password: dev.Key})
+	if _, err := client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if d, _ := api.Device(dev.UUID); d.ConnectedToVPN && d.ServiceInstance != 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("the device was not reported online")
+		case err := <-exited:
+			t.Fatalf("the server exited: %v", err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	bad := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:10001", CA: pki.CAFile,
+		Username: dev.UUID, Password: "stolen"})
+	if _, err := bad.WaitFor(ctx, "AUTH_FAILED"); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := syscall.Kill(cmd.Process.Pid, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-exited:
+		stopped = true
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("no exit after SIGTERM")
+	}
+	if d, _ := api.Device(dev.UUID); d.ConnectedToVPN {
+		t.Error("the device is still online in the API after the stop")
+	}
+}
