@@ -1,0 +1,28 @@
+// Package connectproxy is the HTTP CONNECT proxy through which operators
+// and services (balena-proxy, SSH, web terminals) reach ports on devices
+// connected to an openBalena VPN: "CONNECT <uuid>.balena:<port>".
+//
+// [Handler] is an http.Handler that follows the reference system step by
+// step: it parses the target ([ParseTarget]), asks the balena API whether
+// the caller's key may reach that port and whether the device is online
+// (the small interfaces [Authorizer], [OnlineChecker] and [Locator], which
+// *balena.Client implements), finds the device among the clients of this
+// VPN server ([Resolver], which *nss.Resolver implements), and otherwise
+// forwards the request to the VPN server that holds it, with the caller's
+// credentials and a Forwarded header that stops loops. It fixes the
+// reference system's defects: forwarded credentials are sent as
+// "Basic base64(balena:<key>)", the Forwarded header is sent, bytes that
+// arrive with a peer's 200 are kept, and API failures are answered 500
+// and never cached as denials.
+//
+// [Server] serves a Handler with what a hijacking proxy needs (request
+// head limits, graceful Shutdown that waits for tunnels). Tunnels copy
+// with io.Copy between the raw connections, so that Linux splices between
+// TCP sockets; half-closes are passed on. [NewMetrics] makes the
+// Prometheus collectors of SPEC §9.
+//
+// The package is not a general-purpose forward proxy: it only reaches
+// devices by UUID, it does not speak HTTP/2 or TLS itself (serve it behind
+// TLS with an http.Server if needed, at the cost of splicing), and it does
+// not authenticate callers itself: the Authorizer does.
+package connectproxy

@@ -1,0 +1,150 @@
+package connectproxy
+
+import (
+	"bufio"
+	"context"
+	"encoding/base64"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/textproto"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// signature returns this server's mark in the Forwarded header.
+func (h *Handler) signature() string {
+	return "By=open-balena-vpn(" + strconv.FormatInt(h.ServiceID, 10) + ")"
+}
+
+// forwardedBy reports whether the Forwarded header values hold the
+// signature of the service instance id: a "by" parameter (in any case,
+// quoted or not) whose value is "open-balena-vpn(<id>)".
+func forwardedBy(values []string, id int64) bool {
+	want := "open-balena-vpn(" + strconv.FormatInt(id, 10) + ")"
+	for _, v := range values {
+		for elem := range strings.SplitSeq(v, ",") {
+			for pair := range strings.SplitSeq(elem, ";") {
+				name, val, ok := strings.Cut(strings.TrimSpace(pair), "=")
+				if !ok || !strings.EqualFold(strings.TrimSpace(name), "by") {
+					continue
+				}
+				val = strings.TrimSpace(val)
+				if len(val) >= 2 && val[0] == '"' && val[len(val)-1] == '"' {
+					val = val[1 : len(val)-1]
+				}
+				if val == want {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+// forward asks the proxy of the VPN server at addr, service instance sid,
+// for a tunnel to t, and returns the connection and the bytes that came
+// with the peer's 200.
+func (h *Handler) forward(ctx context.Context, r *http.Request, t Target, key string, sid int64, addr netip.Addr, log *slog.Logger) (net.Conn, []byte, error) {
+	fwd := r.Header.Values("Forwarded")
+	if forwardedBy(fwd, h.ServiceID) {
+		return nil, nil, ErrLoop
+	}
+	port := h.ForwardPort
+	if port == 0 {
+		if la, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
+			if ta, ok := la.(*net.TCPAddr); ok {
+				port = ta.Port
+			}
+		}
+	}
+	if port == 0 {
+		return nil, nil, fmt.Errorf("forwarding to service instance %d: no forward port", sid)
+	}
+	peer := netip.AddrPortFrom(addr, uint16(port)).String()
+	conn, err := h.dial(ctx, peer)
+	if err != nil {
+		return nil, nil, fmt.Errorf("forwarding to service instance %d at %s: %w", sid, peer, err)
+	}
+	log.Info("connectproxy: forwarding", "service_instance", sid, "peer", peer)
+
+	var b strings.Builder
+	target := t.UUID + ".balena:" + strconv.Itoa(int(t.Port))
+	b.WriteString("CONNECT " + target + " HTTP/1.0\r\nHost: " + target + "\r\n")
+	if key != "" {
+		b.WriteString("Proxy-Authorization: Basic " + base64.StdEncoding.EncodeToString([]byte("balena:"+key)) + "\r\n")
+	}
+	b.WriteString("Forwarded: ")
+	for _, v := range fwd {
+		b.WriteString(v + ", ")
+	}
+	b.WriteString(h.signature() + "\r\n\r\n")
+
+	early, err := handshake(ctx, conn, b.String())
+	if err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("forwarding to service instance %d at %s: %w", sid, peer, err)
+	}
+	return conn, early, nil
+}
+
+// handshake sends a CONNECT request on conn and reads the answer's head.
+// It returns the bytes that arrived after the head.
+func handshake(ctx context.Context, conn net.Conn, req string) ([]byte, error) {
+	deadline := time.Now().Add(handshakeTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	_ = conn.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	defer func() {
+		stop()
+		_ = conn.SetDeadline(time.Time{})
+	}()
+
+	if _, err := io.WriteString(conn, req); err != nil {
+		return nil, err
+	}
+	br := bufio.NewReaderSize(&io.LimitedReader{R: conn, N: maxPeerHead}, 4096)
+	tp := textproto.NewReader(br)
+	line, err := tp.ReadLine()
+	if err != nil {
+		return nil, fmt.Errorf("%w: reading its answer: %w", ErrPeer, ctxErr(ctx, err))
+	}
+	proto, rest, _ := strings.Cut(line, " ")
+	code, _, _ := strings.Cut(rest, " ")
+	if !strings.HasPrefix(proto, "HTTP/1.") || code != "200" {
+		return nil, fmt.Errorf("%w: %q", ErrPeer, truncate(line, 100))
+	}
+	if _, err := tp.ReadMIMEHeader(); err != nil {
+		return nil, fmt.Errorf("%w: reading its answer: %w", ErrPeer, ctxErr(ctx, err))
+	}
+	if n := br.Buffered(); n > 0 {
+		b, _ := br.Peek(n)
+		return append([]byte(nil), b...), nil
+	}
+	return nil, nil
+}
+
+// ctxErr returns the context's error if the context ended (or its
+// deadline passed: the connection's deadline may fire first), else err.
+func ctxErr(ctx context.Context, err error) error {
+	if e := ctx.Err(); e != nil {
+		return e
+	}
+	if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
+		return context.DeadlineExceeded
+	}
+	return err
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
+}

@@ -1,0 +1,479 @@
+package connectproxy
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Authorizer decides whether a caller may open a tunnel to a port on a
+// device: the balena API's canAccess. *balena.Client implements it.
+//
+// CanAccess returns the device's id and true when the caller with key may
+// reach port on the device uuid, false when it may not. An error means
+// that the question could not be answered (the request is then answered
+// 500, and nothing is cached). key is the caller's key, or "" for a caller
+// that sent none.
+type Authorizer interface {
+	CanAccess(ctx context.Context, uuid string, port uint16, key string) (deviceID int64, ok bool, err error)
+}
+
+// AuthorizerFunc is a function that is an [Authorizer].
+type AuthorizerFunc func(ctx context.Context, uuid string, port uint16, key string) (deviceID int64, ok bool, err error)
+
+// CanAccess returns f(ctx, uuid, port, key).
+func (f AuthorizerFunc) CanAccess(ctx context.Context, uuid string, port uint16, key string) (int64, bool, error) {
+	return f(ctx, uuid, port, key)
+}
+
+// AllowAll is an [Authorizer] that lets every caller through, with device
+// id 0. Use it only where the proxy's listener is reachable by trusted
+// callers alone.
+var AllowAll Authorizer = AuthorizerFunc(func(context.Context, string, uint16, string) (int64, bool, error) {
+	return 0, true, nil
+})
+
+// OnlineChecker says whether a device is connected to the VPN, as the
+// balena API knows it. *balena.Client implements it.
+type OnlineChecker interface {
+	DeviceOnline(ctx context.Context, deviceID int64) (bool, error)
+}
+
+// Locator finds the VPN server that holds a device, for devices that are
+// not connected to this one. *balena.Client implements it.
+//
+// LocateDevice returns the id and address of the VPN service instance that
+// holds the device uuid, asking with the caller's key ("" for none). A zero
+// serviceID with known true means that no instance holds it; known false
+// means that the API cannot tell (it refused the key). An instance without
+// an address has the zero addr.
+type Locator interface {
+	LocateDevice(ctx context.Context, uuid, key string) (serviceID int64, addr netip.Addr, known bool, err error)
+}
+
+// Resolver finds the devices connected to this VPN server: Lookup returns
+// the VPN address of the device named name, "<uuid>.vpn", or an error when
+// the device is not connected here. *nss.Resolver implements it.
+type Resolver interface {
+	Lookup(name string) (netip.Addr, error)
+}
+
+// ResolverFunc is a function that is a [Resolver].
+type ResolverFunc func(name string) (netip.Addr, error)
+
+// Lookup returns f(name).
+func (f ResolverFunc) Lookup(name string) (netip.Addr, error) { return f(name) }
+
+// Handler is an http.Handler that serves CONNECT requests for ports on
+// devices, "CONNECT <uuid>.balena:<port>", as openBalena's connect proxy
+// does:
+//
+//  1. The target must be "<uuid>.balena", ".resin" (deprecated, logged)
+//     or ".vpn", with an optional port (80 by default): 400 without a
+//     target, 403 for another one.
+//  2. The caller's key is the password of a Basic Proxy-Authorization
+//     header (the user name is ignored); without one, the key is "".
+//  3. The Authorizer must allow (uuid, port, key), else 407. Its answers
+//     are cached for 5 s per (uuid, port, key); errors are never cached
+//     and are answered 500.
+//  4. The OnlineChecker must say that the device is online, else 503.
+//  5. If the Resolver finds the device here, the proxy dials its VPN
+//     address and port, answers 200 and relays bytes both ways.
+//  6. Otherwise the Locator names the VPN server that holds it, and the
+//     request is forwarded to that server's proxy (ForwardPort) with the
+//     caller's credentials and a Forwarded header that carries this
+//     server's signature; a request that already carries it is a loop
+//     (500). When the API cannot tell, or names this server, the proxy
+//     waits RetryDelay (the status files may be behind) and looks here
+//     once more. A device found nowhere, a peer that refuses, a device
+//     that cannot be dialled and an API failure are answered 500.
+//
+// Answers are HTTP/1.0 status lines without a body, after which the
+// connection is closed; a request with another method goes to Next, or is
+// answered 405. Bytes that the caller sent after its request head, and
+// bytes that a peer sent after its 200, are relayed first; half-closes are
+// passed on (CloseWrite); nothing else is added to the byte stream.
+//
+// ServeHTTP returns once a tunnel is established: the tunnel runs on two
+// goroutines that the Handler owns, one per direction, copying with
+// io.Copy between the connections as they are, so that Linux splices
+// between TCP sockets without user-space buffers. [Handler.Shutdown] ends
+// them. Serve the Handler with a [Server], or with an http.Server whose
+// listener yields *net.TCPConn (wrapped connections are copied through
+// buffers) and whose ReadHeaderTimeout and MaxHeaderBytes are set.
+//
+// The zero Handler answers every CONNECT 407: set an Authorizer. Its
+// fields must not change once it serves.
+type Handler struct {
+	// Authorizer decides who may reach what. Nil denies every request
+	// (407); see [AllowAll].
+	Authorizer Authorizer
+
+	// Online says whether a device is connected to the VPN. Nil skips the
+	// check.
+	Online OnlineChecker
+
+	// Locator finds the VPN server that holds a device. Nil means that
+	// devices are only looked for here (a single-server deployment).
+	Locator Locator
+
+	// Resolver finds the devices connected to this server. Nil means the
+	// system resolver, asked for "<uuid>.vpn" (it reaches the openvpn NSS
+	// module only in cgo builds); nss.Resolver reads the status files
+	// itself.
+	Resolver Resolver
+
+	// DialContext dials devices and peer VPN servers. Nil means a
+	// net.Dialer with a 30 s timeout.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	// ServiceID is this VPN server's service instance id: a device that
+	// the API says this instance holds is looked for here once more rather
+	// than forwarded, and the Forwarded signature is
+	// "By=open-balena-vpn(<ServiceID>)". Zero means unknown; servers that
+	// forward to each other need distinct ids.
+	ServiceID int64
+
+	// ForwardPort is the port of the peer servers' proxies. Zero means the
+	// port the request arrived on.
+	ForwardPort int
+
+	// RetryDelay is how long to wait before looking for a device here once
+	// more (VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS). Zero means 10 s;
+	// negative means no wait.
+	RetryDelay time.Duration
+
+	// IdleTimeout closes a tunnel in which no byte moved either way for
+	// that long. It is measured by the kernel (TCP_INFO, Linux only), so
+	// it costs nothing on the byte path; elsewhere, or on connections that
+	// are not TCP, it is not enforced. Zero means no limit.
+	IdleTimeout time.Duration
+
+	// MaxTunnels bounds the tunnels open at once, those being set up
+	// included; more are answered 503. Zero means no bound.
+	MaxTunnels int
+
+	// Metrics, if not nil, counts the tunnels.
+	Metrics *Metrics
+
+	// ErrorHandler, if not nil, answers refused and failed requests
+	// instead of the default HTTP/1.0 status line. err is a
+	// [*StatusError] with the status code the default would send.
+	ErrorHandler func(w http.ResponseWriter, r *http.Request, err error)
+
+	// Logger receives one line per refused request and per tunnel. Nil
+	// means discard. Keys are never logged.
+	Logger *slog.Logger
+
+	// Next serves requests that are not CONNECT. Nil answers them 405.
+	Next http.Handler
+
+	now    func() time.Time // nil: time.Now; tests set it
+	joined func()           // called when a caller waits for a question in flight; tests set it
+	access accessCache
+
+	mu      sync.Mutex
+	n       int // tunnels open or being set up
+	tunnels map[*tunnel]struct{}
+	closed  bool          // no new tunnels
+	killed  bool          // close tunnels as they register
+	drained chan struct{} // closed when n drops to 0 after closed
+}
+
+const (
+	accessTTL        = 5 * time.Second
+	defaultRetry     = 10 * time.Second
+	dialTimeout      = 30 * time.Second
+	handshakeTimeout = 30 * time.Second
+	maxPeerHead      = 64 << 10
+	lingerTimeout    = time.Second
+)
+
+var discard = slog.New(slog.DiscardHandler)
+
+func (h *Handler) logger() *slog.Logger {
+	if h.Logger != nil {
+		return h.Logger
+	}
+	return discard
+}
+
+func (h *Handler) clock() time.Time {
+	if h.now != nil {
+		return h.now()
+	}
+	return time.Now()
+}
+
+// ServeHTTP serves a CONNECT request, or passes another to Next.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodConnect {
+		if h.Next != nil {
+			h.Next.ServeHTTP(w, r)
+			return
+		}
+		w.Header().Set("Allow", http.MethodConnect)
+		http.Error(w, "this is a CONNECT proxy", http.StatusMethodNotAllowed)
+		return
+	}
+	raw := r.RequestURI
+	if raw == "" {
+		raw = r.Host
+	}
+	if raw == "" {
+		h.fail(w, r, nil, http.StatusBadRequest, ErrNoTarget)
+		return
+	}
+	t, err := ParseTarget(raw)
+	if err != nil {
+		h.fail(w, r, nil, http.StatusForbidden, err)
+		return
+	}
+	log := h.logger().With("uuid", t.UUID, "port", t.Port)
+	if t.TLD == "resin" {
+		log.Warn("connectproxy: the .resin TLD is deprecated, use .balena", "target", raw)
+	}
+	ctx := r.Context()
+	key := proxyKey(r.Header)
+
+	deviceID, ok, err := h.canAccess(ctx, t, key)
+	if err != nil {
+		h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("asking the API for access: %w", err))
+		return
+	}
+	if !ok {
+		h.fail(w, r, log, http.StatusProxyAuthRequired, ErrDenied)
+		return
+	}
+	if h.Online != nil {
+		online, err := h.Online.DeviceOnline(ctx, deviceID)
+		if err != nil {
+			h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("asking the API whether the device is online: %w", err))
+			return
+		}
+		if !online {
+			h.fail(w, r, log, http.StatusServiceUnavailable, ErrOffline)
+			return
+		}
+	}
+
+	if !h.reserve() {
+		h.fail(w, r, log, http.StatusServiceUnavailable, ErrUnavailable)
+		return
+	}
+	dev, early, via, err := h.reach(ctx, r, t, key, log)
+	if err != nil {
+		h.release()
+		h.countError()
+		var se *StatusError
+		if !errors.As(err, &se) {
+			se = &StatusError{Code: http.StatusInternalServerError, Err: err}
+		}
+		h.fail(w, r, log, se.Code, se.Err)
+		return
+	}
+	h.establish(w, r, t, dev, early, via, log)
+}
+
+// proxyKey returns the password of a Basic Proxy-Authorization header, or
+// "".
+func proxyKey(hdr http.Header) string {
+	v := hdr.Get("Proxy-Authorization")
+	const prefix = "Basic "
+	if len(v) < len(prefix) || !strings.EqualFold(v[:len(prefix)], prefix) {
+		return ""
+	}
+	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(v[len(prefix):]))
+	if err != nil {
+		return ""
+	}
+	_, pass, ok := strings.Cut(string(b), ":")
+	if !ok {
+		return ""
+	}
+	return pass
+}
+
+// reach connects to the device: here, or through the peer VPN server that
+// holds it. early holds bytes that the peer sent after its 200.
+func (h *Handler) reach(ctx context.Context, r *http.Request, t Target, key string, log *slog.Logger) (dev net.Conn, early []byte, via string, err error) {
+	if addr, ok := h.lookup(ctx, t.UUID, log); ok {
+		dev, err = h.dialDevice(ctx, addr, t.Port)
+		return dev, nil, "local", err
+	}
+	again := h.Locator == nil
+	if !again {
+		sid, addr, known, err := h.Locator.LocateDevice(ctx, t.UUID, key)
+		switch {
+		case err != nil:
+			return nil, nil, "", fmt.Errorf("asking the API which VPN server holds the device: %w", err)
+		case !known || sid == h.ServiceID:
+			again = true
+		case sid == 0:
+			return nil, nil, "", ErrNotFound
+		case !addr.IsValid():
+			return nil, nil, "", fmt.Errorf("%w: service instance %d has no address", ErrNotFound, sid)
+		default:
+			dev, early, err = h.forward(ctx, r, t, key, sid, addr, log)
+			return dev, early, fmt.Sprintf("service instance %d", sid), err
+		}
+	}
+	if again {
+		if err := h.wait(ctx); err != nil {
+			return nil, nil, "", err
+		}
+		if addr, ok := h.lookup(ctx, t.UUID, log); ok {
+			dev, err = h.dialDevice(ctx, addr, t.Port)
+			return dev, nil, "local", err
+		}
+	}
+	return nil, nil, "", ErrNotFound
+}
+
+func (h *Handler) wait(ctx context.Context) error {
+	d := h.RetryDelay
+	if d == 0 {
+		d = defaultRetry
+	}
+	if d < 0 {
+		return nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// lookup finds the device's VPN address on this server.
+func (h *Handler) lookup(ctx context.Context, uuid string, log *slog.Logger) (netip.Addr, bool) {
+	name := uuid + ".vpn"
+	var addr netip.Addr
+	var err error
+	if h.Resolver != nil {
+		addr, err = h.Resolver.Lookup(name)
+	} else {
+		var addrs []netip.Addr
+		addrs, err = net.DefaultResolver.LookupNetIP(ctx, "ip4", name)
+		if err == nil && len(addrs) > 0 {
+			addr = addrs[0]
+		}
+	}
+	if err != nil || !addr.IsValid() {
+		if err != nil {
+			log.Debug("connectproxy: device not connected here", "err", err)
+		}
+		return netip.Addr{}, false
+	}
+	return addr.Unmap(), true
+}
+
+func (h *Handler) dial(ctx context.Context, addr string) (net.Conn, error) {
+	if h.DialContext != nil {
+		return h.DialContext(ctx, "tcp", addr)
+	}
+	d := net.Dialer{Timeout: dialTimeout}
+	return d.DialContext(ctx, "tcp", addr)
+}
+
+func (h *Handler) dialDevice(ctx context.Context, addr netip.Addr, port uint16) (net.Conn, error) {
+	ap := netip.AddrPortFrom(addr, port).String()
+	c, err := h.dial(ctx, ap)
+	if err != nil {
+		return nil, fmt.Errorf("dialling the device at %s: %w", ap, err)
+	}
+	return c, nil
+}
+
+// establish hijacks the caller's connection, answers 200 and starts the
+// tunnel.
+func (h *Handler) establish(w http.ResponseWriter, r *http.Request, t Target, dev net.Conn, early []byte, via string, log *slog.Logger) {
+	client, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		dev.Close()
+		h.release()
+		h.countError()
+		h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("hijacking the connection: %w", err))
+		return
+	}
+	// The server may have set deadlines for the request head: a tunnel
+	// has none.
+	_ = client.SetDeadline(time.Time{})
+	if m := h.Metrics; m != nil {
+		m.TotalTunnels.Inc()
+		m.ActiveTunnels.Inc()
+	}
+	answer := append([]byte(answer200), early...)
+	_, err = client.Write(answer)
+	if err == nil {
+		if n := brw.Reader.Buffered(); n > 0 {
+			b, _ := brw.Reader.Peek(n)
+			_, err = dev.Write(b)
+		}
+	}
+	if err != nil {
+		client.Close()
+		dev.Close()
+		h.release()
+		if m := h.Metrics; m != nil {
+			m.ActiveTunnels.Dec()
+			m.TunnelErrors.Inc()
+		}
+		log.Info("connectproxy: tunnel failed at its start", "err", err)
+		return
+	}
+	h.start(client, dev, t, via, log)
+}
+
+// fail answers a refused or failed request.
+func (h *Handler) fail(w http.ResponseWriter, r *http.Request, log *slog.Logger, code int, err error) {
+	if log == nil {
+		log = h.logger()
+	}
+	level := slog.LevelInfo
+	if code >= 500 && code != http.StatusServiceUnavailable {
+		level = slog.LevelError
+	}
+	log.Log(r.Context(), level, "connectproxy: request refused", "status", code, "err", err, "target", r.RequestURI, "remote", r.RemoteAddr)
+	se := &StatusError{Code: code, Err: err}
+	if h.ErrorHandler != nil {
+		h.ErrorHandler(w, r, se)
+		return
+	}
+	refuse(w, code)
+}
+
+// refuse answers with an HTTP/1.0 status line and closes the connection,
+// after the caller's bytes in flight (so that the answer is not lost to a
+// reset).
+func refuse(w http.ResponseWriter, code int) {
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		if code == http.StatusProxyAuthRequired {
+			w.Header().Set("Proxy-Authenticate", `Basic realm="balena"`)
+		}
+		w.Header().Set("Connection", "close")
+		w.WriteHeader(code)
+		return
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(lingerTimeout))
+	if _, err := io.WriteString(conn, statusLine(code)); err != nil {
+		return
+	}
+	if cw, ok := conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		_, _ = io.Copy(io.Discard, io.LimitReader(conn, maxPeerHead))
+	}
+}

@@ -1,0 +1,122 @@
+package connectproxy
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// Server serves a [Handler] on listeners with what a hijacking proxy
+// needs: request heads limited in time and size (slow and huge heads are
+// cut off before the handler sees them), connections handed to the
+// handler as the listener yields them (so that tunnels between
+// *net.TCPConn splice), and a Shutdown that waits for the tunnels too.
+// Idle tunnels and the number of tunnels are the Handler's (IdleTimeout,
+// MaxTunnels).
+//
+// The zero Server serves a zero Handler. Its fields must not change once
+// it serves.
+type Server struct {
+	// Handler serves the requests. Nil means a zero Handler, which denies
+	// every CONNECT.
+	Handler *Handler
+
+	// ReadHeaderTimeout bounds the time to read a request head, from the
+	// connection's start (or the previous request's end). Zero means 10 s.
+	ReadHeaderTimeout time.Duration
+
+	// MaxHeaderBytes bounds the size of a request head; larger heads are
+	// answered 431 (net/http allows 4 KiB over it). Zero means 8 KiB.
+	MaxHeaderBytes int
+
+	// Logger receives the HTTP server's own errors, at debug level. Nil
+	// means discard.
+	Logger *slog.Logger
+
+	once sync.Once
+	srv  *http.Server
+	h    *Handler
+}
+
+const (
+	defaultReadHeaderTimeout = 10 * time.Second
+	defaultMaxHeaderBytes    = 8 << 10
+	keepAliveIdle            = 60 * time.Second
+)
+
+func (s *Server) init() {
+	s.once.Do(func() {
+		s.h = s.Handler
+		if s.h == nil {
+			s.h = &Handler{}
+		}
+		rht := s.ReadHeaderTimeout
+		if rht <= 0 {
+			rht = defaultReadHeaderTimeout
+		}
+		mhb := s.MaxHeaderBytes
+		if mhb <= 0 {
+			mhb = defaultMaxHeaderBytes
+		}
+		log := s.Logger
+		if log == nil {
+			log = discard
+		}
+		s.srv = &http.Server{
+			Handler:           s.h,
+			ReadHeaderTimeout: rht,
+			MaxHeaderBytes:    mhb,
+			IdleTimeout:       keepAliveIdle,
+			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		}
+	})
+}
+
+// Serve accepts connections on l and serves them until Shutdown or Close.
+// It always returns a non-nil error; after Shutdown or Close it is
+// http.ErrServerClosed.
+func (s *Server) Serve(l net.Listener) error {
+	s.init()
+	return s.srv.Serve(l)
+}
+
+// ListenAndServe listens on the TCP address addr and serves it.
+func (s *Server) ListenAndServe(addr string) error {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	return s.Serve(l)
+}
+
+// Shutdown stops the listeners, waits for the requests in flight and then
+// for the tunnels to end (see [Handler.Shutdown]). When ctx ends first, it
+// closes what is still open and returns ctx's error.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.init()
+	err := s.srv.Shutdown(ctx)
+	if herr := s.h.Shutdown(ctx); err == nil {
+		err = herr
+	}
+	if err != nil {
+		_ = s.srv.Close()
+	}
+	return err
+}
+
+// Close closes the listeners, the connections and the tunnels at once.
+func (s *Server) Close() error {
+	s.init()
+	err := s.srv.Close()
+	if herr := s.h.Close(); err == nil {
+		err = herr
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}

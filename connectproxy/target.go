@@ -1,0 +1,91 @@
+package connectproxy
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+)
+
+// Target is the destination of a CONNECT request: a port on a device,
+// named "<uuid>.balena:<port>" (also ".resin", deprecated, and ".vpn").
+type Target struct {
+	// UUID is the device's UUID as the caller wrote it: hexadecimal
+	// digits, in any case.
+	UUID string
+	// TLD is "balena", "resin" or "vpn".
+	TLD string
+	// Port is the TCP port on the device; 80 when the target names none.
+	Port uint16
+}
+
+// DefaultPort is the port of a target that names none.
+const DefaultPort = 80
+
+// ErrInvalidTarget reports a CONNECT target that does not name a device
+// port. Such requests are answered 403.
+var ErrInvalidTarget = errors.New("connectproxy: invalid target")
+
+// ParseTarget parses a CONNECT target, "<uuid>.<tld>[:<port>]": uuid is
+// one or more hexadecimal digits, tld is "balena", "resin" or "vpn" (in
+// lower case), and port is decimal digits, 1 to 65535 (80 when absent).
+// This is the reference system's pattern
+// ^([a-fA-F0-9]+)\.(balena|resin|vpn)(?::([0-9]+))?$ with the port range
+// checked. The error wraps [ErrInvalidTarget] and quotes s.
+func ParseTarget(s string) (Target, error) {
+	bad := func(why string) (Target, error) {
+		return Target{}, fmt.Errorf("%w %q: %s", ErrInvalidTarget, s, why)
+	}
+	i := 0
+	for i < len(s) && isHex(s[i]) {
+		i++
+	}
+	if i == 0 {
+		return bad("no device UUID")
+	}
+	if i == len(s) || s[i] != '.' {
+		return bad("want <uuid>.balena[:<port>]")
+	}
+	uuid, rest := s[:i], s[i+1:]
+	tld, port, hasPort := rest, "", false
+	for j := 0; j < len(rest); j++ {
+		if rest[j] == ':' {
+			tld, port, hasPort = rest[:j], rest[j+1:], true
+			break
+		}
+	}
+	switch tld {
+	case "balena", "resin", "vpn":
+	default:
+		return bad("want <uuid>.balena[:<port>]")
+	}
+	t := Target{UUID: uuid, TLD: tld, Port: DefaultPort}
+	if hasPort {
+		if port == "" {
+			return bad("empty port")
+		}
+		n := 0
+		for j := 0; j < len(port); j++ {
+			c := port[j]
+			if c < '0' || c > '9' {
+				return bad("port is not a number")
+			}
+			if n = n*10 + int(c-'0'); n > 65535 {
+				return bad("port out of range")
+			}
+		}
+		if n == 0 {
+			return bad("port out of range")
+		}
+		t.Port = uint16(n)
+	}
+	return t, nil
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+// String returns the target as "<uuid>.<tld>:<port>".
+func (t Target) String() string {
+	return t.UUID + "." + t.TLD + ":" + strconv.Itoa(int(t.Port))
+}
