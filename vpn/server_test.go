@@ -108,6 +108,25 @@ func TestServer(t *testing.T) {
 		}
 	}
 
+	// From a device namespace (another host, for the server) the internal
+	// API answers only /ping.
+	dev := vpntest.NewDevice(t, world)
+	remote := &http.Client{Transport: &http.Transport{DialContext: dev.Dial}}
+	for path, want := range map[string]int{"/ping": 200, "/api/v1/auth/": 401, "/api/v2/1/clients/": 401} {
+		req, _ := http.NewRequest("POST", "http://"+dev.WorldAddr.String()+":8081"+path, strings.NewReader(`{"username":"`+good.UUID+`","password":"`+good.Key+`"}`))
+		if path == "/ping" {
+			req.Method = "GET"
+		}
+		resp, err := remote.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("%s from %s: %d, want %d", path, dev.Addr, resp.StatusCode, want)
+		}
+	}
+
 	// A stop reports the device offline.
 	cancel()
 	<-done
