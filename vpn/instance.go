@@ -353,6 +353,9 @@ func (i *Instance) logOpenVPN(ev *openvpnmgmt.LogEvent) {
 // killOrphan stops a process named by the pid file, if it is alive: SIGTERM,
 // then SIGKILL after 5 s, giving up after 10 s in all.
 func killOrphan(pidFile string, log *slog.Logger) error {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	b, err := os.ReadFile(pidFile)
 	if err != nil {
 		return nil // no pid file: no orphan
