@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -44,11 +43,9 @@ func TestInstanceSupervisesOpenVPN(t *testing.T) {
 	ready := make(chan int, 10)
 	downs := make(chan int, 10)
 	inst := &vpn.Instance{
-		Config: cfg,
-		ID:     1,
-		Command: func(ctx context.Context, name string, args ...string) *exec.Cmd {
-			return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", world.Name, name}, args...)...)
-		},
+		Config:  cfg,
+		ID:      1,
+		Command: world.CommandContext,
 		Dial:    world.Dial,
 		OnReady: func(id int) { ready <- id },
 		OnDown:  func(id int) { downs <- id },

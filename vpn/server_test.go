@@ -4,7 +4,6 @@ import (
 	"context"
 	"io"
 	"net/http"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -45,13 +44,11 @@ func TestServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv := &vpn.Server{
-		Config: cfg,
-		API:    api.Client(),
-		Command: func(ctx context.Context, name string, args ...string) *exec.Cmd {
-			return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", world.Name, name}, args...)...)
-		},
-		Dial:   world.Dial,
-		Listen: world.Listen,
+		Config:  cfg,
+		API:     api.Client(),
+		Command: world.CommandContext,
+		Dial:    world.Dial,
+		Listen:  world.Listen,
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})

@@ -204,6 +204,12 @@ func (n *Netns) Command(name string, args ...string) *exec.Cmd {
 	return exec.Command("ip", append([]string{"netns", "exec", n.Name, name}, args...)...)
 }
 
+// CommandContext is Command bound to ctx, in the form of the command
+// factories of package vpn (vpn.Server.Command, vpn.Instance.Command).
+func (n *Netns) CommandContext(ctx context.Context, name string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", n.Name, name}, args...)...)
+}
+
 // Process is a process the kit started; it is stopped (SIGTERM, then
 // SIGKILL after 5 s) and waited for when the test ends.
 type Process struct {
