@@ -3,15 +3,19 @@
 // instances, device authentication against the balena API, state reporting,
 // the internal API, HAProxy, bandwidth limits, metrics and graceful drain.
 //
-// The parts that exist so far, each usable on its own:
+// [Server] runs it all: configure it with a [Config] and call Run, as
+// cmd/open-balena-vpn does. Its parts are usable on their own:
 //
 //   - [Config] and [Loader]: every variable of the reference system, under
 //     its old and new names, mapped in one place; a malformed or missing
 //     value fails with a one-line [*ConfigError] naming the variable.
 //     Programs call [LoadConfig] ([LoadConnectProxyConfig] for the proxy
 //     alone, [LoadPlan] for the address plan alone).
-//   - [Config.OpenVPNServerConfig]: the OpenVPN configuration of one
-//     instance.
+//   - [Instance]: one supervised OpenVPN process of the plan and its
+//     management session; [Config.OpenVPNServerConfig] renders its
+//     configuration.
+//   - [Sessions]: the management-mode decisions (who may connect) and the
+//     tracking of established sessions.
 //   - [Authenticator]: device authentication against an [AuthAPI], with the
 //     balena API's cache, sharing and concurrency rules.
 //   - [Connections] and [Reporter]: session counts per device, and the
@@ -20,6 +24,9 @@
 //     [ServiceAPI].
 //   - [InternalAPI] and [APIClient]: the loopback HTTP API that OpenVPN's
 //     script-mode hooks (cmd/vpn-auth, cmd/vpn-client-event) call.
+//   - [Metrics], [RenderHAProxy] and [HAProxyRuntime], [Limiter]: the
+//     Prometheus metrics, HAProxy's configuration and runtime API, and
+//     per-device bandwidth limits with tc.
 //
 // The balena API is reached through the small interfaces this package
 // declares ([AuthAPI], [StateAPI], [ServiceAPI]); package vpn/balena

@@ -29,7 +29,8 @@ type BalenaAPI interface {
 // Server is the VPN server: the OpenVPN instances of the plan, device
 // authentication, state reporting, the service instance's registration,
 // the internal API and the metrics. Configure its fields, then call Run;
-// the zero value of each optional field is documented.
+// the zero value of each optional field is documented. A Server runs
+// once.
 type Server struct {
 	// Config is the configuration, as LoadConfig returns it.
 	Config *Config
