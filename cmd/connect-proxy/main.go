@@ -1,0 +1,171 @@
+// Command connect-proxy is openBalena's CONNECT proxy on its own: it lets
+// operators and services reach ports on devices connected to this VPN
+// server ("CONNECT <uuid>.balena:<port>"), and forwards requests for
+// devices on other VPN servers to their proxies. It is configured by the
+// environment:
+//
+//	VPN_CONNECT_PROXY_PORT                  the port to listen on (required)
+//	BALENA_API_HOST, BALENA_API_INTERNAL_HOST
+//	                                        the balena API (https://, or http:// for the internal host)
+//	VPN_SERVICE_API_KEY                     the VPN service's key (required)
+//	VPN_GUEST_API_KEY                       the key for callers without one
+//	VPN_SERVICE_ID                          this server's service instance id
+//	VPN_FORWARD_PROXY_PORT                  the peers' proxy port (default: VPN_CONNECT_PROXY_PORT)
+//	VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS  how long to wait before looking for a device here again (10)
+//	NSS_OPENVPN_STATUS_GLOB                 OpenVPN's status files (default: $VPN_RUN_DIR/server-*.status)
+//	VPN_VERBOSE_LOGS                        debug logs
+//
+// The flag -listen overrides the listen address (":<VPN_CONNECT_PROXY_PORT>",
+// every interface). Requests that are not CONNECT are served too: GET /ping
+// answers "OK" and GET /metrics the proxy's Prometheus metrics.
+//
+// SIGTERM or SIGINT stops it: it stops listening, waits up to 10 s for the
+// open tunnels, closes the rest and exits 0; a second signal exits at once
+// with status 1. SIGUSR2 toggles verbose logs. A configuration error is one
+// line on standard error and exit status 2.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/lmittmann/tint"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/obvpn/obvpn/connectproxy"
+	"github.com/obvpn/obvpn/nss"
+	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/balena"
+)
+
+// drainTimeout bounds the wait for open tunnels on SIGTERM.
+const drainTimeout = 10 * time.Second
+
+func main() {
+	level := new(slog.LevelVar)
+	log := slog.New(tint.NewHandler(os.Stderr, &tint.Options{Level: level, TimeFormat: time.DateTime}))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR2)
+	go func() {
+		stopping := false
+		for sig := range sigs {
+			switch {
+			case sig == syscall.SIGUSR2:
+				if level.Level() == slog.LevelDebug {
+					level.Set(slog.LevelInfo)
+				} else {
+					level.Set(slog.LevelDebug)
+				}
+				log.Info("verbose logs toggled", "level", level.Level())
+			case stopping:
+				log.Error("second signal: exiting at once", "signal", sig)
+				os.Exit(1)
+			default:
+				stopping = true
+				log.Info("stopping", "signal", sig)
+				cancel()
+			}
+		}
+	}()
+	os.Exit(run(ctx, os.Args[1:], os.Stderr, log, level, nil))
+}
+
+// run runs the proxy until ctx ends. ready, if not nil, is called with the
+// listen address once it listens.
+func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger, level *slog.LevelVar, ready func(net.Addr)) int {
+	fs := flag.NewFlagSet("connect-proxy", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	listen := fs.String("listen", "", `listen address (default ":<VPN_CONNECT_PROXY_PORT>")`)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintln(stderr, "usage: connect-proxy [-listen address]")
+		return 2
+	}
+	cfg, err := vpn.LoadConnectProxyConfig()
+	if err != nil {
+		fmt.Fprintf(stderr, "connect-proxy: %v\n", err)
+		return 2
+	}
+	if cfg.Verbose {
+		level.Set(slog.LevelDebug)
+	}
+	addr := *listen
+	if addr == "" {
+		addr = ":" + strconv.Itoa(cfg.Proxy.Port)
+	}
+
+	api := &balena.Client{
+		BaseURL:    cfg.Balena.BaseURL(),
+		ServiceKey: cfg.Balena.ServiceAPIKey,
+		GuestKey:   cfg.Balena.GuestAPIKey,
+		Logger:     log,
+	}
+	reg := prometheus.NewRegistry()
+	metrics, err := connectproxy.NewMetrics(reg)
+	if err != nil {
+		log.Error("connect-proxy: metrics", "err", err)
+		return 1
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /ping", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "OK") })
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	h := &connectproxy.Handler{
+		Authorizer:  api,
+		Online:      api,
+		Locator:     api,
+		Resolver:    &nss.Resolver{Globs: []string{cfg.StatusGlob}},
+		ServiceID:   cfg.ServiceID,
+		ForwardPort: cfg.Proxy.ForwardPort,
+		RetryDelay:  cfg.StatusFileWriteInterval,
+		Metrics:     metrics,
+		Logger:      log,
+		Next:        mux,
+	}
+	srv := &connectproxy.Server{Handler: h, Logger: log}
+
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		log.Error("connect-proxy: cannot listen", "err", err)
+		return 1
+	}
+	log.Info("connect-proxy listening", "addr", l.Addr().String(), "balena", cfg.Balena,
+		"service_id", cfg.ServiceID, "forward_port", cfg.Proxy.ForwardPort, "status_glob", cfg.StatusGlob)
+	if ready != nil {
+		ready(l.Addr())
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(l) }()
+	select {
+	case err := <-done:
+		log.Error("connect-proxy failed", "err", err)
+		return 1
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		log.Warn("connect-proxy: tunnels closed at the deadline", "err", err)
+	}
+	if err := <-done; !errors.Is(err, http.ErrServerClosed) {
+		log.Error("connect-proxy failed", "err", err)
+		return 1
+	}
+	log.Info("connect-proxy stopped")
+	return 0
+}
