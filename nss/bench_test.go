@@ -26,7 +26,8 @@ func writeFleet(b *testing.B, dir string, files, perFile int, salt string) (stri
 		fmt.Fprint(w, "HEADER,CLIENT_LIST,Common Name,Real Address,Virtual Address,Virtual IPv6 Address,Bytes Received,Bytes Sent,Connected Since,Connected Since (time_t),Username,Client ID,Peer ID,Data Channel Cipher\n")
 		start := len(names)
 		for i := 0; i < perFile; i++ {
-			n := fmt.Sprintf("%s%08x%016x", salt, f, i)
+			n := fmt.Sprintf("%08x%024x", f, i) // a 32-hex-digit device UUID
+			n = salt + n[len(salt):]
 			names = append(names, n)
 			fmt.Fprintf(w, "CLIENT_LIST,%s,198.51.100.%d:%d,10.%d.%d.%d,,12345,67890,2026-11-25 04:26:18,1795580778,%s,%d,%d,AES-256-GCM\n",
 				n, i%250, 1024+i, f-1, i>>8, i&0xff, n, i, i)

@@ -55,16 +55,101 @@ type Resolver struct {
 	owners    map[string][]*fileState // name → the files that route it
 }
 
-// index is an immutable snapshot of the names.
-//
-// The names are a large base map and a small overlay of what changed since
-// the base was built (an invalid Addr in the overlay deletes the name). A
-// refresh copies only the overlay; when the overlay has grown to an eighth
-// of the base (and at least minCompact names), the next refresh merges it
-// into a new base. So a lookup is two map reads, and the cost of a refresh
-// follows what changed, not the size of the fleet.
+// index is an immutable snapshot of the names: device UUIDs (32 hex
+// digits, the usual common names) as 16-byte keys held inside the table,
+// so that a lookup follows no pointer to compare keys, and other common
+// names as lower-case strings.
 type index struct {
-	base, overlay map[string]v4 // a zero v4 in the overlay deletes the name
+	uuids table[[16]byte]
+	names table[string]
+}
+
+// table is a large base map and a small overlay of what changed since the
+// base was built (a zero v4 in the overlay deletes the name). A refresh
+// copies only the overlay; when the overlay has grown to an eighth of the
+// base (and at least minCompact names), it is merged into a new base. So a
+// lookup is two map reads, and the cost of a refresh follows what changed,
+// not the size of the fleet.
+type table[K comparable] struct {
+	base, overlay map[K]v4
+}
+
+func (t *table[K]) get(k K) (v4, bool) {
+	if len(t.overlay) > 0 {
+		if a, ok := t.overlay[k]; ok {
+			return a, a != 0
+		}
+	}
+	a, ok := t.base[k]
+	return a, ok
+}
+
+// with returns the table with changes applied (a zero v4 deletes).
+func (t table[K]) with(changes map[K]v4) table[K] {
+	if len(changes) == 0 {
+		return t
+	}
+	next := table[K]{base: t.base, overlay: make(map[K]v4, len(t.overlay)+len(changes))}
+	if next.base == nil {
+		next.base = map[K]v4{}
+	}
+	for k, v := range t.overlay {
+		next.overlay[k] = v
+	}
+	for k, v := range changes {
+		_, inBase := next.base[k]
+		switch {
+		case v != 0:
+			next.overlay[k] = v
+		case inBase:
+			next.overlay[k] = 0 // deleted
+		default:
+			delete(next.overlay, k)
+		}
+	}
+	if len(next.overlay) >= max(minCompact, len(next.base)/8) {
+		base := make(map[K]v4, len(next.base)+len(next.overlay))
+		for k, v := range next.base {
+			if _, ok := next.overlay[k]; !ok {
+				base[k] = v
+			}
+		}
+		for k, v := range next.overlay {
+			if v != 0 {
+				base[k] = v
+			}
+		}
+		next.base, next.overlay = base, map[K]v4{}
+	}
+	return next
+}
+
+// uuidKey decodes a 32-hex-digit name, in any case, into its 16 bytes.
+func uuidKey(name string) (k [16]byte, ok bool) {
+	if len(name) != 32 {
+		return k, false
+	}
+	for i := 0; i < 16; i++ {
+		hi, ok1 := unhex(name[2*i])
+		lo, ok2 := unhex(name[2*i+1])
+		if !ok1 || !ok2 {
+			return k, false
+		}
+		k[i] = hi<<4 | lo
+	}
+	return k, true
+}
+
+func unhex(c byte) (byte, bool) {
+	switch {
+	case '0' <= c && c <= '9':
+		return c - '0', true
+	case 'a' <= c && c <= 'f':
+		return c - 'a' + 10, true
+	case 'A' <= c && c <= 'F':
+		return c - 'A' + 10, true
+	}
+	return 0, false
 }
 
 // v4 is an IPv4 address as a number: a quarter of a netip.Addr's size and
@@ -136,12 +221,17 @@ func (r *Resolver) lookup(name string) (netip.Addr, bool) {
 	if n := len(name); n > 4 && name[n-4] == '.' && name[n-3]|0x20 == 'v' && name[n-2]|0x20 == 'p' && name[n-1]|0x20 == 'n' {
 		name = name[:n-4] // ".vpn" in any case
 	}
+	if k, ok := uuidKey(name); ok {
+		a, ok := idx.uuids.get(k)
+		return a.addr(), ok
+	}
 	if name == "" {
 		return netip.Addr{}, false
 	}
 	if hasUpper(name) {
 		if len(name) > 128 {
-			return idx.get(strings.ToLower(name))
+			a, ok := idx.names.get(strings.ToLower(name))
+			return a.addr(), ok
 		}
 		var buf [128]byte
 		b := buf[:len(name)]
@@ -153,24 +243,15 @@ func (r *Resolver) lookup(name string) (netip.Addr, bool) {
 			b[i] = c
 		}
 		// Map reads keyed by string(b) do not allocate.
-		if len(idx.overlay) > 0 {
-			if a, ok := idx.overlay[string(b)]; ok {
+		if len(idx.names.overlay) > 0 {
+			if a, ok := idx.names.overlay[string(b)]; ok {
 				return a.addr(), a != 0
 			}
 		}
-		a, ok := idx.base[string(b)]
+		a, ok := idx.names.base[string(b)]
 		return a.addr(), ok
 	}
-	return idx.get(name)
-}
-
-func (idx *index) get(name string) (netip.Addr, bool) {
-	if len(idx.overlay) > 0 {
-		if a, ok := idx.overlay[name]; ok {
-			return a.addr(), a != 0
-		}
-	}
-	a, ok := idx.base[name]
+	a, ok := idx.names.get(name)
 	return a.addr(), ok
 }
 
@@ -430,20 +511,18 @@ func removeFile(s []*fileState, f *fileState) []*fileState {
 	return s
 }
 
-// publish builds the next snapshot from the current one: a copy of the
-// overlay with the changed names, or a new base when the overlay is large.
+// publish builds the next snapshot from the current one, with the changed
+// names' winners.
 func (r *Resolver) publish(changed map[string]bool) {
-	next := &index{base: map[string]v4{}, overlay: map[string]v4{}}
-	if cur := r.index.Load(); cur != nil {
-		if len(changed) == 0 {
-			return // the snapshot is still right
-		}
-		next.base = cur.base
-		next.overlay = make(map[string]v4, len(cur.overlay)+len(changed))
-		for k, v := range cur.overlay {
-			next.overlay[k] = v
-		}
+	cur := r.index.Load()
+	if cur != nil && len(changed) == 0 {
+		return // the snapshot is still right
 	}
+	var next index
+	if cur != nil {
+		next = *cur
+	}
+	uuids, names := map[[16]byte]v4{}, map[string]v4{}
 	for n := range changed {
 		var best *route
 		for _, f := range r.owners[n] {
@@ -451,28 +530,23 @@ func (r *Resolver) publish(changed map[string]bool) {
 				best = &rt
 			}
 		}
-		switch _, inBase := next.base[n]; {
-		case best != nil:
-			next.overlay[n] = toV4(best.addr)
-		case inBase:
-			next.overlay[n] = 0 // deleted
-		default:
-			delete(next.overlay, n)
+		var a v4 // zero: deleted
+		if best != nil {
+			a = toV4(best.addr)
+		}
+		if k, ok := uuidKey(n); ok {
+			uuids[k] = a
+		} else {
+			names[n] = a
 		}
 	}
-	if len(next.overlay) >= max(minCompact, len(next.base)/8) {
-		base := make(map[string]v4, len(next.base)+len(next.overlay))
-		for k, v := range next.base {
-			if _, ok := next.overlay[k]; !ok {
-				base[k] = v
-			}
-		}
-		for k, v := range next.overlay {
-			if v != 0 {
-				base[k] = v
-			}
-		}
-		next.base, next.overlay = base, map[string]v4{}
+	next.uuids = next.uuids.with(uuids)
+	next.names = next.names.with(names)
+	if next.uuids.base == nil {
+		next.uuids.base = map[[16]byte]v4{}
 	}
-	r.index.Store(next)
+	if next.names.base == nil {
+		next.names.base = map[string]v4{}
+	}
+	r.index.Store(&next)
 }
