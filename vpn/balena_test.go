@@ -10,4 +10,5 @@ var (
 	_ vpn.AuthAPI    = (*balena.Client)(nil)
 	_ vpn.StateAPI   = (*balena.Client)(nil)
 	_ vpn.ServiceAPI = (*balena.Client)(nil)
+	_ vpn.BalenaAPI  = (*balena.Client)(nil)
 )

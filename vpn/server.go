@@ -9,26 +9,34 @@ import (
 	"net/http"
 	"net/netip"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/obvpn/obvpn/connectproxy"
+	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/vpn/balena"
 )
 
-// BalenaAPI is everything the server asks of the balena API;
-// *balena.Client implements it.
+// BalenaAPI is everything the server asks of the balena API, its CONNECT
+// proxy included; *balena.Client implements it.
 type BalenaAPI interface {
 	AuthAPI
 	StateAPI
 	ServiceAPI
+	connectproxy.Authorizer
+	connectproxy.OnlineChecker
+	connectproxy.Locator
 }
 
 // Server is the VPN server: the OpenVPN instances of the plan, device
 // authentication, state reporting, the service instance's registration,
-// the internal API and the metrics. Configure its fields, then call Run;
+// the internal API, the metrics and, with Config.Proxy.Port set, the
+// CONNECT proxy to the devices (which starts once the service instance is
+// registered, since its id decides forwarding). Configure its fields, then call Run;
 // the zero value of each optional field is documented. A Server runs
 // once.
 type Server struct {
@@ -175,6 +183,13 @@ func (s *Server) Run(ctx context.Context) error {
 			return err
 		}
 	}
+	var proxyListener net.Listener
+	if cfg.Proxy.Port != 0 {
+		if proxyListener, err = listen("tcp", ":"+strconv.Itoa(cfg.Proxy.Port)); err != nil {
+			return fmt.Errorf("vpn: %w", err)
+		}
+		defer proxyListener.Close()
+	}
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -207,6 +222,47 @@ func (s *Server) Run(ctx context.Context) error {
 			defer wg.Done()
 			if err := inst.Run(runCtx); err != nil && runCtx.Err() == nil {
 				fatal <- err
+			}
+		}()
+	}
+	if proxyListener != nil {
+		pm, err := connectproxy.NewMetrics(reg)
+		if err != nil {
+			return fmt.Errorf("vpn: proxy metrics: %w", err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			select {
+			case <-s.service.Registered():
+			case <-runCtx.Done():
+				return
+			}
+			proxy := &connectproxy.Server{Logger: s.Logger, Handler: &connectproxy.Handler{
+				Authorizer:  api,
+				Online:      api,
+				Locator:     api,
+				Resolver:    &nss.Resolver{Globs: []string{filepath.Join(cfg.runDir(), "server-*.status")}},
+				DialContext: s.Dial,
+				ServiceID:   s.service.ID(),
+				ForwardPort: cfg.Proxy.ForwardPort,
+				RetryDelay:  cfg.OpenVPN.StatusInterval,
+				Metrics:     pm,
+				Logger:      s.Logger,
+			}}
+			serveDone := make(chan error, 1)
+			go func() { serveDone <- proxy.Serve(proxyListener) }()
+			s.log().Info("CONNECT proxy serving", "port", cfg.Proxy.Port, "service_id", s.service.ID())
+			select {
+			case err := <-serveDone:
+				if runCtx.Err() == nil {
+					fatal <- fmt.Errorf("vpn: CONNECT proxy: %w", err)
+				}
+			case <-runCtx.Done():
+				sctx, cancel := context.WithTimeout(context.WithoutCancel(runCtx), 5*time.Second)
+				defer cancel()
+				_ = proxy.Shutdown(sctx)
+				<-serveDone
 			}
 		}()
 	}

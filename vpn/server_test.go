@@ -1,7 +1,10 @@
 package vpn_test
 
 import (
+	"bufio"
 	"context"
+	"encoding/base64"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -26,19 +29,21 @@ func TestServer(t *testing.T) {
 	good := api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "good-key"})
 	api.AddDevice(balenatest.Device{UUID: "fedcba9876543210fedcba9876543210", Key: "other-key"})
 	cfg, err := vpn.Loader{Env: map[string]string{
-		"VPN_BASE_SUBNET":             "10.240.0.0/16",
-		"VPN_INSTANCE_SUBNET_BITMASK": "24",
-		"VPN_INSTANCE_COUNT":          "2",
-		"VPN_RUN_DIR":                 t.TempDir(),
-		"BALENA_API_INTERNAL_HOST":    strings.TrimPrefix(api.URL, "http://"),
-		"VPN_SERVICE_API_KEY":         api.ServiceKey,
-		"VPN_OPENVPN_CA_CRT":          string(pki.CACert),
-		"VPN_OPENVPN_SERVER_CRT":      string(pki.ServerCert),
-		"VPN_OPENVPN_SERVER_KEY":      string(pki.ServerKey),
-		"VPN_API_PORT":                "8081",
-		"VPN_METRICS_ADDR":            "127.0.0.1:8080",
-		"DELAY_ON_AUTH_FAIL":          "0",
-		"DEFAULT_SIGTERM_TIMEOUT":     "10",
+		"VPN_BASE_SUBNET":                        "10.240.0.0/16",
+		"VPN_INSTANCE_SUBNET_BITMASK":            "24",
+		"VPN_INSTANCE_COUNT":                     "2",
+		"VPN_RUN_DIR":                            t.TempDir(),
+		"BALENA_API_INTERNAL_HOST":               strings.TrimPrefix(api.URL, "http://"),
+		"VPN_SERVICE_API_KEY":                    api.ServiceKey,
+		"VPN_OPENVPN_CA_CRT":                     string(pki.CACert),
+		"VPN_OPENVPN_SERVER_CRT":                 string(pki.ServerCert),
+		"VPN_OPENVPN_SERVER_KEY":                 string(pki.ServerKey),
+		"VPN_API_PORT":                           "8081",
+		"VPN_METRICS_ADDR":                       "127.0.0.1:8080",
+		"VPN_CONNECT_PROXY_PORT":                 "3128",
+		"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS": "1",
+		"DELAY_ON_AUTH_FAIL":                     "0",
+		"DEFAULT_SIGTERM_TIMEOUT":                "10",
 	}}.Config()
 	if err != nil {
 		t.Fatal(err)
@@ -105,9 +110,37 @@ func TestServer(t *testing.T) {
 		}
 	}
 
-	// From a device namespace (another host, for the server) the internal
-	// API answers only /ping.
+	// A device in a namespace of its own, with a web service, reached
+	// through the server's CONNECT proxy and the tunnel.
 	dev := vpntest.NewDevice(t, world)
+	web := vpntest.StartClient(t, vpntest.ClientOptions{Netns: dev.Netns, Remote: dev.WorldAddr.String() + ":10001",
+		CA: pki.CAFile, Username: good.UUID, Password: good.Key, Tunnel: true})
+	// The first device session is replaced by this one (same common name).
+	if _, err := web.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
+		t.Fatal(err)
+	}
+	wl, err := dev.Listen("tcp", "0.0.0.0:80")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "hello from "+good.UUID)
+	})}
+	go hs.Serve(wl)
+	defer hs.Close()
+	var body []byte
+	waitUntil(t, wctx, func() bool {
+		// The proxy finds the device once OpenVPN's status file lists it.
+		b, err := viaConnect(wctx, world, "127.0.0.1:3128", good.UUID+".balena:80", api.ServiceKey)
+		body = b
+		return err == nil
+	})
+	if string(body) != "hello from "+good.UUID {
+		t.Errorf("through the proxy: %q", body)
+	}
+
+	// From the device's namespace (another host, for the server) the
+	// internal API answers only /ping.
 	remote := &http.Client{Transport: &http.Transport{DialContext: dev.Dial}}
 	for path, want := range map[string]int{"/ping": 200, "/api/v1/auth/": 401, "/api/v2/1/clients/": 401} {
 		req, _ := http.NewRequest("POST", "http://"+dev.WorldAddr.String()+":8081"+path, strings.NewReader(`{"username":"`+good.UUID+`","password":"`+good.Key+`"}`))
@@ -133,6 +166,34 @@ func TestServer(t *testing.T) {
 	if d, _ := api.Device(good.UUID); d.ConnectedToVPN {
 		t.Error("the device is still online in the API after the stop")
 	}
+}
+
+// viaConnect fetches "/" from target through the CONNECT proxy at proxy,
+// dialling from inside n.
+func viaConnect(ctx context.Context, n *vpntest.Netns, proxy, target, key string) ([]byte, error) {
+	conn, err := n.Dial(ctx, "tcp", proxy)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	auth := base64.StdEncoding.EncodeToString([]byte("x:" + key))
+	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\nProxy-Authorization: Basic %s\r\n\r\n", target, target, auth)
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, &http.Request{Method: "CONNECT"})
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != 200 {
+		return nil, fmt.Errorf("CONNECT: %s", resp.Status)
+	}
+	fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: device\r\nConnection: close\r\n\r\n")
+	resp, err = http.ReadResponse(br, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	return io.ReadAll(resp.Body)
 }
 
 func waitUntil(t *testing.T, ctx context.Context, cond func() bool) {
