@@ -184,8 +184,10 @@ type Handler struct {
 	mu      sync.Mutex
 	n       int // tunnels open or being set up
 	tunnels map[*tunnel]struct{}
-	closed  bool          // no new tunnels
-	killed  bool          // close tunnels as they register
+	closed  bool            // no new tunnels
+	killed  bool            // close tunnels as they register
+	kill    context.Context // ends when killed
+	killFn  context.CancelFunc
 	drained chan struct{} // closed when n drops to 0 after closed
 }
 
@@ -266,19 +268,24 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
-	if !h.reserve() {
+	// From here on, a Shutdown that runs out of time cancels the set-up.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop, ok := h.reserve(cancel)
+	if !ok {
 		h.fail(w, r, log, http.StatusServiceUnavailable, ErrUnavailable)
 		return
 	}
+	defer stop()
 	dev, early, via, err := h.reach(ctx, r, t, key, log)
 	if err != nil {
-		h.release()
 		h.countError()
 		var se *StatusError
 		if !errors.As(err, &se) {
 			se = &StatusError{Code: http.StatusInternalServerError, Err: err}
 		}
 		h.fail(w, r, log, se.Code, se.Err)
+		h.release() // after the answer: a Shutdown waits for it
 		return
 	}
 	h.establish(w, r, t, dev, early, via, log)
@@ -316,10 +323,12 @@ func (h *Handler) reach(ctx context.Context, r *http.Request, t Target, key stri
 		switch {
 		case err != nil:
 			return nil, nil, "", fmt.Errorf("asking the API which VPN server holds the device: %w", err)
-		case !known || sid == h.ServiceID:
+		case !known:
 			again = true
 		case sid == 0:
 			return nil, nil, "", ErrNotFound
+		case sid == h.ServiceID:
+			again = true
 		case !addr.IsValid():
 			return nil, nil, "", fmt.Errorf("%w: service instance %d has no address", ErrNotFound, sid)
 		default:
@@ -403,9 +412,9 @@ func (h *Handler) establish(w http.ResponseWriter, r *http.Request, t Target, de
 	client, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		dev.Close()
-		h.release()
 		h.countError()
 		h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("hijacking the connection: %w", err))
+		h.release()
 		return
 	}
 	// The server may have set deadlines for the request head: a tunnel

@@ -687,3 +687,37 @@ func value(c prometheus.Metric) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// TestShutdownCancelsSetUp checks that a Shutdown out of time also ends
+// requests still being set up (here, waiting to look for the device once
+// more).
+func TestShutdownCancelsSetUp(t *testing.T) {
+	is := is.New(t)
+	svc := startService(t, echo)
+	w := newWorld(t, func(w *world) { w.h.RetryDelay = time.Hour })
+	w.addDevice(devUUID, svc.port, svc.port)
+	w.res = newResolver() // the API says here, the status files do not
+	w.h.Resolver = w.res
+	answered := make(chan string, 1)
+	go func() {
+		c, err := net.Dial("tcp", w.addr)
+		if err != nil {
+			answered <- err.Error()
+			return
+		}
+		defer c.Close()
+		tg := target(devUUID, svc.port)
+		io.WriteString(c, "CONNECT "+tg+" HTTP/1.1\r\nHost: "+tg+"\r\n\r\n")
+		b, _ := io.ReadAll(c)
+		answered <- string(b)
+	}()
+	waitFor(t, func() bool { return w.api.Calls(balenatest.LocateDevice) == 1 })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := w.srv.Shutdown(ctx)
+	is.True(errors.Is(err, context.DeadlineExceeded))
+	is.True(time.Since(start) < 5*time.Second)
+	is.Equal(<-answered, "HTTP/1.0 500 Internal Server Error\r\n\r\n")
+}

@@ -21,15 +21,19 @@ type Target struct {
 // DefaultPort is the port of a target that names none.
 const DefaultPort = 80
 
+// MaxUUIDLen is the length of the longest device UUID a target may name
+// (balena's are 32 or 62 digits).
+const MaxUUIDLen = 128
+
 // ErrInvalidTarget reports a CONNECT target that does not name a device
 // port. Such requests are answered 403.
 var ErrInvalidTarget = errors.New("connectproxy: invalid target")
 
 // ParseTarget parses a CONNECT target, "<uuid>.<tld>[:<port>]": uuid is
-// one or more hexadecimal digits, tld is "balena", "resin" or "vpn" (in
-// lower case), and port is decimal digits, 1 to 65535 (80 when absent).
-// This is the reference system's pattern
-// ^([a-fA-F0-9]+)\.(balena|resin|vpn)(?::([0-9]+))?$ with the port range
+// 1 to 128 hexadecimal digits, tld is "balena", "resin" or "vpn" (in lower
+// case), and port is decimal digits, 1 to 65535 (80 when absent). This is
+// the reference system's pattern
+// ^([a-fA-F0-9]+)\.(balena|resin|vpn)(?::([0-9]+))?$ with the lengths
 // checked. The error wraps [ErrInvalidTarget] and quotes s.
 func ParseTarget(s string) (Target, error) {
 	bad := func(why string) (Target, error) {
@@ -41,6 +45,9 @@ func ParseTarget(s string) (Target, error) {
 	}
 	if i == 0 {
 		return bad("no device UUID")
+	}
+	if i > MaxUUIDLen {
+		return bad("device UUID too long")
 	}
 	if i == len(s) || s[i] != '.' {
 		return bad("want <uuid>.balena[:<port>]")

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -37,6 +38,8 @@ func TestParseTarget(t *testing.T) {
 		{"abc.balena :22", Target{}, true},
 		{"abc.resinx", Target{}, true},
 		{"abc..balena", Target{}, true},
+		{strings.Repeat("a", 128) + ".balena", Target{strings.Repeat("a", 128), "balena", 80}, false},
+		{strings.Repeat("a", 129) + ".balena", Target{}, true},
 	}
 	for _, tt := range tests {
 		got, err := ParseTarget(tt.in)
@@ -55,7 +58,7 @@ var targetRE = regexp.MustCompile(`^([a-fA-F0-9]+)\.(balena|resin|vpn)(?::([0-9]
 
 func slowParseTarget(s string) (Target, bool) {
 	m := targetRE.FindStringSubmatch(s)
-	if m == nil {
+	if m == nil || len(m[1]) > 128 {
 		return Target{}, false
 	}
 	port := 80

@@ -34,15 +34,24 @@ type tunnel struct {
 var errIdle = errors.New("connectproxy: tunnel idle")
 
 // reserve takes a place for a tunnel, unless the handler is closed or
-// full.
-func (h *Handler) reserve() bool {
+// full. Until stop is called, a kill (a Shutdown out of time) calls
+// cancel.
+func (h *Handler) reserve(cancel func()) (stop func() bool, ok bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.closed || h.MaxTunnels > 0 && h.n >= h.MaxTunnels {
-		return false
+		return nil, false
 	}
 	h.n++
-	return true
+	return context.AfterFunc(h.killContext(), cancel), true
+}
+
+// killContext returns the context that a kill ends. The caller holds h.mu.
+func (h *Handler) killContext() context.Context {
+	if h.kill == nil {
+		h.kill, h.killFn = context.WithCancel(context.Background())
+	}
+	return h.kill
 }
 
 // release gives back a place taken by reserve.
@@ -216,6 +225,8 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 	}
 	h.mu.Lock()
 	h.killed = true
+	h.killContext()
+	h.killFn()
 	open := make([]*tunnel, 0, len(h.tunnels))
 	for t := range h.tunnels {
 		open = append(open, t)
