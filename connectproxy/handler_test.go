@@ -721,3 +721,20 @@ func TestShutdownCancelsSetUp(t *testing.T) {
 	is.True(time.Since(start) < 5*time.Second)
 	is.Equal(<-answered, "HTTP/1.0 500 Internal Server Error\r\n\r\n")
 }
+
+func TestServerClose(t *testing.T) {
+	is := is.New(t)
+	svc := startService(t, echo)
+	h := &Handler{Authorizer: AllowAll, Resolver: newResolver(devUUID)}
+	srv := &Server{Handler: h}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	is.NoErr(err)
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(l) }()
+	a := connect(t, l.Addr().String(), target(devUUID, svc.port))
+	is.Equal(a.status, 200)
+	is.NoErr(srv.Close())
+	a.waitEOF(t, 5*time.Second)
+	is.Equal(<-done, http.ErrServerClosed)
+	is.Equal(h.Tunnels(), 0)
+}
