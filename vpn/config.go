@@ -220,6 +220,11 @@ type HAProxyConfig struct {
 	// balancer in front that speaks the PROXY protocol
 	// (VPN_HAPROXY_USEPROXYPROTOCOL).
 	UseProxyProtocol bool
+	// MonitorAddr is where the managed HAProxy answers GET /ping: 200
+	// while an instance takes clients, 503 otherwise
+	// (VPN_HAPROXY_MONITOR_ADDR). Empty means ":80", as the reference
+	// deployment.
+	MonitorAddr string
 }
 
 // BandwidthConfig is the per-device rate limit. The zero value limits

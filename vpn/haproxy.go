@@ -30,10 +30,14 @@ func HAProxyServer(id int) string {
 // §7): a TCP frontend on the public port that balances by least
 // connections over the backend vpn-workers, whose servers vpn1…vpn<count>
 // start disabled and are registered by the instances at run time; an HTTP
-// frontend on monitorAddr whose /ping fails while no server is up; and the
-// admin socket. HAProxy's connection limit follows its file descriptor
-// limit.
-func (c *Config) RenderHAProxy(monitorAddr string) string {
+// frontend on HAProxy.MonitorAddr whose /ping fails while no server is up;
+// and the admin socket. HAProxy's connection limit follows its file
+// descriptor limit.
+func (c *Config) RenderHAProxy() string {
+	monitorAddr := c.HAProxy.MonitorAddr
+	if monitorAddr == "" {
+		monitorAddr = ":80"
+	}
 	h := c.HAProxy
 	port := h.Port
 	if port == 0 {

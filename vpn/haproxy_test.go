@@ -96,12 +96,12 @@ func TestHAProxyRuntime(t *testing.T) {
 	bin := requireCommand(t, "haproxy")
 	is := is.New(t)
 	dir := t.TempDir()
-	c, err := loader(serverEnv("VPN_RUN_DIR", dir, "VPN_HAPROXY_SOCKET", filepath.Join(dir, "admin.sock"),
-		"VPN_PORT", fmt.Sprint(freePort(t)))).Config()
-	is.NoErr(err)
 	monitor := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	c, err := loader(serverEnv("VPN_RUN_DIR", dir, "VPN_HAPROXY_SOCKET", filepath.Join(dir, "admin.sock"),
+		"VPN_PORT", fmt.Sprint(freePort(t)), "VPN_HAPROXY_MONITOR_ADDR", monitor)).Config()
+	is.NoErr(err)
 	cfg := filepath.Join(dir, "haproxy.cfg")
-	is.NoErr(os.WriteFile(cfg, []byte(c.RenderHAProxy(monitor)), 0o600))
+	is.NoErr(os.WriteFile(cfg, []byte(c.RenderHAProxy()), 0o600))
 	out, err := exec.Command(bin, "-c", "-f", cfg).CombinedOutput()
 	is.NoErr(err) // the configuration is valid
 	t.Logf("haproxy -c: %s", strings.TrimSpace(string(out)))

@@ -127,6 +127,7 @@ type environment struct {
 	VPNPort         string `env:"VPN_PORT" envDefault:"443"`
 	HAProxySocket   string `env:"VPN_HAPROXY_SOCKET" envDefault:"/run/haproxy.sock"`
 	HAProxyUseProxy string `env:"VPN_HAPROXY_USEPROXYPROTOCOL" envDefault:"false"`
+	HAProxyMonitor  string `env:"VPN_HAPROXY_MONITOR_ADDR" envDefault:":80"`
 	DownRate        string `env:"VPN_DOWNRATE"`
 	UpRate          string `env:"VPN_UPRATE"`
 	MetricsAddr     string `env:"VPN_METRICS_ADDR" envDefault:":8080"`
@@ -184,6 +185,7 @@ func (l Loader) Config() (*Config, error) {
 		Port:             p.port("VPN_PORT", e.VPNPort, 1),
 		Socket:           p.absPath("VPN_HAPROXY_SOCKET", e.HAProxySocket),
 		UseProxyProtocol: p.bool("VPN_HAPROXY_USEPROXYPROTOCOL", e.HAProxyUseProxy),
+		MonitorAddr:      p.listenAddr("VPN_HAPROXY_MONITOR_ADDR", e.HAProxyMonitor),
 	}
 	c.Bandwidth = p.bandwidth(e)
 	c.Metrics = MetricsConfig{
@@ -234,6 +236,12 @@ func (p *parser) portClash(e *environment, c *Config) {
 	}
 	if c.HAProxy.Mode != HAProxyOff {
 		ranges = append(ranges, portRange{"VPN_PORT", e.VPNPort, c.HAProxy.Port, c.HAProxy.Port})
+	}
+	if c.HAProxy.Mode == HAProxyManaged {
+		if _, port, err := net.SplitHostPort(c.HAProxy.MonitorAddr); err == nil && port != "0" {
+			n, _ := strconv.Atoi(port)
+			ranges = append(ranges, portRange{"VPN_HAPROXY_MONITOR_ADDR", e.HAProxyMonitor, n, n})
+		}
 	}
 	if c.Proxy.Port != 0 {
 		ranges = append(ranges, portRange{"VPN_CONNECT_PROXY_PORT", e.ProxyPort, c.Proxy.Port, c.Proxy.Port})

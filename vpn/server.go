@@ -1,6 +1,7 @@
 package vpn
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -8,10 +9,12 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -194,7 +197,19 @@ func (s *Server) Run(ctx context.Context) error {
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
-	fatal := make(chan error, n+2)
+	fatal := make(chan error, n+3)
+
+	var hap *HAProxyRuntime
+	if cfg.HAProxy.Mode != HAProxyOff {
+		hap = &HAProxyRuntime{Socket: cfg.HAProxy.Socket}
+	}
+	if cfg.HAProxy.Mode == HAProxyManaged {
+		stop, err := s.startHAProxy(runCtx, hap, fatal)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	wg.Add(2)
 	go func() { defer wg.Done(); _ = s.service.Run(runCtx) }()
 	go func() { defer wg.Done(); _ = reporter.Run(runCtx) }()
@@ -206,6 +221,18 @@ func (s *Server) Run(ctx context.Context) error {
 		inst := &Instance{Config: cfg, ID: id, Hooks: hooks, Handler: sessions.Handler(id),
 			Command: s.Command, Dial: s.Dial, Logger: s.Logger,
 			OnReady: func(id int) {
+				if hap != nil {
+					in, _ := cfg.Plan.Instance(id)
+					rctx, rcancel := context.WithTimeout(runCtx, 5*time.Second)
+					err := hap.SetServerAddr(rctx, HAProxyServer(id), netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(in.Port)))
+					if err == nil {
+						err = hap.SetServerState(rctx, HAProxyServer(id), StateReady)
+					}
+					rcancel()
+					if err != nil {
+						s.log().Error("could not register the instance with HAProxy", "instance", id, "err", err)
+					}
+				}
 				readyMu.Lock()
 				defer readyMu.Unlock()
 				if !readySet[id] {
@@ -215,7 +242,16 @@ func (s *Server) Run(ctx context.Context) error {
 					}
 				}
 			},
-			OnDown: sessions.Forget,
+			OnDown: func(id int) {
+				if hap != nil {
+					rctx, rcancel := context.WithTimeout(context.WithoutCancel(runCtx), 5*time.Second)
+					if err := hap.SetServerState(rctx, HAProxyServer(id), StateMaint); err != nil && runCtx.Err() == nil {
+						s.log().Error("could not take the instance out of HAProxy", "instance", id, "err", err)
+					}
+					rcancel()
+				}
+				sessions.Forget(id)
+			},
 		}
 		wg.Add(1)
 		go func() {
@@ -297,4 +333,87 @@ func (s *Server) Run(ctx context.Context) error {
 		return runErr
 	}
 	return nil
+}
+
+// startHAProxy writes HAProxy's configuration into the run directory, runs
+// haproxy (master-worker, in the foreground) until ctx ends, and returns
+// once its admin socket answers. An exit while ctx runs is reported on
+// fatal. stop waits for haproxy to have exited.
+func (s *Server) startHAProxy(ctx context.Context, hap *HAProxyRuntime, fatal chan<- error) (stop func(), err error) {
+	cfg := s.Config
+	file := filepath.Join(cfg.runDir(), "haproxy.cfg")
+	if err := os.MkdirAll(cfg.runDir(), 0o755); err != nil {
+		return nil, fmt.Errorf("vpn: %w", err)
+	}
+	if err := writeFile0600(file, []byte(cfg.RenderHAProxy())); err != nil {
+		return nil, fmt.Errorf("vpn: %w", err)
+	}
+	_ = os.Remove(cfg.HAProxy.Socket) // a stale socket from an earlier run
+	cmdf := s.Command
+	if cmdf == nil {
+		cmdf = exec.CommandContext
+	}
+	cmd := cmdf(ctx, "haproxy", "-W", "-db", "-f", file)
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 5 * time.Second
+	out := &lineLogger{log: s.log().With("source", "haproxy")}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("vpn: starting haproxy: %w", err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		err := cmd.Wait()
+		if ctx.Err() == nil {
+			fatal <- fmt.Errorf("vpn: haproxy exited: %v", err)
+		}
+		close(exited)
+	}()
+	stop = func() { <-exited }
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		qctx, cancel := context.WithTimeout(ctx, time.Second)
+		_, err := hap.Command(qctx, "show info")
+		cancel()
+		if err == nil {
+			s.log().Info("HAProxy running", "pid", cmd.Process.Pid, "port", cfg.HAProxy.Port, "monitor", cfg.HAProxy.MonitorAddr)
+			return stop, nil
+		}
+		select {
+		case <-exited:
+			return nil, fmt.Errorf("vpn: haproxy exited at start (see its log)")
+		case <-ctx.Done():
+			<-exited
+			return nil, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			_ = cmd.Process.Kill()
+			<-exited
+			return nil, fmt.Errorf("vpn: haproxy's admin socket %s did not answer within 10 s: %w", cfg.HAProxy.Socket, err)
+		}
+	}
+}
+
+// lineLogger logs what a child process writes, line by line, at debug
+// level.
+type lineLogger struct {
+	log *slog.Logger
+	mu  sync.Mutex
+	buf []byte
+}
+
+func (l *lineLogger) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.buf = append(l.buf, p...)
+	for {
+		i := bytes.IndexByte(l.buf, '\n')
+		if i < 0 {
+			break
+		}
+		l.log.Debug(string(l.buf[:i]))
+		l.buf = l.buf[i+1:]
+	}
+	return len(p), nil
 }

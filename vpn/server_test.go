@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/vpn"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
 	"github.com/obvpn/obvpn/vpn/vpntest"
@@ -41,6 +43,7 @@ func TestServer(t *testing.T) {
 		"VPN_API_PORT":                           "8081",
 		"VPN_METRICS_ADDR":                       "127.0.0.1:8080",
 		"VPN_CONNECT_PROXY_PORT":                 "3128",
+		"VPN_HAPROXY":                            "off",
 		"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS": "1",
 		"DELAY_ON_AUTH_FAIL":                     "0",
 		"DEFAULT_SIGTERM_TIMEOUT":                "10",
@@ -204,5 +207,86 @@ func waitUntil(t *testing.T, ctx context.Context, cond func() bool) {
 			t.Fatal("condition not met in time")
 		case <-time.After(20 * time.Millisecond):
 		}
+	}
+}
+
+// TestServerBehindHAProxy runs the server with a managed HAProxy in the
+// world namespace: the instances register when they take clients, two
+// devices that dial VPN_PORT land on different instances (leastconn), the
+// monitor's /ping answers 200, and a stop ends haproxy too.
+func TestServerBehindHAProxy(t *testing.T) {
+	vpntest.Require(t, "openvpn", "haproxy", "ip")
+	world := vpntest.NewNetns(t, "world")
+	pki := vpntest.NewPKI(t)
+	api := balenatest.NewServer(t)
+	devs := []balenatest.Device{
+		api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "k1"}),
+		api.AddDevice(balenatest.Device{UUID: "fedcba9876543210fedcba9876543210", Key: "k2"}),
+	}
+	run := t.TempDir()
+	cfg, err := vpn.Loader{Env: map[string]string{
+		"VPN_BASE_SUBNET": "10.240.0.0/16", "VPN_INSTANCE_SUBNET_BITMASK": "24", "VPN_INSTANCE_COUNT": "2",
+		"VPN_RUN_DIR": run, "VPN_HAPROXY_SOCKET": filepath.Join(run, "haproxy.sock"),
+		"VPN_PORT": "1194", "VPN_HAPROXY_MONITOR_ADDR": "127.0.0.1:8088",
+		"BALENA_API_INTERNAL_HOST": strings.TrimPrefix(api.URL, "http://"), "VPN_SERVICE_API_KEY": api.ServiceKey,
+		"VPN_OPENVPN_CA_CRT": string(pki.CACert), "VPN_OPENVPN_SERVER_CRT": string(pki.ServerCert),
+		"VPN_OPENVPN_SERVER_KEY": string(pki.ServerKey), "VPN_API_PORT": "8081",
+		"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS": "1",
+	}}.Config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Metrics.Addr = "" // no metrics server in this test
+	srv := &vpn.Server{Config: cfg, API: api.Client(), Command: world.CommandContext, Dial: world.Dial, Listen: world.Listen}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	var runErr error
+	go func() { runErr = srv.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-srv.Ready():
+	case <-done:
+		t.Fatalf("Run: %v", runErr)
+	case <-time.After(30 * time.Second):
+		t.Fatal("not ready within 30 s")
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
+	defer wcancel()
+
+	hc := &http.Client{Transport: &http.Transport{DialContext: world.Dial}}
+	resp, err := hc.Get("http://127.0.0.1:8088/ping")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("/ping with both instances up: %d", resp.StatusCode)
+	}
+
+	for _, d := range devs {
+		c := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:1194", CA: pki.CAFile,
+			Username: d.UUID, Password: d.Key})
+		if _, err := c.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// leastconn: one device on each instance, as the status files say.
+	r := &nss.Resolver{Globs: []string{filepath.Join(run, "server-*.status")}}
+	waitUntil(t, wctx, func() bool {
+		clients, _ := r.Clients()
+		seen := map[int]bool{}
+		for _, c := range clients {
+			seen[c.Instance] = true
+		}
+		return len(clients) == 2 && seen[1] && seen[2]
+	})
+
+	cancel()
+	<-done
+	if runErr != nil {
+		t.Fatalf("Run = %v", runErr)
+	}
+	if _, err := hc.Get("http://127.0.0.1:8088/ping"); err == nil {
+		t.Error("haproxy still answers after the stop")
 	}
 }
