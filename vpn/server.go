@@ -21,6 +21,7 @@ import (
 
 	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/nss"
+	"github.com/obvpn/obvpn/openvpnmgmt"
 	"github.com/obvpn/obvpn/vpn/balena"
 )
 
@@ -194,10 +195,12 @@ func (s *Server) Run(ctx context.Context) error {
 		defer proxyListener.Close()
 	}
 
-	runCtx, cancel := context.WithCancel(ctx)
+	// The parts run until the drain is over, not merely until ctx ends.
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancel()
 	var wg sync.WaitGroup
 	fatal := make(chan error, n+3)
+	instances := make([]*Instance, n+1)
 
 	var hap *HAProxyRuntime
 	if cfg.HAProxy.Mode != HAProxyOff {
@@ -253,6 +256,7 @@ func (s *Server) Run(ctx context.Context) error {
 				sessions.Forget(id)
 			},
 		}
+		instances[id] = inst
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -307,6 +311,7 @@ func (s *Server) Run(ctx context.Context) error {
 	var runErr error
 	select {
 	case <-ctx.Done():
+		s.drain(runCtx, hap, sessions, instances)
 	case runErr = <-fatal:
 		s.log().Error("VPN server stopping", "err", runErr)
 	}
@@ -333,6 +338,56 @@ func (s *Server) Run(ctx context.Context) error {
 		return runErr
 	}
 	return nil
+}
+
+// drain lets the devices go before the server stops (SPEC §2): every
+// instance is set to drain in HAProxy, so that no new device comes, then
+// the connected clients are killed one by one (they reconnect, through the
+// balancer, to another server), spaced by min(1 min / the minimum drain
+// rate, the drain timeout / the number of clients), all within the drain
+// timeout.
+func (s *Server) drain(ctx context.Context, hap *HAProxyRuntime, sessions *Sessions, instances []*Instance) {
+	cfg := s.Config
+	timeout := cfg.Drain.Timeout
+	if timeout <= 0 {
+		timeout = 120 * time.Second
+	}
+	rate := cfg.Drain.MinRatePerMinute
+	if rate <= 0 {
+		rate = 500
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if hap != nil {
+		for id := 1; id < len(instances); id++ {
+			if err := hap.SetServerState(ctx, HAProxyServer(id), StateDrain); err != nil {
+				s.log().Warn("could not drain the instance in HAProxy", "instance", id, "err", err)
+			}
+		}
+	}
+	clients := sessions.sessionList()
+	if len(clients) == 0 {
+		return
+	}
+	spacing := min(time.Minute/time.Duration(rate), timeout/time.Duration(len(clients)))
+	s.log().Info("draining", "clients", len(clients), "spacing", spacing, "timeout", timeout)
+	start := time.Now()
+	for i, c := range clients {
+		if i > 0 {
+			select {
+			case <-ctx.Done():
+				s.log().Warn("drain timeout: the remaining clients go with their instances", "left", len(clients)-i)
+				return
+			case <-time.After(spacing):
+			}
+		}
+		if m := instances[c.instance].Management(); m != nil {
+			if err := m.ClientKill(ctx, c.cid, openvpnmgmt.KillDefault); err != nil {
+				s.log().Debug("client-kill during the drain", "instance", c.instance, "cid", c.cid, "err", err)
+			}
+		}
+	}
+	s.log().Info("drained", "clients", len(clients), "took", time.Since(start))
 }
 
 // startHAProxy writes HAProxy's configuration into the run directory, runs

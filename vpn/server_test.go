@@ -290,3 +290,100 @@ func TestServerBehindHAProxy(t *testing.T) {
 		t.Error("haproxy still answers after the stop")
 	}
 }
+
+// TestServerDrain: on stop, the instances go to drain in HAProxy, every
+// connected device is killed one by one within DEFAULT_SIGTERM_TIMEOUT,
+// the API ends with all of them offline, and Run returns nil.
+func TestServerDrain(t *testing.T) {
+	vpntest.Require(t, "openvpn", "haproxy", "ip")
+	world := vpntest.NewNetns(t, "world")
+	pki := vpntest.NewPKI(t)
+	api := balenatest.NewServer(t)
+	run := t.TempDir()
+	cfg, err := vpn.Loader{Env: map[string]string{
+		"VPN_BASE_SUBNET": "10.240.0.0/16", "VPN_INSTANCE_SUBNET_BITMASK": "24", "VPN_INSTANCE_COUNT": "2",
+		"VPN_RUN_DIR": run, "VPN_HAPROXY_SOCKET": filepath.Join(run, "haproxy.sock"),
+		"VPN_PORT": "1194", "VPN_HAPROXY_MONITOR_ADDR": "127.0.0.1:8088",
+		"BALENA_API_INTERNAL_HOST": strings.TrimPrefix(api.URL, "http://"), "VPN_SERVICE_API_KEY": api.ServiceKey,
+		"VPN_OPENVPN_CA_CRT": string(pki.CACert), "VPN_OPENVPN_SERVER_CRT": string(pki.ServerCert),
+		"VPN_OPENVPN_SERVER_KEY": string(pki.ServerKey), "VPN_API_PORT": "8081",
+		"DEFAULT_SIGTERM_TIMEOUT": "5", "MINIMUM_DRAIN_RATE_PER_MINUTE": "300", // 200 ms apart
+	}}.Config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Metrics.Addr = ""
+	srv := &vpn.Server{Config: cfg, API: api.Client(), Command: world.CommandContext, Dial: world.Dial, Listen: world.Listen}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	var runErr error
+	go func() { runErr = srv.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-srv.Ready():
+	case <-done:
+		t.Fatalf("Run: %v", runErr)
+	case <-time.After(30 * time.Second):
+		t.Fatal("not ready within 30 s")
+	}
+	wctx, wcancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer wcancel()
+	var clients []*vpntest.Process
+	var uuids []string
+	for i := range 4 {
+		d := api.AddDevice(balenatest.Device{UUID: fmt.Sprintf("%032x", i+1), Key: "k"})
+		uuids = append(uuids, d.UUID)
+		c := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:1194", CA: pki.CAFile,
+			Username: d.UUID, Password: d.Key})
+		if _, err := c.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
+			t.Fatal(err)
+		}
+		clients = append(clients, c)
+	}
+	waitUntil(t, wctx, func() bool {
+		for _, u := range uuids {
+			if d, _ := api.Device(u); !d.ConnectedToVPN {
+				return false
+			}
+		}
+		return true
+	})
+	before := make([]int, len(clients))
+	for i, c := range clients {
+		before[i] = len(c.Lines())
+	}
+
+	start := time.Now()
+	cancel()
+	hap := &vpn.HAProxyRuntime{Socket: cfg.HAProxy.Socket}
+	drained := false
+	for !drained && time.Since(start) < 2*time.Second {
+		if st, err := hap.ServersState(wctx, vpn.HAProxyBackend); err == nil && len(st) == 2 && st[0].Draining && st[1].Draining {
+			drained = true
+		}
+	}
+	if !drained {
+		t.Error("HAProxy never showed both servers draining")
+	}
+	<-done
+	took := time.Since(start)
+	if runErr != nil {
+		t.Fatalf("Run = %v", runErr)
+	}
+	if took > 5*time.Second+3*time.Second {
+		t.Errorf("the stop took %v, over the 5 s drain timeout", took)
+	}
+	for i, c := range clients {
+		// Each client was told to go (its connection reset), before its
+		// instance ended.
+		if _, err := c.WaitFrom(wctx, before[i], "restarting"); err != nil {
+			t.Errorf("client %d: %v", i, err)
+		}
+	}
+	for _, u := range uuids {
+		if d, _ := api.Device(u); d.ConnectedToVPN {
+			t.Errorf("%s still online in the API after the drain", u)
+		}
+	}
+	t.Logf("drained 4 devices in %v", took)
+}

@@ -3,6 +3,7 @@ package vpn
 import (
 	"context"
 	"log/slog"
+	"sort"
 	"strconv"
 	"sync"
 	"time"
@@ -209,6 +210,23 @@ func (s *Sessions) onDisconnect(id int, ev *openvpnmgmt.ClientEvent) {
 			s.State.Set(e.cn, false)
 		}
 	}
+}
+
+// sessionList lists the established sessions, by instance and client id.
+func (s *Sessions) sessionList() []sessionKey {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	keys := make([]sessionKey, 0, len(s.established))
+	for k := range s.established {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		if keys[i].instance != keys[j].instance {
+			return keys[i].instance < keys[j].instance
+		}
+		return keys[i].cid < keys[j].cid
+	})
+	return keys
 }
 
 // Forget drops the sessions of instance id, as when its openvpn died: they
