@@ -87,6 +87,18 @@ func (l *Limiter) run(ctx context.Context, args ...string) error {
 func (l *Limiter) Setup(ctx context.Context) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	return l.setup(ctx)
+}
+
+// Reset forgets the limits, as when the tun device went away with its
+// OpenVPN: the next Add sets the devices up anew.
+func (l *Limiter) Reset() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.clients, l.tables = nil, nil
+}
+
+func (l *Limiter) setup(ctx context.Context) error {
 	if !l.Subnet.Addr().Is4() || l.Subnet.Bits() < 16 {
 		return fmt.Errorf("limiter: subnet %s: want an IPv4 prefix of /16 or longer", l.Subnet)
 	}
@@ -128,12 +140,16 @@ func addrUint(a netip.Addr) uint32 {
 	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
 }
 
-// Add limits the device at address a. Adding an address twice is a no-op.
+// Add limits the device at address a, setting the devices up first if
+// that has not been done (or was undone by Reset). Adding an address twice
+// is a no-op.
 func (l *Limiter) Add(ctx context.Context, a netip.Addr) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.clients == nil {
-		return errors.New("limiter: Add before Setup")
+		if err := l.setup(ctx); err != nil {
+			return err
+		}
 	}
 	if l.clients[a] {
 		return nil

@@ -162,7 +162,9 @@ func TestLimiterCommands(t *testing.T) {
 			return nil, nil
 		}}
 	ctx := context.Background()
-	is.True(l.Add(ctx, netip.MustParseAddr("10.240.0.3")) != nil) // before Setup
+	is.NoErr(l.Add(ctx, netip.MustParseAddr("10.240.0.3"))) // sets up first
+	is.True(strings.Contains(strings.Join(cmds, "\n"), "ip link add obvpnifb1 type ifb"))
+	l.Reset()
 	is.NoErr(l.Setup(ctx))
 	cmds = nil
 	is.NoErr(l.Add(ctx, netip.MustParseAddr("10.240.15.254")))

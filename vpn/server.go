@@ -136,6 +136,27 @@ func (s *Server) Run(ctx context.Context) error {
 	reporter := &Reporter{API: api, ServiceID: s.service.ID, BatchSize: cfg.Balena.StateBatchSize, Logger: s.Logger}
 	sessions := &Sessions{Auth: auth, Connections: conns, State: reporter, DelayOnAuthFail: cfg.Auth.DelayOnFail,
 		Metrics: metrics, Logger: s.Logger}
+	limiters := make([]*Limiter, n+1)
+	if cfg.Bandwidth.Down != 0 && cfg.Bandwidth.Up != 0 {
+		cmdf := s.Command
+		if cmdf == nil {
+			cmdf = exec.CommandContext
+		}
+		run := func(ctx context.Context, name string, args ...string) ([]byte, error) {
+			return cmdf(ctx, name, args...).CombinedOutput()
+		}
+		for id := 1; id <= n; id++ {
+			in, _ := cfg.Plan.Instance(id)
+			limiters[id] = &Limiter{Dev: "tun" + strconv.Itoa(id), IFB: "obvpnifb" + strconv.Itoa(id),
+				Subnet: in.Subnet, Down: cfg.Bandwidth.Down, Up: cfg.Bandwidth.Up, Run: run}
+		}
+		sessions.Limits = func(id int) *Limiter { return limiters[id] }
+		defer func() {
+			for _, l := range limiters[1:] {
+				_ = l.Teardown(context.Background())
+			}
+		}()
+	}
 	internal := &InternalAPI{Auth: auth, Connections: conns, State: reporter, Instances: n,
 		DelayOnAuthFail: cfg.Auth.DelayOnFail, TrustProxy: cfg.TrustProxy, Logger: s.Logger}
 
@@ -254,6 +275,9 @@ func (s *Server) Run(ctx context.Context) error {
 					rcancel()
 				}
 				sessions.Forget(id)
+				if l := limiters[id]; l != nil {
+					l.Reset() // its tun device went with its openvpn
+				}
 			},
 		}
 		instances[id] = inst

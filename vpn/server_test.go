@@ -387,3 +387,66 @@ func TestServerDrain(t *testing.T) {
 	}
 	t.Logf("drained 4 devices in %v", took)
 }
+
+// TestServerLimits: with VPN_DOWNRATE and VPN_UPRATE, a device's address
+// gets its tc class on the instance's tun device (down rate) and on the
+// IFB device (up rate) when OpenVPN learns it, and loses them when the
+// device goes.
+func TestServerLimits(t *testing.T) {
+	vpntest.Require(t, "openvpn", "ip", "tc")
+	world := vpntest.NewNetns(t, "world")
+	pki := vpntest.NewPKI(t)
+	api := balenatest.NewServer(t)
+	d := api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "k"})
+	cfg, err := vpn.Loader{Env: map[string]string{
+		"VPN_BASE_SUBNET": "10.240.0.0/16", "VPN_INSTANCE_SUBNET_BITMASK": "24", "VPN_INSTANCE_COUNT": "1",
+		"VPN_RUN_DIR": t.TempDir(), "VPN_HAPROXY": "off",
+		"BALENA_API_INTERNAL_HOST": strings.TrimPrefix(api.URL, "http://"), "VPN_SERVICE_API_KEY": api.ServiceKey,
+		"VPN_OPENVPN_CA_CRT": string(pki.CACert), "VPN_OPENVPN_SERVER_CRT": string(pki.ServerCert),
+		"VPN_OPENVPN_SERVER_KEY": string(pki.ServerKey), "VPN_API_PORT": "8081",
+		"VPN_DOWNRATE": "10mbit", "VPN_UPRATE": "1mbit",
+	}}.Config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Metrics.Addr = ""
+	srv := &vpn.Server{Config: cfg, API: api.Client(), Command: world.CommandContext, Dial: world.Dial, Listen: world.Listen}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	var runErr error
+	go func() { runErr = srv.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-srv.Ready():
+	case <-done:
+		t.Fatalf("Run: %v", runErr)
+	case <-time.After(30 * time.Second):
+		t.Fatal("not ready within 30 s")
+	}
+	wctx, wcancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer wcancel()
+	classes := func(dev string) string {
+		out, _ := world.Command("tc", "class", "show", "dev", dev).CombinedOutput()
+		return string(out)
+	}
+	c := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:10001", CA: pki.CAFile,
+		Username: d.UUID, Password: d.Key})
+	if _, err := c.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, wctx, func() bool {
+		return strings.Contains(classes("tun1"), "rate 10Mbit") && strings.Contains(classes("obvpnifb1"), "rate 1Mbit")
+	})
+	c.Stop()
+	waitUntil(t, wctx, func() bool {
+		return !strings.Contains(classes("tun1"), "rate 10Mbit") && !strings.Contains(classes("obvpnifb1"), "rate 1Mbit")
+	})
+	cancel()
+	<-done
+	if runErr != nil {
+		t.Fatalf("Run = %v", runErr)
+	}
+	if out, err := world.Command("ip", "link", "show", "obvpnifb1").CombinedOutput(); err == nil {
+		t.Errorf("the IFB device is still there after the stop: %s", out)
+	}
+}

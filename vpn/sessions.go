@@ -3,6 +3,7 @@ package vpn
 import (
 	"context"
 	"log/slog"
+	"net/netip"
 	"sort"
 	"strconv"
 	"sync"
@@ -43,11 +44,17 @@ type Sessions struct {
 	// Metrics, if set, counts devices, auth failures, bytes and sessions.
 	Metrics *Metrics
 
+	// Limits, if set, returns the bandwidth limiter of an instance (nil
+	// for none): each client's address, as CLIENT:ADDRESS gives it, is
+	// limited until the client goes.
+	Limits func(instance int) *Limiter
+
 	// Logger receives denials and anomalies. Nil means discard.
 	Logger *slog.Logger
 
 	mu          sync.Mutex
 	established map[sessionKey]established
+	addrs       map[sessionKey]netip.Addr // limited addresses
 	conns       Connections
 	wg          sync.WaitGroup
 }
@@ -83,6 +90,8 @@ func (s *Sessions) Handler(id int) EventHandler {
 			}
 		case *openvpnmgmt.ByteCountClientEvent:
 			s.onByteCount(id, ev)
+		case *openvpnmgmt.ClientAddressEvent:
+			s.onAddress(ctx, id, ev)
 		}
 	}
 }
@@ -179,12 +188,45 @@ func (s *Sessions) onByteCount(id int, ev *openvpnmgmt.ByteCountClientEvent) {
 	}
 }
 
+// onAddress limits a client's learned address, when limits are on.
+func (s *Sessions) onAddress(ctx context.Context, id int, ev *openvpnmgmt.ClientAddressEvent) {
+	if s.Limits == nil || !ev.Primary {
+		return
+	}
+	l := s.Limits(id)
+	a, err := netip.ParseAddr(ev.Addr)
+	if l == nil || err != nil || !a.Is4() {
+		return
+	}
+	if err := l.Add(ctx, a); err != nil {
+		s.log().Error("could not limit a client's bandwidth", "instance", id, "cid", ev.CID, "addr", a, "err", err)
+		return
+	}
+	s.mu.Lock()
+	if s.addrs == nil {
+		s.addrs = make(map[sessionKey]netip.Addr)
+	}
+	s.addrs[sessionKey{id, ev.CID}] = a
+	s.mu.Unlock()
+}
+
 func (s *Sessions) onDisconnect(id int, ev *openvpnmgmt.ClientEvent) {
 	key := sessionKey{id, ev.CID}
 	s.mu.Lock()
 	e, ok := s.established[key]
 	delete(s.established, key)
+	addr, limited := s.addrs[key]
+	delete(s.addrs, key)
 	s.mu.Unlock()
+	if limited && s.Limits != nil {
+		if l := s.Limits(id); l != nil {
+			// The address may already be another client's: the pool hands
+			// it out again only after this DISCONNECT, so removing is safe.
+			if err := l.Remove(context.Background(), addr); err != nil {
+				s.log().Warn("could not lift a client's bandwidth limit", "instance", id, "addr", addr, "err", err)
+			}
+		}
+	}
 	if !ok {
 		return // a client that never got through: nothing was counted
 	}
@@ -237,6 +279,11 @@ func (s *Sessions) Forget(id int) {
 	for k := range s.established {
 		if k.instance == id {
 			gone = append(gone, k.cid)
+		}
+	}
+	for k := range s.addrs {
+		if k.instance == id {
+			delete(s.addrs, k) // gone with the tun device
 		}
 	}
 	s.mu.Unlock()
