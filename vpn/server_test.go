@@ -213,47 +213,74 @@ func waitUntil(t *testing.T, ctx context.Context, cond func() bool) {
 	}
 }
 
+// worldServer is a vpn.Server running in a world namespace of its own
+// against balenatest, for the tests below.
+type worldServer struct {
+	world *vpntest.Netns
+	pki   *vpntest.PKI
+	api   *balenatest.Server
+	run   string // the run directory
+	cfg   *vpn.Config
+	srv   *vpn.Server
+	// cancel ends Run's context; wait waits for Run and returns its error.
+	cancel context.CancelFunc
+	wait   func() error
+}
+
+// startWorldServer starts a Server with two instances behind a managed
+// HAProxy on 127.0.0.1:1194 (monitor on 127.0.0.1:8088) unless env says
+// otherwise, and returns once it is ready.
+func startWorldServer(t *testing.T, env map[string]string) *worldServer {
+	t.Helper()
+	ws := &worldServer{world: vpntest.NewNetns(t, "world"), pki: vpntest.NewPKI(t), api: balenatest.NewServer(t), run: t.TempDir()}
+	vars := map[string]string{
+		"VPN_BASE_SUBNET": "10.240.0.0/16", "VPN_INSTANCE_SUBNET_BITMASK": "24", "VPN_INSTANCE_COUNT": "2",
+		"VPN_RUN_DIR": ws.run, "VPN_HAPROXY_SOCKET": filepath.Join(ws.run, "haproxy.sock"),
+		"VPN_PORT": "1194", "VPN_HAPROXY_MONITOR_ADDR": "127.0.0.1:8088",
+		"BALENA_API_INTERNAL_HOST": strings.TrimPrefix(ws.api.URL, "http://"), "VPN_SERVICE_API_KEY": ws.api.ServiceKey,
+		"VPN_OPENVPN_CA_CRT": string(ws.pki.CACert), "VPN_OPENVPN_SERVER_CRT": string(ws.pki.ServerCert),
+		"VPN_OPENVPN_SERVER_KEY": string(ws.pki.ServerKey), "VPN_API_PORT": "8081",
+	}
+	for k, v := range env {
+		vars[k] = v
+	}
+	cfg, err := vpn.Loader{Env: vars}.Config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Metrics.Addr = "" // no metrics server in these tests
+	ws.cfg = cfg
+	ws.srv = &vpn.Server{Config: cfg, API: ws.api.Client(), Command: ws.world.CommandContext, Dial: ws.world.Dial, Listen: ws.world.Listen}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	var runErr error
+	go func() { runErr = ws.srv.Run(ctx); close(done) }()
+	ws.cancel = cancel
+	ws.wait = func() error { <-done; return runErr }
+	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-ws.srv.Ready():
+	case <-done:
+		t.Fatalf("Run: %v", runErr)
+	case <-time.After(30 * time.Second):
+		t.Fatal("not ready within 30 s")
+	}
+	return ws
+}
+
 // TestServerBehindHAProxy runs the server with a managed HAProxy in the
 // world namespace: the instances register when they take clients, two
 // devices that dial VPN_PORT land on different instances (leastconn), the
 // monitor's /ping answers 200, and a stop ends haproxy too.
 func TestServerBehindHAProxy(t *testing.T) {
 	vpntest.Require(t, "openvpn", "haproxy", "ip")
-	world := vpntest.NewNetns(t, "world")
-	pki := vpntest.NewPKI(t)
-	api := balenatest.NewServer(t)
+	ws := startWorldServer(t, map[string]string{"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS": "1"})
+	world, pki, api, run, cfg := ws.world, ws.pki, ws.api, ws.run, ws.cfg
 	devs := []balenatest.Device{
 		api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "k1"}),
 		api.AddDevice(balenatest.Device{UUID: "fedcba9876543210fedcba9876543210", Key: "k2"}),
 	}
-	run := t.TempDir()
-	cfg, err := vpn.Loader{Env: map[string]string{
-		"VPN_BASE_SUBNET": "10.240.0.0/16", "VPN_INSTANCE_SUBNET_BITMASK": "24", "VPN_INSTANCE_COUNT": "2",
-		"VPN_RUN_DIR": run, "VPN_HAPROXY_SOCKET": filepath.Join(run, "haproxy.sock"),
-		"VPN_PORT": "1194", "VPN_HAPROXY_MONITOR_ADDR": "127.0.0.1:8088",
-		"BALENA_API_INTERNAL_HOST": strings.TrimPrefix(api.URL, "http://"), "VPN_SERVICE_API_KEY": api.ServiceKey,
-		"VPN_OPENVPN_CA_CRT": string(pki.CACert), "VPN_OPENVPN_SERVER_CRT": string(pki.ServerCert),
-		"VPN_OPENVPN_SERVER_KEY": string(pki.ServerKey), "VPN_API_PORT": "8081",
-		"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS": "1",
-	}}.Config()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.Metrics.Addr = "" // no metrics server in this test
-	srv := &vpn.Server{Config: cfg, API: api.Client(), Command: world.CommandContext, Dial: world.Dial, Listen: world.Listen}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	var runErr error
-	go func() { runErr = srv.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	select {
-	case <-srv.Ready():
-	case <-done:
-		t.Fatalf("Run: %v", runErr)
-	case <-time.After(30 * time.Second):
-		t.Fatal("not ready within 30 s")
-	}
-	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
+	wctx, wcancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer wcancel()
 
 	hc := &http.Client{Transport: &http.Transport{DialContext: world.Dial}}
@@ -292,11 +319,6 @@ func TestServerBehindHAProxy(t *testing.T) {
 	if !ping503WhenDown(t, wctx, hc, run) {
 		t.Error("/ping never answered 503 with both openvpn processes dead")
 	}
-	select {
-	case <-srv.Ready():
-	default:
-	}
-
 	// leastconn: one device on each instance, as the status files say.
 	r := &nss.Resolver{Globs: []string{filepath.Join(run, "server-*.status")}}
 	waitUntil(t, wctx, func() bool {
@@ -313,10 +335,9 @@ func TestServerBehindHAProxy(t *testing.T) {
 		return len(clients) == 2 && seen[1] && seen[2]
 	})
 
-	cancel()
-	<-done
-	if runErr != nil {
-		t.Fatalf("Run = %v", runErr)
+	ws.cancel()
+	if err := ws.wait(); err != nil {
+		t.Fatalf("Run = %v", err)
 	}
 	if _, err := hc.Get("http://127.0.0.1:8088/ping"); err == nil {
 		t.Error("haproxy still answers after the stop")
@@ -329,36 +350,10 @@ func TestServerBehindHAProxy(t *testing.T) {
 // the API ends with all of them offline, and Run returns nil.
 func TestServerDrain(t *testing.T) {
 	vpntest.Require(t, "openvpn", "haproxy", "ip")
-	world := vpntest.NewNetns(t, "world")
-	pki := vpntest.NewPKI(t)
-	api := balenatest.NewServer(t)
-	run := t.TempDir()
-	cfg, err := vpn.Loader{Env: map[string]string{
-		"VPN_BASE_SUBNET": "10.240.0.0/16", "VPN_INSTANCE_SUBNET_BITMASK": "24", "VPN_INSTANCE_COUNT": "2",
-		"VPN_RUN_DIR": run, "VPN_HAPROXY_SOCKET": filepath.Join(run, "haproxy.sock"),
-		"VPN_PORT": "1194", "VPN_HAPROXY_MONITOR_ADDR": "127.0.0.1:8088",
-		"BALENA_API_INTERNAL_HOST": strings.TrimPrefix(api.URL, "http://"), "VPN_SERVICE_API_KEY": api.ServiceKey,
-		"VPN_OPENVPN_CA_CRT": string(pki.CACert), "VPN_OPENVPN_SERVER_CRT": string(pki.ServerCert),
-		"VPN_OPENVPN_SERVER_KEY": string(pki.ServerKey), "VPN_API_PORT": "8081",
+	ws := startWorldServer(t, map[string]string{
 		"DEFAULT_SIGTERM_TIMEOUT": "10", "MINIMUM_DRAIN_RATE_PER_MINUTE": "600", // 100 ms apart
-	}}.Config()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.Metrics.Addr = ""
-	srv := &vpn.Server{Config: cfg, API: api.Client(), Command: world.CommandContext, Dial: world.Dial, Listen: world.Listen}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	var runErr error
-	go func() { runErr = srv.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	select {
-	case <-srv.Ready():
-	case <-done:
-		t.Fatalf("Run: %v", runErr)
-	case <-time.After(30 * time.Second):
-		t.Fatal("not ready within 30 s")
-	}
+	})
+	world, pki, api, cfg := ws.world, ws.pki, ws.api, ws.cfg
 	wctx, wcancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer wcancel()
 	var clients []*vpntest.Process
@@ -387,7 +382,7 @@ func TestServerDrain(t *testing.T) {
 	}
 
 	start := time.Now()
-	cancel()
+	ws.cancel()
 	hap := &vpn.HAProxyRuntime{Socket: cfg.HAProxy.Socket}
 	drained := false
 	for !drained && time.Since(start) < 2*time.Second {
@@ -398,10 +393,10 @@ func TestServerDrain(t *testing.T) {
 	if !drained {
 		t.Error("HAProxy never showed both servers draining")
 	}
-	<-done
+	err := ws.wait()
 	took := time.Since(start)
-	if runErr != nil {
-		t.Fatalf("Run = %v", runErr)
+	if err != nil {
+		t.Fatalf("Run = %v", err)
 	}
 	if took > 10*time.Second+3*time.Second {
 		t.Errorf("the stop took %v, over the 10 s drain timeout", took)
@@ -432,35 +427,10 @@ func TestServerDrain(t *testing.T) {
 // device goes.
 func TestServerLimits(t *testing.T) {
 	vpntest.Require(t, "openvpn", "ip", "tc")
-	world := vpntest.NewNetns(t, "world")
-	pki := vpntest.NewPKI(t)
-	api := balenatest.NewServer(t)
+	ws := startWorldServer(t, map[string]string{"VPN_INSTANCE_COUNT": "1", "VPN_HAPROXY": "off",
+		"VPN_DOWNRATE": "10mbit", "VPN_UPRATE": "1mbit"})
+	world, pki, api := ws.world, ws.pki, ws.api
 	d := api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "k"})
-	cfg, err := vpn.Loader{Env: map[string]string{
-		"VPN_BASE_SUBNET": "10.240.0.0/16", "VPN_INSTANCE_SUBNET_BITMASK": "24", "VPN_INSTANCE_COUNT": "1",
-		"VPN_RUN_DIR": t.TempDir(), "VPN_HAPROXY": "off",
-		"BALENA_API_INTERNAL_HOST": strings.TrimPrefix(api.URL, "http://"), "VPN_SERVICE_API_KEY": api.ServiceKey,
-		"VPN_OPENVPN_CA_CRT": string(pki.CACert), "VPN_OPENVPN_SERVER_CRT": string(pki.ServerCert),
-		"VPN_OPENVPN_SERVER_KEY": string(pki.ServerKey), "VPN_API_PORT": "8081",
-		"VPN_DOWNRATE": "10mbit", "VPN_UPRATE": "1mbit",
-	}}.Config()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.Metrics.Addr = ""
-	srv := &vpn.Server{Config: cfg, API: api.Client(), Command: world.CommandContext, Dial: world.Dial, Listen: world.Listen}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	var runErr error
-	go func() { runErr = srv.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	select {
-	case <-srv.Ready():
-	case <-done:
-		t.Fatalf("Run: %v", runErr)
-	case <-time.After(30 * time.Second):
-		t.Fatal("not ready within 30 s")
-	}
 	wctx, wcancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer wcancel()
 	classes := func(dev string) string {
@@ -479,10 +449,9 @@ func TestServerLimits(t *testing.T) {
 	waitUntil(t, wctx, func() bool {
 		return !strings.Contains(classes("tun1"), "rate 10Mbit") && !strings.Contains(classes("obvpnifb1"), "rate 1Mbit")
 	})
-	cancel()
-	<-done
-	if runErr != nil {
-		t.Fatalf("Run = %v", runErr)
+	ws.cancel()
+	if err := ws.wait(); err != nil {
+		t.Fatalf("Run = %v", err)
 	}
 	if out, err := world.Command("ip", "link", "show", "obvpnifb1").CombinedOutput(); err == nil {
 		t.Errorf("the IFB device is still there after the stop: %s", out)
