@@ -293,6 +293,11 @@ func TestServerBehindHAProxy(t *testing.T) {
 		t.Errorf("/ping with both instances up: %d", resp.StatusCode)
 	}
 
+	// With both instances' openvpn killed, the monitor fails until they are
+	// back.
+	if !ping503WhenDown(t, wctx, hc, run) {
+		t.Error("/ping never answered 503 with both openvpn processes dead")
+	}
 	// Wait for both instances to take clients again (registered ready).
 	waitUntil(t, wctx, func() bool {
 		resp, err := hc.Get("http://127.0.0.1:8088/ping")
@@ -313,11 +318,6 @@ func TestServerBehindHAProxy(t *testing.T) {
 		if _, err := c.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
 			t.Fatal(err)
 		}
-	}
-	// With both instances' openvpn killed, the monitor fails until they are
-	// back.
-	if !ping503WhenDown(t, wctx, hc, run) {
-		t.Error("/ping never answered 503 with both openvpn processes dead")
 	}
 	// leastconn: one device on each instance, as the status files say.
 	r := &nss.Resolver{Globs: []string{filepath.Join(run, "server-*.status")}}
