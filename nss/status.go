@@ -8,10 +8,16 @@
 // (torn writes, UNDEF names, cached and subnet routes, IPv6 and MAC
 // routing rows, old timestamps, protocol prefixes) are handled.
 //
-// Name lookup by an index over many status files is the job of the
-// resolver in this package; the glibc NSS module cmd/libnss_openvpn exposes
-// it to every program on the host. The package reads files and nothing
-// else: it neither talks to OpenVPN nor knows about the balena API.
+// [Resolver] answers "<uuid>.vpn" names from an index over many status
+// files, kept up to date by reading only the files that changed; [Find]
+// answers one name by a scan, for short-lived processes. The glibc NSS
+// module cmd/libnss_openvpn exposes both to every program on the host.
+//
+// The package is not a DNS server and resolves IPv4 addresses only, as
+// the routing table gives them; it reads files and nothing else: it
+// neither talks to OpenVPN (see package openvpnmgmt, which uses
+// ParseStatus for the management "status" command) nor knows about the
+// balena API.
 package nss
 
 import (
