@@ -12,60 +12,7 @@ import (
 	"time"
 
 	"github.com/obvpn/obvpn/nss"
-	"github.com/obvpn/obvpn/vpn"
 )
-
-// resolverFlags adds --glob to fs and returns a function that makes the
-// resolver: the flag, else NSS_OPENVPN_STATUS_GLOB, else
-// $VPN_RUN_DIR/server-*.status.
-func resolverFlags(fs *flag.FlagSet) func() (*nss.Resolver, error) {
-	glob := fs.String("glob", "", "status files to read (default: NSS_OPENVPN_STATUS_GLOB, else $VPN_RUN_DIR/server-*.status)")
-	return func() (*nss.Resolver, error) {
-		g := *glob
-		if g == "" {
-			var err error
-			if g, err = (vpn.Loader{}).StatusGlob(); err != nil {
-				return nil, err
-			}
-		}
-		r := &nss.Resolver{Globs: []string{g}}
-		// Missing files are no error: no instance runs.
-		if err := r.Refresh(); err != nil && !errors.Is(err, nss.ErrIncomplete) {
-			return nil, err
-		}
-		return r, nil
-	}
-}
-
-func runLookup(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("lookup", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	resolver := resolverFlags(fs)
-	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: obvpnctl lookup [--glob PATTERN] <uuid>[.vpn]")
-		fmt.Fprintln(stderr, "\nPrints the VPN address of a connected device, from the OpenVPN status files.")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		return 2
-	}
-	if fs.NArg() != 1 {
-		fs.Usage()
-		return 2
-	}
-	r, err := resolver()
-	if err != nil {
-		fmt.Fprintf(stderr, "obvpnctl lookup: %v\n", err)
-		return 2
-	}
-	a, err := r.Lookup(fs.Arg(0))
-	if err != nil {
-		fmt.Fprintf(stderr, "obvpnctl lookup: %v\n", err)
-		return 1
-	}
-	fmt.Fprintln(stdout, a)
-	return 0
-}
 
 // clientJSON is one client in "clients --json".
 type clientJSON struct {

@@ -10,26 +10,6 @@ import (
 
 const testGlob = "../../nss/testdata/openvpn-2.6-v*.status"
 
-func TestLookup(t *testing.T) {
-	is := is.New(t)
-	t.Setenv("NSS_OPENVPN_STATUS_GLOB", testGlob)
-	code, out, _ := runCmd("lookup", "FEDCBA9876543210fedcba9876543210.vpn")
-	is.Equal(code, 0)
-	is.True(strings.HasPrefix(out, "10.240."))
-	code, out, _ = runCmd("lookup", "--glob", "../../nss/testdata/openvpn-2.6-v3.status", "0123456789abcdef0123456789abcdef")
-	is.Equal(code, 0)
-	is.Equal(out, "10.240.48.3\n")
-	code, _, errOut := runCmd("lookup", "ffff.vpn")
-	is.Equal(code, 1)
-	is.True(strings.Contains(errOut, "no such device"))
-	code, _, _ = runCmd("lookup")
-	is.Equal(code, 2)
-	t.Setenv("NSS_OPENVPN_STATUS_GLOB", "[")
-	code, _, errOut = runCmd("lookup", "ffff")
-	is.Equal(code, 2)
-	is.True(strings.Contains(errOut, "NSS_OPENVPN_STATUS_GLOB"))
-}
-
 func TestClients(t *testing.T) {
 	is := is.New(t)
 	code, out, _ := runCmd("clients", "--json", "--glob", testGlob)
