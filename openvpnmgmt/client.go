@@ -21,6 +21,7 @@ package openvpnmgmt
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -76,8 +77,10 @@ type Client struct {
 	opts Options
 	log  *slog.Logger
 
-	writeMu sync.Mutex // a command's line(s) and its place in pending go together
-	pending []*call    // the commands waiting for replies, in order; under writeMu
+	writeMu   sync.Mutex      // a command's line(s) and its place in pending go together
+	pending   []*call         // the commands waiting for replies, in order; under writeMu
+	aloneBusy bool            // a line that goes alone is waiting or in flight; under writeMu
+	waiters   []chan struct{} // commands waiting for aloneBusy to clear; under writeMu
 
 	qmu    sync.Mutex
 	queue  []Event
@@ -96,6 +99,7 @@ type Client struct {
 type call struct {
 	name      string
 	multiLine bool
+	alone     bool       // written alone: its reply clears aloneBusy
 	reply     chan reply // buffered, 1
 }
 
@@ -241,8 +245,110 @@ func (c *Client) finish(err error) {
 // maxLine bounds a line from OpenVPN; status lines are the longest.
 const maxLine = 1 << 20
 
+// lineReader returns OpenVPN's lines without their line ends. A line is
+// valid until the next call: the reader copies what it keeps.
+type lineReader struct {
+	br   *bufio.Reader
+	long []byte // a line longer than br's buffer, assembled
+}
+
+func (r *lineReader) next() ([]byte, error) {
+	line, err := r.br.ReadSlice('\n')
+	if err == bufio.ErrBufferFull {
+		r.long = append(r.long[:0], line...)
+		for err == bufio.ErrBufferFull {
+			line, err = r.br.ReadSlice('\n')
+			r.long = append(r.long, line...)
+			if len(r.long) > maxLine {
+				return nil, fmt.Errorf("openvpnmgmt: a line longer than %d bytes", maxLine)
+			}
+		}
+		line = r.long
+	}
+	if err != nil {
+		return nil, err
+	}
+	return bytes.TrimRight(line, "\r\n"), nil
+}
+
+// block collects the ENV lines of a CLIENT or UPDOWN event. The lines are
+// copied into one buffer and become one string when the block ends: an
+// event costs a handful of allocations however long its ENV is.
+type block struct {
+	client *ClientEvent // the event being collected, or
+	updown *UpDownEvent // this one
+	prefix string       // "CLIENT:ENV," or "UPDOWN:ENV,"
+	buf    []byte       // the ENV lines, back to back
+	ends   []int        // where each line ends in buf
+}
+
+// start begins a block if ev (a real-time line without ">") is the first
+// line of an event with an ENV block.
+func (b *block) start(ev []byte) bool {
+	switch {
+	case bytes.HasPrefix(ev, []byte("CLIENT:")):
+		head, ok := clientHead(string(ev))
+		if !ok {
+			return false
+		}
+		b.client, b.prefix = head, "CLIENT:ENV,"
+	case string(ev) == "UPDOWN:UP" || string(ev) == "UPDOWN:DOWN":
+		b.updown = &UpDownEvent{raw: raw{string(ev)}, Up: string(ev) == "UPDOWN:UP"}
+		b.prefix = "UPDOWN:ENV,"
+	default:
+		return false
+	}
+	b.buf, b.ends = b.buf[:0], b.ends[:0]
+	return true
+}
+
+func (b *block) active() bool { return b.client != nil || b.updown != nil }
+
+// add takes an ENV line; it reports false if ev is not one of the
+// block's, and true when it was the closing END.
+func (b *block) add(ev []byte) (isEnv, end bool) {
+	env, ok := bytes.CutPrefix(ev, []byte(b.prefix))
+	if !ok {
+		return false, false
+	}
+	if string(env) == "END" {
+		return true, true
+	}
+	b.buf = append(b.buf, env...)
+	b.ends = append(b.ends, len(b.buf))
+	return true, false
+}
+
+// finish returns the event with its ENV, and resets the block.
+func (b *block) finish() Event {
+	var env Env
+	if len(b.ends) > 0 {
+		s := string(b.buf)
+		env = make(Env, len(b.ends))
+		from := 0
+		for i, to := range b.ends {
+			name, value, _ := strings.Cut(s[from:to], "=")
+			env[i] = EnvVar{name, value}
+			from = to
+		}
+	}
+	var ev Event
+	if b.client != nil {
+		b.client.Env = env
+		ev = b.client
+	} else {
+		b.updown.Env = env
+		ev = b.updown
+	}
+	b.client, b.updown = nil, nil
+	if cap(b.buf) > 1<<16 { // do not keep a freak block's memory
+		b.buf, b.ends = nil, nil
+	}
+	return ev
+}
+
 // read splits the stream into replies and events. It never waits for the
-// consumer.
+// consumer. Each line is copied before it leaves the reader.
 func (c *Client) read(br *bufio.Reader) {
 	defer c.wg.Done()
 	defer func() {
@@ -255,72 +361,37 @@ func (c *Client) read(br *bufio.Reader) {
 		c.writeMu.Unlock()
 	}()
 	var (
-		block    *ClientEvent // a CLIENT event collecting its ENV
-		updown   *UpDownEvent
-		multi    []string // a multi-line reply in progress
-		inMulti  bool
-		readLine = func() (string, error) {
-			var buf []byte
-			for {
-				chunk, err := br.ReadSlice('\n')
-				buf = append(buf, chunk...)
-				if len(buf) > maxLine {
-					return "", fmt.Errorf("openvpnmgmt: a line longer than %d bytes", maxLine)
-				}
-				if err == bufio.ErrBufferFull {
-					continue
-				}
-				if err != nil {
-					return "", err
-				}
-				return strings.TrimRight(string(buf), "\r\n"), nil
-			}
-		}
+		lr      = lineReader{br: br}
+		blk     block
+		multi   []string // a multi-line reply in progress
+		inMulti bool
 	)
 	for {
-		line, err := readLine()
+		line, err := lr.next()
 		if err != nil {
+			if blk.active() {
+				c.enqueue(blk.finish())
+			}
 			c.finish(err)
 			return
 		}
-		if ev, ok := strings.CutPrefix(line, ">"); ok {
-			switch {
-			case block != nil:
-				// ENV lines follow their CLIENT line without interleaving.
-				if env, ok := strings.CutPrefix(ev, "CLIENT:ENV,"); ok {
-					if env == "END" {
-						c.enqueue(block)
-						block = nil
-					} else {
-						block.Env = append(block.Env, envVar(env))
-					}
+		if ev, ok := bytes.CutPrefix(line, []byte(">")); ok {
+			if blk.active() {
+				// ENV lines follow their first line without interleaving.
+				isEnv, end := blk.add(ev)
+				if end {
+					c.enqueue(blk.finish())
+				}
+				if isEnv {
 					continue
 				}
-				c.log.Warn("openvpnmgmt: CLIENT ENV block cut short", "event", block.Raw())
-				c.enqueue(block)
-				block = nil
-			case updown != nil:
-				if env, ok := strings.CutPrefix(ev, "UPDOWN:ENV,"); ok {
-					if env == "END" {
-						c.enqueue(updown)
-						updown = nil
-					} else {
-						updown.Env = append(updown.Env, envVar(env))
-					}
-					continue
-				}
-				c.enqueue(updown)
-				updown = nil
+				c.log.Warn("openvpnmgmt: an ENV block cut short", "event", blk.rawHead())
+				c.enqueue(blk.finish())
 			}
-			if head, ok := clientHead(ev); ok {
-				block = head
+			if blk.start(ev) {
 				continue
 			}
-			if s, ok := strings.CutPrefix(ev, "UPDOWN:"); ok && (s == "UP" || s == "DOWN") {
-				updown = &UpDownEvent{raw: raw{ev}, Up: s == "UP"}
-				continue
-			}
-			c.enqueue(parseEvent(ev))
+			c.enqueue(parseEvent(string(ev)))
 			continue
 		}
 		// A reply line.
@@ -331,43 +402,49 @@ func (c *Client) read(br *bufio.Reader) {
 		}
 		c.writeMu.Unlock()
 		if p == nil {
-			c.log.Warn("openvpnmgmt: a line that answers no command", "line", line)
+			c.log.Warn("openvpnmgmt: a line that answers no command", "line", string(line))
 			continue
 		}
 		var r reply
 		complete := true
 		switch {
-		case inMulti && line == "END":
+		case inMulti && string(line) == "END":
 			r.lines, multi, inMulti = multi, nil, false
 		case inMulti:
-			multi = append(multi, line)
+			multi = append(multi, string(line))
 			complete = false
-		case strings.HasPrefix(line, "ERROR:"):
-			r.err = &ServerError{Command: p.name, Message: strings.TrimSpace(strings.TrimPrefix(line, "ERROR:"))}
-		case p.multiLine && line == "END":
+		case bytes.HasPrefix(line, []byte("ERROR:")):
+			r.err = &ServerError{Command: p.name, Message: string(bytes.TrimSpace(line[len("ERROR:"):]))}
+		case p.multiLine && string(line) == "END":
 			r.lines = []string{}
 		case p.multiLine:
-			multi, inMulti = []string{line}, true
+			multi, inMulti = []string{string(line)}, true
 			complete = false
-		case strings.HasPrefix(line, "SUCCESS:"):
-			r.lines = []string{strings.TrimSpace(strings.TrimPrefix(line, "SUCCESS:"))}
+		case bytes.HasPrefix(line, []byte("SUCCESS:")):
+			r.lines = []string{string(bytes.TrimSpace(line[len("SUCCESS:"):]))}
 		default:
-			c.log.Warn("openvpnmgmt: an unexpected reply line", "command", p.name, "line", line)
-			r.lines = []string{line}
+			c.log.Warn("openvpnmgmt: an unexpected reply line", "command", p.name, "line", string(line))
+			r.lines = []string{string(line)}
 		}
 		if !complete {
 			continue
 		}
 		c.writeMu.Lock()
 		c.pending = c.pending[1:]
+		if p.alone {
+			c.aloneBusy = false
+		}
+		c.wakeLocked()
 		c.writeMu.Unlock()
 		p.reply <- r
 	}
 }
 
-func envVar(s string) EnvVar {
-	name, value, _ := strings.Cut(s, "=")
-	return EnvVar{name, value}
+func (b *block) rawHead() string {
+	if b.client != nil {
+		return b.client.Raw()
+	}
+	return b.updown.Raw()
 }
 
 // enqueue queues an event for the consumer; it never blocks.
@@ -392,10 +469,11 @@ func (c *Client) enqueue(ev Event) {
 func (c *Client) deliver() {
 	defer c.wg.Done()
 	defer close(c.events)
+	var spare []Event // the slice delivered last time, for the reader to fill next
 	for {
 		c.qmu.Lock()
 		batch := c.queue
-		c.queue = nil
+		c.queue = spare[:0]
 		c.qmu.Unlock()
 		for i, ev := range batch {
 			select {
@@ -404,6 +482,11 @@ func (c *Client) deliver() {
 			case <-c.closing:
 				return
 			}
+		}
+		if cap(batch) <= 4096 {
+			spare = batch
+		} else {
+			spare = nil // let a storm's queue go
 		}
 		if len(batch) > 0 {
 			continue // more may have come meanwhile
@@ -425,28 +508,43 @@ func (c *Client) deliver() {
 	}
 }
 
+// pipelinedLineLength is the longest line, its line end included, that
+// can be followed at once by more lines. OpenVPN reads its management
+// socket 256 bytes at a time into a 1024-byte line buffer, and clears the
+// buffer when one read does not fit: a line of more than 1024-255 bytes
+// can be lost, and its tail run as a command, when the next command
+// comes in the same read.
+const pipelinedLineLength = MaxLineLength - 255
+
 // roundTrip sends a command (its lines joined by "\n") and waits for its
-// reply. The command keeps its place in the reply order even when ctx ends
-// first; its reply is then dropped.
+// reply. Commands are pipelined: written at once, in the order of the
+// calls, before the earlier ones are answered; a line longer than
+// pipelinedLineLength is written alone, once every earlier command is
+// answered, and no later one is written before its reply. The command
+// keeps its place in the reply order even when ctx ends first; its reply
+// is then dropped.
 func (c *Client) roundTrip(ctx context.Context, name string, multiLine bool, lines ...string) ([]string, error) {
+	alone := false
 	for _, l := range lines {
 		if err := checkLine(l); err != nil {
 			return nil, err
 		}
+		if len(l)+1 > pipelinedLineLength {
+			if len(lines) > 1 {
+				return nil, fmt.Errorf("%w: a line of %d bytes in a block of lines (at most %d)", ErrLineTooLong, len(l)+1, pipelinedLineLength)
+			}
+			alone = true
+		}
 	}
-	p := &call{name: name, multiLine: multiLine, reply: make(chan reply, 1)}
-	c.writeMu.Lock()
-	select {
-	case <-c.done:
-		c.writeMu.Unlock()
-		return nil, ErrClosed
-	default:
-	}
-	if err := ctx.Err(); err != nil {
-		c.writeMu.Unlock()
+	p := &call{name: name, multiLine: multiLine, alone: alone, reply: make(chan reply, 1)}
+	if err := c.enter(ctx, alone); err != nil {
 		return nil, err
 	}
+	// writeMu is held.
 	c.pending = append(c.pending, p)
+	if alone {
+		c.aloneBusy = true
+	}
 	_, err := io.WriteString(c.conn, strings.Join(lines, "\n")+"\n")
 	c.writeMu.Unlock()
 	if err != nil {
@@ -464,4 +562,56 @@ func (c *Client) roundTrip(ctx context.Context, name string, multiLine bool, lin
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// enter returns with writeMu held once a command may be written: at once
+// unless a line that goes alone is waiting or in flight; for a line that
+// goes alone (alone), once it has the connection to itself.
+func (c *Client) enter(ctx context.Context, alone bool) error {
+	reserved := false // this call holds aloneBusy
+	for {
+		c.writeMu.Lock()
+		var err error
+		select {
+		case <-c.done:
+			err = ErrClosed
+		default:
+			err = ctx.Err()
+		}
+		if err != nil {
+			if reserved {
+				c.aloneBusy = false
+				c.wakeLocked()
+			}
+			c.writeMu.Unlock()
+			return err
+		}
+		switch {
+		case !alone && !c.aloneBusy:
+			return nil
+		case alone && !reserved && !c.aloneBusy:
+			// Keep later commands out while the earlier ones drain.
+			c.aloneBusy, reserved = true, true
+		}
+		if reserved && len(c.pending) == 0 {
+			return nil // aloneBusy stays set, now for the call itself
+		}
+		wake := make(chan struct{})
+		c.waiters = append(c.waiters, wake)
+		c.writeMu.Unlock()
+		select {
+		case <-wake:
+		case <-ctx.Done():
+		case <-c.done:
+		}
+	}
+}
+
+// wakeLocked wakes the commands waiting in enter, to look again. writeMu
+// is held.
+func (c *Client) wakeLocked() {
+	for _, w := range c.waiters {
+		close(w)
+	}
+	c.waiters = nil
 }

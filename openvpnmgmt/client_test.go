@@ -1,9 +1,12 @@
 package openvpnmgmt_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"runtime"
 	"strings"
 	"testing"
@@ -206,8 +209,12 @@ func TestRefusedCommands(t *testing.T) {
 	s := mgmttest.NewServer(t)
 	c := dial(t, s, openvpnmgmt.Options{})
 	ctx := context.Background()
-	err := c.Kill(ctx, strings.Repeat("a", 1020))
-	is.True(errors.Is(err, openvpnmgmt.ErrLineTooLong))
+	_, err := c.Raw(ctx, "echo "+strings.Repeat("a", 1019), false)
+	is.True(errors.Is(err, openvpnmgmt.ErrLineTooLong)) // 1025 bytes with its line end
+	err = c.Kill(ctx, strings.Repeat("a", openvpnmgmt.MaxArgLength+1))
+	is.True(errors.Is(err, openvpnmgmt.ErrArgTooLong))
+	err = c.ClientAuth(ctx, 1, 1, []string{"push \"setenv X " + strings.Repeat("b", 800) + "\""})
+	is.True(errors.Is(err, openvpnmgmt.ErrLineTooLong)) // too long to pipeline inside a block
 	err = c.ClientDeny(ctx, 1, 1, "line\nbreak", "")
 	is.True(errors.Is(err, openvpnmgmt.ErrBadArgument))
 	err = c.ClientAuth(ctx, 1, 1, []string{"END"})
@@ -215,7 +222,9 @@ func TestRefusedCommands(t *testing.T) {
 	_, err = c.Raw(ctx, "echo \x00", false)
 	is.True(errors.Is(err, openvpnmgmt.ErrBadArgument))
 	is.Equal(len(s.Commands()), 0)                   // nothing reached the server
-	is.NoErr(c.Kill(ctx, strings.Repeat("a", 1018))) // "kill " + 1018 + "\n" = 1024
+	is.NoErr(c.Kill(ctx, strings.Repeat("a", openvpnmgmt.MaxArgLength)))
+	_, err = c.Raw(ctx, "echo "+strings.Repeat("a", 1018), false) // 1024 bytes with its line end
+	is.NoErr(err)
 }
 
 func TestHandlerSendsCommands(t *testing.T) {
@@ -358,5 +367,85 @@ func TestServerGoesAway(t *testing.T) {
 	}
 	if c.Err() == nil || errors.Is(c.Err(), openvpnmgmt.ErrClosed) {
 		t.Fatalf("Err = %v", c.Err())
+	}
+}
+
+// TestLongLineGoesAlone checks that a line too long to share OpenVPN's
+// read with another is written only when no command is waiting for its
+// reply, and that nothing follows it before its reply.
+func TestLongLineGoesAlone(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := openvpnmgmt.Dial(ctx, "tcp", l.Addr().String(), openvpnmgmt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	conn, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	br := bufio.NewReader(conn)
+	readLine := func() string {
+		t.Helper()
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading a command: %v", err)
+		}
+		return strings.TrimSuffix(line, "\n")
+	}
+	// nothingFor fails if a line arrives within d: the negative check.
+	nothingFor := func(d time.Duration) {
+		t.Helper()
+		conn.SetReadDeadline(time.Now().Add(d))
+		if line, err := br.ReadString('\n'); err == nil {
+			t.Fatalf("got %q while a command was in flight", line)
+		}
+	}
+	answer := func(s string) {
+		t.Helper()
+		if _, err := io.WriteString(conn, "SUCCESS: "+s+"\r\n"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run := func(line string) chan error {
+		done := make(chan error, 1)
+		go func() { _, err := c.Raw(ctx, line, false); done <- err }()
+		return done
+	}
+	long := "echo " + strings.Repeat("a", 900)
+
+	first := run("echo one")
+	if got := readLine(); got != "echo one" {
+		t.Fatalf("got %q, want echo one", got)
+	}
+	second := run(long)
+	nothingFor(100 * time.Millisecond) // the long line waits for "echo one"
+	answer("one")
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	if got := readLine(); got != long {
+		t.Fatalf("got %q, want the long line", got)
+	}
+	third := run("echo three")
+	nothingFor(100 * time.Millisecond) // nothing follows the long line
+	answer("long")
+	if err := <-second; err != nil {
+		t.Fatal(err)
+	}
+	if got := readLine(); got != "echo three" {
+		t.Fatalf("got %q, want echo three", got)
+	}
+	answer("three")
+	if err := <-third; err != nil {
+		t.Fatal(err)
 	}
 }

@@ -11,23 +11,35 @@ import (
 )
 
 // MaxLineLength is the longest command line OpenVPN reads, its line end
-// included; it drops longer ones silently, so the client refuses them.
+// included. OpenVPN does not drop a longer line whole: it clears its
+// buffer when full and runs what follows as a command. The client refuses
+// such lines. A line longer than 768 bytes (plus its line end) is only
+// safe when nothing follows it in the same read, so the client sends it
+// alone (see [Client]), and refuses it inside a block of lines such as
+// client-auth's.
 const MaxLineLength = 1024
 
-// maxArgs is how many words OpenVPN's lexer takes from a line.
+// MaxArgLength is the longest argument, after unquoting, that OpenVPN's
+// lexer takes; it answers ERROR to a longer one.
+const MaxArgLength = 256
+
+// maxArgs is how many words OpenVPN's lexer takes from a line; it ignores
+// the others.
 const maxArgs = 16
 
-// ErrLineTooLong and ErrBadArgument report a command the client refuses
-// to send: OpenVPN would drop or misread it.
+// Errors of commands the client refuses to send, because OpenVPN would
+// drop, misread or refuse them. Nothing is sent, and the connection goes
+// on.
 var (
 	ErrLineTooLong = errors.New("openvpnmgmt: command line longer than OpenVPN reads")
-	ErrBadArgument = errors.New("openvpnmgmt: argument with a control character")
+	ErrBadArgument = errors.New("openvpnmgmt: control character in a command")
 	ErrTooManyArgs = errors.New("openvpnmgmt: more than 16 words on a command line")
+	ErrArgTooLong  = errors.New("openvpnmgmt: argument longer than OpenVPN takes")
 )
 
-// Quote returns s as one argument for OpenVPN's lexer: as is when it
-// needs no quoting, else in double quotes with backslashes and double
-// quotes escaped.
+// Quote returns s as one argument for OpenVPN's lexer (the one of its
+// configuration files): as is when it needs no quoting, else in double
+// quotes, with backslashes and double quotes escaped by a backslash.
 func Quote(s string) string {
 	if s != "" && !strings.ContainsAny(s, " \t\"'\\#;") {
 		return s
@@ -35,14 +47,16 @@ func Quote(s string) string {
 	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(s) + `"`
 }
 
-// checkLine refuses what OpenVPN would drop or misread.
+// checkLine refuses what OpenVPN would drop or misread: a line longer
+// than MaxLineLength, and bytes it drops silently (controls, tab
+// included, and DEL).
 func checkLine(line string) error {
 	if len(line)+1 > MaxLineLength {
-		return fmt.Errorf("%w: %d bytes", ErrLineTooLong, len(line)+1)
+		return fmt.Errorf("%w: %d bytes, at most %d with the line end", ErrLineTooLong, len(line)+1, MaxLineLength)
 	}
 	for i := 0; i < len(line); i++ {
-		if c := line[i]; c < ' ' && c != '\t' || c == 0x7f {
-			return fmt.Errorf("%w: byte %#x", ErrBadArgument, c)
+		if c := line[i]; c < ' ' || c == 0x7f {
+			return fmt.Errorf("%w: byte %#02x at %d", ErrBadArgument, c, i)
 		}
 	}
 	return nil
@@ -56,6 +70,9 @@ func command(name string, args ...string) (string, error) {
 	var b strings.Builder
 	b.WriteString(name)
 	for _, a := range args {
+		if len(a) > MaxArgLength {
+			return "", fmt.Errorf("%w: %d bytes, at most %d", ErrArgTooLong, len(a), MaxArgLength)
+		}
 		b.WriteByte(' ')
 		b.WriteString(Quote(a))
 	}
