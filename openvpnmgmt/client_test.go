@@ -221,7 +221,7 @@ func TestRefusedCommands(t *testing.T) {
 	is.True(errors.Is(err, openvpnmgmt.ErrBadArgument))
 	_, err = c.Raw(ctx, "echo \x00", false)
 	is.True(errors.Is(err, openvpnmgmt.ErrBadArgument))
-	is.Equal(len(s.Commands()), 0)                   // nothing reached the server
+	is.Equal(len(s.Commands()), 0) // nothing reached the server
 	is.NoErr(c.Kill(ctx, strings.Repeat("a", openvpnmgmt.MaxArgLength)))
 	_, err = c.Raw(ctx, "echo "+strings.Repeat("a", 1018), false) // 1024 bytes with its line end
 	is.NoErr(err)
