@@ -15,6 +15,7 @@ package vpntest
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -75,9 +76,19 @@ type PKI struct {
 // day) in tb's temporary directory.
 func NewPKI(tb testing.TB) *PKI {
 	tb.Helper()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	p, err := MakePKI(tb.TempDir())
 	if err != nil {
 		tb.Fatal(err)
+	}
+	return p
+}
+
+// MakePKI is NewPKI outside a test: it writes the PEM files into dir,
+// which the caller removes.
+func MakePKI(dir string) (*PKI, error) {
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
 	}
 	now := time.Now()
 	caTmpl := &x509.Certificate{
@@ -91,12 +102,15 @@ func NewPKI(tb testing.TB) *PKI {
 	}
 	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
 	if err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
-	ca, _ := x509.ParseCertificate(caDER)
+	ca, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		return nil, err
+	}
 	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
 	srvTmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(2),
@@ -108,13 +122,12 @@ func NewPKI(tb testing.TB) *PKI {
 	}
 	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, ca, &srvKey.PublicKey, caKey)
 	if err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(srvKey)
 	if err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
-	dir := tb.TempDir()
 	p := &PKI{
 		CACert:     pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
 		ServerCert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srvDER}),
@@ -125,10 +138,10 @@ func NewPKI(tb testing.TB) *PKI {
 	}
 	for file, data := range map[string][]byte{p.CAFile: p.CACert, p.CertFile: p.ServerCert, p.KeyFile: p.ServerKey} {
 		if err := os.WriteFile(file, data, 0o600); err != nil {
-			tb.Fatal(err)
+			return nil, err
 		}
 	}
-	return p
+	return p, nil
 }
 
 var nsSeq atomic.Int64
@@ -144,19 +157,38 @@ type Netns struct {
 func NewNetns(tb testing.TB, prefix string) *Netns {
 	tb.Helper()
 	Require(tb, "ip")
-	n := &Netns{Name: fmt.Sprintf("obvpn-%s-%d-%d", prefix, os.Getpid(), nsSeq.Add(1))}
-	if out, err := exec.Command("ip", "netns", "add", n.Name).CombinedOutput(); err != nil {
-		tb.Fatalf("ip netns add %s: %v: %s", n.Name, err, out)
+	n, err := MakeNetns(prefix)
+	if err != nil {
+		tb.Fatal(err)
 	}
 	tb.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", n.Name).CombinedOutput(); err != nil {
-			tb.Errorf("ip netns del %s: %v: %s", n.Name, err, out)
+		if err := n.Delete(); err != nil {
+			tb.Error(err)
 		}
 	})
-	if out, err := n.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		tb.Fatalf("lo up in %s: %v: %s", n.Name, err, out)
-	}
 	return n
+}
+
+// MakeNetns is NewNetns outside a test: the caller deletes the namespace
+// with Delete.
+func MakeNetns(prefix string) (*Netns, error) {
+	n := &Netns{Name: fmt.Sprintf("obvpn-%s-%d-%d", prefix, os.Getpid(), nsSeq.Add(1))}
+	if out, err := exec.Command("ip", "netns", "add", n.Name).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("vpntest: ip netns add %s: %w: %s", n.Name, err, bytes.TrimSpace(out))
+	}
+	if out, err := n.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		_ = n.Delete()
+		return nil, fmt.Errorf("vpntest: lo up in %s: %w: %s", n.Name, err, bytes.TrimSpace(out))
+	}
+	return n, nil
+}
+
+// Delete deletes the namespace, and with it its links and tun devices.
+func (n *Netns) Delete() error {
+	if out, err := exec.Command("ip", "netns", "del", n.Name).CombinedOutput(); err != nil {
+		return fmt.Errorf("vpntest: ip netns del %s: %w: %s", n.Name, err, bytes.TrimSpace(out))
+	}
+	return nil
 }
 
 var linkSeq atomic.Int64
@@ -168,35 +200,69 @@ type Device struct {
 	// Addr is the device's address on the link; WorldAddr the world's,
 	// which the device reaches its server at.
 	Addr, WorldAddr netip.Addr
+
+	world *Netns
+	link  string // the world's end of the veth pair
 }
 
 // NewDevice creates a device namespace linked to world. The namespace and
 // the link go when the test ends.
 func NewDevice(tb testing.TB, world *Netns) *Device {
 	tb.Helper()
-	n := linkSeq.Add(1)
-	if n > 63 {
-		tb.Fatal("vpntest: at most 63 devices per test process")
+	Require(tb, "ip")
+	dev, err := MakeDevice(world)
+	if err != nil {
+		tb.Fatal(err)
 	}
-	dev := &Device{Netns: NewNetns(tb, "dev")}
+	tb.Cleanup(func() {
+		if err := dev.Delete(); err != nil {
+			tb.Error(err)
+		}
+	})
+	return dev
+}
+
+// MaxDevices is how many devices a process can link: the /30s of
+// 192.0.2.0/24.
+const MaxDevices = 63
+
+// MakeDevice is NewDevice outside a test: the caller deletes the device
+// with Delete. A process makes at most MaxDevices devices.
+func MakeDevice(world *Netns) (*Device, error) {
+	n := linkSeq.Add(1)
+	if n > MaxDevices {
+		return nil, fmt.Errorf("vpntest: at most %d devices per process", MaxDevices)
+	}
+	ns, err := MakeNetns("dev")
+	if err != nil {
+		return nil, err
+	}
+	dev := &Device{Netns: ns, world: world,
+		link: fmt.Sprintf("ow%d-%d", os.Getpid()%10000, n)}
 	base := netip.AddrFrom4([4]byte{192, 0, 2, byte(4 * n)})
 	dev.WorldAddr, dev.Addr = base.Next(), base.Next().Next()
-	w, d := fmt.Sprintf("ow%d-%d", os.Getpid()%10000, n), fmt.Sprintf("od%d-%d", os.Getpid()%10000, n)
+	d := fmt.Sprintf("od%d-%d", os.Getpid()%10000, n)
 	for _, c := range [][]string{
-		{"ip", "link", "add", w, "netns", world.Name, "type", "veth", "peer", "name", d, "netns", dev.Name},
-		{"ip", "-n", world.Name, "addr", "add", dev.WorldAddr.String() + "/30", "dev", w},
+		{"ip", "link", "add", dev.link, "netns", world.Name, "type", "veth", "peer", "name", d, "netns", dev.Name},
+		{"ip", "-n", world.Name, "addr", "add", dev.WorldAddr.String() + "/30", "dev", dev.link},
 		{"ip", "-n", dev.Name, "addr", "add", dev.Addr.String() + "/30", "dev", d},
-		{"ip", "-n", world.Name, "link", "set", w, "up"},
+		{"ip", "-n", world.Name, "link", "set", dev.link, "up"},
 		{"ip", "-n", dev.Name, "link", "set", d, "up"},
 	} {
 		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
-			tb.Fatalf("%v: %v: %s", c, err, out)
+			_ = dev.Delete()
+			return nil, fmt.Errorf("vpntest: %s: %w: %s", strings.Join(c, " "), err, bytes.TrimSpace(out))
 		}
 	}
+	return dev, nil
+}
+
+// Delete deletes the device's namespace and its link to the world.
+func (d *Device) Delete() error {
 	// Deleting either namespace deletes the pair; the world may outlive
-	// the device, so delete the link explicitly too.
-	tb.Cleanup(func() { _ = exec.Command("ip", "-n", world.Name, "link", "del", w).Run() })
-	return dev
+	// the device, so delete the link explicitly too (it may be gone).
+	_ = exec.Command("ip", "-n", d.world.Name, "link", "del", d.link).Run()
+	return d.Netns.Delete()
 }
 
 // Command returns a command that runs name inside the namespace.
@@ -228,14 +294,37 @@ type waiter struct {
 // start runs cmd, collecting its output lines (OpenVPN logs to stdout).
 func start(tb testing.TB, cmd *exec.Cmd) *Process {
 	tb.Helper()
-	out, err := cmd.StdoutPipe()
+	p, err := launch(cmd)
+	return own(tb, p, err)
+}
+
+// own stops p when the test ends, and logs its output if the test failed;
+// err fails the test at once.
+func own(tb testing.TB, p *Process, err error) *Process {
+	tb.Helper()
 	if err != nil {
 		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		p.Stop()
+		if tb.Failed() {
+			tb.Logf("output of %v:\n%s", p.cmd.Args, strings.Join(p.Lines(), "\n"))
+		}
+	})
+	return p
+}
+
+// launch runs cmd in a process group of its own, collecting its output
+// lines.
+func launch(cmd *exec.Cmd) (*Process, error) {
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
 	}
 	cmd.Stderr = cmd.Stdout
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
-		tb.Fatalf("%s: %v", cmd.Path, err)
+		return nil, fmt.Errorf("vpntest: %s: %w", cmd.Path, err)
 	}
 	p := &Process{cmd: cmd, exited: make(chan struct{})}
 	go func() {
@@ -246,13 +335,7 @@ func start(tb testing.TB, cmd *exec.Cmd) *Process {
 		}
 		_ = cmd.Wait()
 	}()
-	tb.Cleanup(func() {
-		p.Stop()
-		if tb.Failed() {
-			tb.Logf("output of %v:\n%s", cmd.Args, strings.Join(p.Lines(), "\n"))
-		}
-	})
-	return p
+	return p, nil
 }
 
 func (p *Process) add(line string) {
@@ -440,11 +523,22 @@ type ClientOptions struct {
 // with WaitFor.
 func StartClient(tb testing.TB, opts ClientOptions) *Process {
 	tb.Helper()
-	bin := Require(tb, "openvpn", "ip")[0]
-	dir := tb.TempDir()
+	Require(tb, "openvpn", "ip")
+	p, err := LaunchClient(tb.TempDir(), opts)
+	return own(tb, p, err)
+}
+
+// LaunchClient is StartClient outside a test: its configuration and
+// credentials go into dir, which the caller removes, and the caller ends
+// it with Stop.
+func LaunchClient(dir string, opts ClientOptions) (*Process, error) {
+	bin, err := exec.LookPath("openvpn")
+	if err != nil {
+		return nil, fmt.Errorf("vpntest: %w", err)
+	}
 	cred := filepath.Join(dir, "credentials")
 	if err := os.WriteFile(cred, []byte(opts.Username+"\n"+opts.Password+"\n"), 0o600); err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
 	host, port, _ := strings.Cut(opts.Remote, ":")
 	conf := []string{
@@ -458,7 +552,7 @@ func StartClient(tb testing.TB, opts ClientOptions) *Process {
 	conf = append(conf, opts.Extra...)
 	file := filepath.Join(dir, "client.conf")
 	if err := os.WriteFile(file, []byte(strings.Join(conf, "\n")+"\n"), 0o600); err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
-	return start(tb, opts.Netns.Command(bin, "--config", file))
+	return launch(opts.Netns.Command(bin, "--config", file))
 }
