@@ -451,7 +451,19 @@ func (r *Resolver) refreshFile(path string, changed map[string]bool) error {
 	if id == f.id {
 		return nil
 	}
-	st, err := parseStatus(file, true)
+	names := make(map[string]route, len(f.names))
+	_, err = parseStatus(file, func(rt Route) {
+		if !rt.Addr.IsValid() || rt.CommonName == "" {
+			return
+		}
+		cn := strings.ToLower(rt.CommonName) // rt's strings are the line's: copy
+		if cn == rt.CommonName {
+			cn = strings.Clone(cn)
+		}
+		if old, ok := names[cn]; !ok || rt.LastRef.After(old.lastRef) {
+			names[cn] = route{rt.Addr, rt.LastRef}
+		}
+	})
 	if err != nil {
 		return fmt.Errorf("nss: %s: %w", path, err)
 	}
@@ -459,43 +471,33 @@ func (r *Resolver) refreshFile(path string, changed map[string]bool) error {
 		// Rewritten while we read: try again on the next refresh.
 		return fmt.Errorf("nss: %s: %w (changed while read)", path, ErrIncomplete)
 	}
-	names := make(map[string]route, len(st.Routes))
-	for _, rt := range st.Routes {
-		if !rt.Addr.IsValid() || rt.CommonName == "" {
-			continue
-		}
-		cn := strings.ToLower(rt.CommonName)
-		if old, ok := names[cn]; !ok || rt.LastRef.After(old.lastRef) {
-			names[cn] = route{rt.Addr, rt.LastRef}
-		}
-	}
 	r.setNames(f, names, changed)
 	f.id = id
 	return nil
 }
 
 // setNames replaces a file's names, keeping owners up to date and noting
-// every name whose routes changed.
+// every name whose entry in the index may change. A name that stays in
+// the file changes the index only if its address changed, or if another
+// file names it too (then the latest Last Ref wins): a rewrite that only
+// moves Last Ref, as most do, costs no index update.
 func (r *Resolver) setNames(f *fileState, names map[string]route, changed map[string]bool) {
 	for n, old := range f.names {
-		if nr, ok := names[n]; ok && nr == old {
+		if nr, ok := names[n]; ok {
+			if nr != old && (nr.addr != old.addr || len(r.owners[n]) > 1) {
+				changed[n] = true
+			}
 			continue
 		}
 		changed[n] = true
-		if _, ok := names[n]; !ok {
-			r.owners[n] = removeFile(r.owners[n], f)
-			if len(r.owners[n]) == 0 {
-				delete(r.owners, n)
-			}
+		r.owners[n] = removeFile(r.owners[n], f)
+		if len(r.owners[n]) == 0 {
+			delete(r.owners, n)
 		}
 	}
-	for n, nr := range names {
-		old, had := f.names[n]
-		if had && old == nr {
-			continue
-		}
-		changed[n] = true
-		if !had {
+	for n := range names {
+		if _, had := f.names[n]; !had {
+			changed[n] = true
 			r.owners[n] = append(r.owners[n], f)
 		}
 	}

@@ -54,6 +54,8 @@ type Status struct {
 	Routes []Route
 	// GlobalStats are the GLOBAL STATS name/value pairs.
 	GlobalStats map[string]string
+
+	onRoute func(Route) // if set, takes the routes instead of Routes
 }
 
 // Client is one row of the client list.
@@ -105,14 +107,16 @@ const maxLine = 64 << 10
 // not a status file yields [ErrFormat]. Malformed rows are skipped, never
 // guessed at: a row that does not parse cannot give a name an address.
 func ParseStatus(r io.Reader) (*Status, error) {
-	return parseStatus(r, false)
+	return parseStatus(r, nil)
 }
 
-// parseStatus is ParseStatus; with routesOnly it skips the client list,
-// which the resolver's index does not need.
-func parseStatus(r io.Reader, routesOnly bool) (*Status, error) {
+// parseStatus is ParseStatus; with onRoute set it skips the client list,
+// which the resolver's index does not need, and passes each routing row
+// to onRoute instead of keeping it.
+func parseStatus(r io.Reader, onRoute func(Route)) (*Status, error) {
 	br := bufio.NewReaderSize(r, 64<<10)
-	st := &Status{GlobalStats: map[string]string{}}
+	st := &Status{GlobalStats: map[string]string{}, onRoute: onRoute}
+	routesOnly := onRoute != nil
 	first, err := readLine(br)
 	switch {
 	case err == io.EOF:
@@ -141,31 +145,50 @@ func parseStatus(r io.Reader, routesOnly bool) (*Status, error) {
 // readLine returns the next line without its end; io.EOF only when no
 // byte is left. A line longer than maxLine is an error.
 func readLine(br *bufio.Reader) (string, error) {
+	b, err := readBytes(br)
+	if err != nil && err != errTornLine {
+		return "", err
+	}
+	return string(b), err
+}
+
+// readBytes is readLine without the copy: the line is valid until the
+// next read from br.
+func readBytes(br *bufio.Reader) ([]byte, error) {
 	chunk, err := br.ReadSlice('\n')
 	if err == nil {
-		return string(bytes.TrimRight(chunk, "\r\n")), nil // the common case: one allocation
+		return bytes.TrimRight(chunk, "\r\n"), nil // the common case: no copy
 	}
 	buf := append([]byte(nil), chunk...)
 	for err == bufio.ErrBufferFull {
 		if len(buf) > maxLine {
-			return "", fmt.Errorf("%w: a line longer than %d bytes", ErrFormat, maxLine)
+			return nil, fmt.Errorf("%w: a line longer than %d bytes", ErrFormat, maxLine)
 		}
 		chunk, err = br.ReadSlice('\n')
 		buf = append(buf, chunk...)
 	}
 	switch {
 	case len(buf) > maxLine:
-		return "", fmt.Errorf("%w: a line longer than %d bytes", ErrFormat, maxLine)
+		return nil, fmt.Errorf("%w: a line longer than %d bytes", ErrFormat, maxLine)
 	case err == nil:
-		return string(bytes.TrimRight(buf, "\r\n")), nil
+		return bytes.TrimRight(buf, "\r\n"), nil
 	case err == io.EOF && len(buf) == 0:
-		return "", io.EOF
+		return nil, io.EOF
 	case err == io.EOF:
 		// A last line without its newline is a torn write: END without
 		// "\n" does not count as END.
-		return string(buf), errTornLine
+		return buf, errTornLine
 	}
-	return "", err
+	return nil, err
+}
+
+// addRoute keeps r, or passes it on.
+func (st *Status) addRoute(r Route) {
+	if st.onRoute != nil {
+		st.onRoute(r)
+		return
+	}
+	st.Routes = append(st.Routes, r)
 }
 
 // errTornLine marks a last line that has no newline.
@@ -286,24 +309,19 @@ func parseV1(br *bufio.Reader, st *Status, routesOnly bool) error {
 				st.Clients = append(st.Clients, c)
 			}
 		case section == "ROUTING TABLE":
-			if r, ok := routeRow(cols, f); ok {
-				st.Routes = append(st.Routes, r)
+			if r, ok := routeRow(cols, f, routesOnly); ok {
+				st.addRoute(r)
 			}
 		}
 	}
 }
 
 func parseV23(br *bufio.Reader, st *Status, line, sep string, routesOnly bool) error {
-	clientPrefix := "CLIENT_LIST" + sep
+	clientPrefix := []byte("CLIENT_LIST" + sep)
 	var clientCols, routeCols *columns
 	var f []string
 	for {
-		if routesOnly && strings.HasPrefix(line, clientPrefix) {
-			f = f[:0]
-			f = append(f, "")
-		} else {
-			f = splitInto(f, line, sep)
-		}
+		f = splitInto(f, line, sep)
 		switch f[0] {
 		case "END":
 			if len(f) == 1 {
@@ -334,8 +352,8 @@ func parseV23(br *bufio.Reader, st *Status, line, sep string, routesOnly bool) e
 			}
 		case "ROUTING_TABLE":
 			if routeCols != nil {
-				if r, ok := routeRow(routeCols, f[1:]); ok {
-					st.Routes = append(st.Routes, r)
+				if r, ok := routeRow(routeCols, f[1:], routesOnly); ok {
+					st.addRoute(r)
 				}
 			}
 		case "GLOBAL_STATS":
@@ -343,13 +361,21 @@ func parseV23(br *bufio.Reader, st *Status, line, sep string, routesOnly bool) e
 				st.GlobalStats[strings.Clone(f[1])] = strings.Join(f[2:], sep)
 			}
 		}
-		var err error
-		line, err = readLine(br)
-		if err == io.EOF || err == errTornLine {
-			return ErrIncomplete
-		}
-		if err != nil {
-			return err
+		// The next line; with routesOnly, client rows are skipped before
+		// they cost a copy.
+		for {
+			b, err := readBytes(br)
+			if err == io.EOF || err == errTornLine {
+				return ErrIncomplete
+			}
+			if err != nil {
+				return err
+			}
+			if routesOnly && bytes.HasPrefix(b, clientPrefix) {
+				continue
+			}
+			line = string(b)
+			break
 		}
 	}
 }
@@ -384,11 +410,17 @@ func clientRow(c *columns, f []string) (Client, bool) {
 	return cl, c[colCommonName] >= 0
 }
 
-func routeRow(c *columns, f []string) (Route, bool) {
+// routeRow parses a routing row. With passed, the Route is only passed to
+// a callback that keeps none of its strings, so they are not copied out
+// of the line.
+func routeRow(c *columns, f []string, passed bool) (Route, bool) {
 	r := Route{
-		Virtual:    strings.Clone(c.get(f, colVirtualAddress)),
-		CommonName: strings.Clone(undef(c.get(f, colCommonName))),
+		Virtual:    c.get(f, colVirtualAddress),
+		CommonName: undef(c.get(f, colCommonName)),
 		LastRef:    parseTime(c.get(f, colLastRef), c.get(f, colLastRefT)),
+	}
+	if !passed {
+		r.Virtual, r.CommonName = strings.Clone(r.Virtual), strings.Clone(r.CommonName)
 	}
 	r.Proto, r.RealAddress = parseReal(c.get(f, colRealAddress))
 	r.Addr = parseHost(r.Virtual, true)
