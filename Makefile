@@ -1,15 +1,38 @@
 GO ?= go
 
-.PHONY: all build demo test bench
+.PHONY: all build demo plan test bench
 
 all: build
 
 build:
 	$(GO) build ./...
 
-# demo prints the plan of the configured deployment; with no VPN_BASE_SUBNET
-# set it uses the seed's network: 10.240.0.0/12 cut into /20s, 4 instances.
+# demo runs examples/local-fleet: the balena API (in memory), the VPN server
+# (two OpenVPN instances behind HAProxy, the CONNECT proxy) and simulated
+# devices, each a real openvpn client in a network namespace of its own;
+# it fetches every device's page through the proxy, prints what it found and
+# stays up until Ctrl-C. It needs root, and installs openvpn, haproxy and
+# iproute2 when they are missing. DEMO_FLAGS go to local-fleet, e.g.
+# make demo DEMO_FLAGS="-devices 20" or DEMO_FLAGS=-once.
+DEMO_FLAGS ?=
+DEMO_PACKAGES = openvpn haproxy iproute2
+
 demo:
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "make demo needs root (network namespaces and tun devices): run it as root, e.g. sudo make demo"; exit 1; \
+	fi
+	@for c in openvpn haproxy ip; do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing $(DEMO_PACKAGES)…"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEMO_PACKAGES) >/dev/null; \
+	fi
+	$(GO) build -o bin/local-fleet ./examples/local-fleet
+	./bin/local-fleet $(DEMO_FLAGS)
+
+# plan prints the address and port plan that the environment configures;
+# with no VPN_BASE_SUBNET set it uses the seed's network: 10.240.0.0/12 cut
+# into /20s, 4 instances.
+plan:
 	@if [ -z "$$VPN_BASE_SUBNET" ]; then \
 		export VPN_BASE_SUBNET=10.240.0.0/12 VPN_INSTANCE_SUBNET_BITMASK=20 \
 			VPN_INSTANCE_COUNT=$${VPN_INSTANCE_COUNT:-4}; \

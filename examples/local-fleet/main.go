@@ -64,7 +64,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if *verbose {
 		level = slog.LevelInfo
 	}
-	o.log = slog.New(tint.NewHandler(stderr, &tint.Options{Level: level, TimeFormat: time.TimeOnly}))
+	var h slog.Handler = tint.NewHandler(stderr, &tint.Options{Level: level, TimeFormat: time.TimeOnly})
+	if !*verbose {
+		h = quietOpenVPN{h}
+	}
+	o.log = slog.New(h)
 	o.out = stdout
 
 	// The first Ctrl-C drains and cleans up; a second one cuts the drain
@@ -89,4 +93,30 @@ func prerequisites() error {
 		}
 	}
 	return nil
+}
+
+// quietOpenVPN drops OpenVPN's own log lines (source=openvpn), which the
+// server passes on at their level: clients killed by the drain, say, are
+// errors to OpenVPN and expected here. The server's own warnings and
+// errors (an instance that died, say) still show; -v shows everything.
+type quietOpenVPN struct{ slog.Handler }
+
+func (q quietOpenVPN) Handle(ctx context.Context, r slog.Record) error {
+	openvpn := false
+	r.Attrs(func(a slog.Attr) bool {
+		openvpn = a.Key == "source" && a.Value.String() == "openvpn"
+		return !openvpn
+	})
+	if openvpn {
+		return nil
+	}
+	return q.Handler.Handle(ctx, r)
+}
+
+func (q quietOpenVPN) WithAttrs(as []slog.Attr) slog.Handler {
+	return quietOpenVPN{q.Handler.WithAttrs(as)}
+}
+
+func (q quietOpenVPN) WithGroup(name string) slog.Handler {
+	return quietOpenVPN{q.Handler.WithGroup(name)}
 }
