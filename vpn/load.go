@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -65,6 +66,22 @@ type Loader struct {
 // LoadConfig loads the server's configuration from the process environment
 // with the zero [Loader].
 func LoadConfig() (*Config, error) { return Loader{}.Config() }
+
+// Variables returns the name of every environment variable that a
+// [Loader] reads, the old names included, in sorted order: for tools that
+// check deployment files and documentation against the code.
+func Variables() []string {
+	params, err := env.GetFieldParamsWithOptions(&environment{}, env.Options{Environment: map[string]string{}})
+	if err != nil {
+		panic(err) // the struct's tags are fixed at compile time
+	}
+	names := make([]string, len(params))
+	for i, p := range params {
+		names[i] = p.Key
+	}
+	slices.Sort(names)
+	return slices.Compact(names)
+}
 
 // LoadConnectProxyConfig loads the configuration of the CONNECT proxy when
 // it runs alone, from the process environment with the zero [Loader].

@@ -2,6 +2,7 @@ package vpn
 
 import (
 	"os"
+	"slices"
 	"strings"
 	"testing"
 
@@ -52,6 +53,18 @@ func TestREADMEListsEveryVariable(t *testing.T) {
 		}
 		if v.Default != "" && !strings.Contains(row, "`"+v.Default+"`") {
 			t.Errorf("README.md's row for %s does not give its default `%s`: %s", v.Name, v.Default, row)
+		}
+	}
+}
+
+func TestVariables(t *testing.T) {
+	names := Variables()
+	if len(names) != len(variables()) {
+		t.Errorf("Variables: %d names, the environment struct has %d", len(names), len(variables()))
+	}
+	for _, want := range []string{"VPN_BASE_SUBNET", "BALENA_VPN_GATEWAY", "VPN_GATEWAY", "VPN_API_BASE_PORT", "NSS_OPENVPN_STATUS_GLOB"} {
+		if _, ok := slices.BinarySearch(names, want); !ok {
+			t.Errorf("Variables lacks %s", want)
 		}
 	}
 }
