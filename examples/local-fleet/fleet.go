@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	_ "embed"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -25,7 +26,6 @@ import (
 	"time"
 
 	"github.com/obvpn/obvpn/nss"
-	"github.com/obvpn/obvpn/vpn"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
@@ -35,66 +35,69 @@ var devicesJSON []byte
 
 const maxDevices = vpntest.MaxDevices
 
-// The server's addresses inside the world namespace.
-const (
-	vpnPort     = 443              // HAProxy's frontend, which the devices dial
-	proxyAddr   = "127.0.0.1:3128" // the CONNECT proxy
-	metricsAddr = "127.0.0.1:8080" // /cluster_metrics
-	monitorAddr = "127.0.0.1:8088" // HAProxy's /ping
-)
+// vpnPort is where the devices dial the fleet: the balancer in the world.
+const vpnPort = 443
 
 type options struct {
 	devices     int
 	devicesFile string
+	hosts       int
+	killHost    int // after the first check, SIGKILL this host (1-indexed), or 0
+	drainHost   int // after the first check, SIGTERM this host, or 0
 	once        bool
 	timeout     time.Duration
-	proxyAddr   string // on the host, relayed to the world's proxy
-	metricsAddr string // on the host, relayed to the world's metrics
+	proxyAddr   string // on the machine, relayed to host 1's proxy
+	metricsAddr string // on the machine, relayed to host 1's metrics
+	verbose     bool
 	log         *slog.Logger
 	out         io.Writer
 }
 
 // device is a simulated device: its record in the API, its namespace, its
-// openvpn client and its web service, and what the check found.
+// openvpn client and its web service, and what the last check found.
 type device struct {
 	balenatest.Device
 	ns     *vpntest.Device
 	client *vpntest.Process
 	web    *http.Server
 
+	host     *host // the host that the API says holds it
 	instance int
 	addr     netip.Addr
-	reached  bool
+	reached  int // how many live hosts' proxies reached it
 	rtt      time.Duration
 	err      error
 }
 
 // fleet is everything the demo made, for close to remove.
 type fleet struct {
-	o       options
-	dir     string
-	world   *vpntest.Netns
-	pki     *vpntest.PKI
-	api     *balenatest.API
-	apiSrv  *http.Server
-	apiDone chan struct{}
-	cfg     *vpn.Config
-	srv     *vpn.Server
-	stop    context.CancelFunc // ends the server's Run
-	done    chan struct{}      // closed when Run returned
-	runErr  error
-	devices []*device
-	relays  []net.Listener
-	wg      sync.WaitGroup // the web services and the relays
+	o              options
+	dir            string
+	world          *vpntest.Netns // the network: devices, hosts, the balancer and the API
+	pki            *vpntest.PKI
+	api            *balenatest.API
+	apiSrv         *http.Server
+	apiDone        chan struct{}
+	hosts          []*host
+	balancer       *vpntest.Process
+	balancerSocket string
+	devices        []*device
+	relays         []net.Listener
+	wg             sync.WaitGroup // the web services and the relays
+	mu             sync.Mutex     // the devices' check results, while check runs
 }
 
-// demo brings the fleet up, checks every device through the proxy, prints
-// the results and, unless o.once, waits for ctx to end; then it removes
-// everything.
+// demo brings the fleet up, checks every device through every host's
+// proxy, prints the results, kills or drains a host if asked to and
+// checks again; then, unless o.once, it waits for ctx to end; then it
+// removes everything.
 func demo(ctx context.Context, o options) (err error) {
 	records, err := loadDevices(o)
 	if err != nil {
 		return err
+	}
+	if o.hosts == 0 {
+		o.hosts = 1
 	}
 	f := &fleet{o: o}
 	defer func() {
@@ -108,8 +111,6 @@ func demo(ctx context.Context, o options) (err error) {
 	if err := f.start(ctx); err != nil {
 		return err
 	}
-	fmt.Fprintf(o.out, "VPN server up: %d instances behind HAProxy on port %d, CONNECT proxy on %s (in namespace %s)\n",
-		f.cfg.Plan.Instances, vpnPort, proxyAddr, f.world.Name)
 	for _, r := range records {
 		if err := f.addDevice(r); err != nil {
 			return err
@@ -124,19 +125,72 @@ func demo(ctx context.Context, o options) (err error) {
 	fmt.Fprintf(o.out, "all %d devices online in %s\n", len(f.devices), time.Since(t0).Round(time.Millisecond))
 	f.check(wctx)
 	reached := f.report()
+	if k := max(o.killHost, o.drainHost); k > 0 && reached == len(f.devices) {
+		if reached, err = f.moveHost(wctx, f.hosts[k-1]); err != nil {
+			return err
+		}
+	}
 	if o.once {
 		if reached < len(f.devices) {
-			return fmt.Errorf("%d of %d devices not reached through the proxy", len(f.devices)-reached, len(f.devices))
+			return fmt.Errorf("%d of %d devices not reached through every proxy", len(f.devices)-reached, len(f.devices))
 		}
 		return nil
 	}
-	f.relay(o.proxyAddr, proxyAddr)
-	f.relay(o.metricsAddr, metricsAddr)
-	fmt.Fprintf(o.out, "\nTry it by hand:\n  curl -x http://%s --proxytunnel http://%s.balena/\n", o.proxyAddr, f.devices[0].UUID)
+	f.relay(o.proxyAddr, f.hosts[0].proxyAddr())
+	f.relay(o.metricsAddr, fmt.Sprintf("%s:%d", f.hosts[0].ns.Addr, hostMetricsPort))
+	example := f.devices[0]
+	for _, d := range f.devices {
+		if d.host == f.hosts[0] {
+			example = d // reached without a key: no forwarding, which needs one
+			break
+		}
+	}
+	fmt.Fprintf(o.out, "\nTry it by hand (host1's proxy):\n  curl -x http://%s --proxytunnel http://%s.balena/\n", o.proxyAddr, example.UUID)
 	fmt.Fprintf(o.out, "Metrics: http://%s/cluster_metrics\n", o.metricsAddr)
-	fmt.Fprintln(o.out, "Ctrl-C drains the server and removes every namespace, link, process and file.")
+	fmt.Fprintln(o.out, "Ctrl-C drains the fleet and removes every namespace, link, process and file.")
 	<-ctx.Done()
 	return nil
+}
+
+// moveHost kills or drains host h, as o says, waits until its devices are
+// online on the other hosts, checks every device again through every
+// other host's proxy, and prints the times.
+func (f *fleet) moveHost(ctx context.Context, h *host) (int, error) {
+	var moved int
+	for _, d := range f.devices {
+		if d.host == h {
+			moved++
+		}
+	}
+	t0 := time.Now()
+	if f.o.killHost > 0 {
+		fmt.Fprintf(f.o.out, "\nkilling %s (SIGKILL to its server, openvpn and haproxy), which holds %d devices\n", h.name(), moved)
+		f.killHost(h)
+	} else {
+		fmt.Fprintf(f.o.out, "\ndraining %s (out of the balancer, SIGTERM), which holds %d devices\n", h.name(), moved)
+		code, err := f.drainHost(ctx, h)
+		if err != nil {
+			return 0, err
+		}
+		fmt.Fprintf(f.o.out, "%s drained and exited with status %d in %s\n", h.name(), code, time.Since(t0).Round(time.Millisecond))
+		if code != 0 {
+			return 0, fmt.Errorf("%s exited with status %d:\n%s", h.name(), code, tail(h.proc, 20))
+		}
+	}
+	if err := f.waitOnline(ctx); err != nil {
+		return 0, err
+	}
+	online := time.Since(t0)
+	f.check(ctx)
+	recovered := time.Since(t0)
+	reached := f.report()
+	verb := "kill"
+	if f.o.drainHost > 0 {
+		verb = "drain"
+	}
+	fmt.Fprintf(f.o.out, "from the %s: every device online on the other hosts in %s, reached through every other proxy in %s\n",
+		verb, online.Round(time.Millisecond), recovered.Round(time.Millisecond))
+	return reached, nil
 }
 
 // signalContext is a context that ends at the next SIGINT or SIGTERM.
@@ -196,8 +250,8 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// start makes the world, the API and the server, and waits until the
-// server is ready.
+// start makes the world, the API, the hosts and the balancer, and waits
+// until every host is ready.
 func (f *fleet) start(ctx context.Context) error {
 	var err error
 	if f.dir, err = os.MkdirTemp("", "local-fleet-"); err != nil {
@@ -210,9 +264,10 @@ func (f *fleet) start(ctx context.Context) error {
 		return err
 	}
 
-	// The balena API, on the host's loopback.
+	// The balena API, in the world, where every host reaches it on the
+	// world's end of its link.
 	f.api = balenatest.New()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	l, err := f.world.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", apiPort))
 	if err != nil {
 		return err
 	}
@@ -220,58 +275,25 @@ func (f *fleet) start(ctx context.Context) error {
 	f.apiDone = make(chan struct{})
 	go func() { defer close(f.apiDone); _ = f.apiSrv.Serve(l) }()
 
-	run := filepath.Join(f.dir, "run")
-	if err := os.Mkdir(run, 0o700); err != nil {
+	for id := 1; id <= f.o.hosts; id++ {
+		if _, err := f.startHost(id); err != nil {
+			return err
+		}
+	}
+	rctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	for _, h := range f.hosts {
+		if err := f.waitReady(rctx, h); err != nil {
+			return err
+		}
+		fmt.Fprintf(f.o.out, "%s up at %s (service instance %d): 2 OpenVPN instances behind its HAProxy, CONNECT proxy on :%d\n",
+			h.name(), h.ns.Addr, h.serviceID, hostProxyPort)
+	}
+	if err := f.startBalancer(); err != nil {
 		return err
 	}
-	f.cfg, err = vpn.Loader{Env: map[string]string{
-		"VPN_BASE_SUBNET":                        "10.240.0.0/12",
-		"VPN_INSTANCE_SUBNET_BITMASK":            "20",
-		"VPN_INSTANCE_COUNT":                     "2",
-		"VPN_RUN_DIR":                            run,
-		"VPN_HAPROXY":                            "managed",
-		"VPN_HAPROXY_SOCKET":                     filepath.Join(run, "haproxy.sock"),
-		"VPN_HAPROXY_MONITOR_ADDR":               monitorAddr,
-		"VPN_PORT":                               fmt.Sprint(vpnPort),
-		"BALENA_API_INTERNAL_HOST":               l.Addr().String(),
-		"VPN_SERVICE_API_KEY":                    f.api.ServiceKey,
-		"VPN_GUEST_API_KEY":                      f.api.GuestKey,
-		"VPN_OPENVPN_CA_CRT":                     string(f.pki.CACert),
-		"VPN_OPENVPN_SERVER_CRT":                 string(f.pki.ServerCert),
-		"VPN_OPENVPN_SERVER_KEY":                 string(f.pki.ServerKey),
-		"VPN_API_PORT":                           "8081",
-		"VPN_METRICS_ADDR":                       metricsAddr,
-		"VPN_CONNECT_PROXY_PORT":                 strings.TrimPrefix(proxyAddr, "127.0.0.1:"),
-		"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS": "1",
-		"VPN_BYTECOUNT_INTERVAL":                 "5",
-		"DEFAULT_SIGTERM_TIMEOUT":                "10",
-		"MINIMUM_DRAIN_RATE_PER_MINUTE":          "6000", // 10 ms between kills
-		"DELAY_ON_AUTH_FAIL":                     "1000",
-	}}.Config()
-	if err != nil {
-		return err
-	}
-	f.srv = &vpn.Server{
-		Config:  f.cfg,
-		API:     f.api.NewClient("http://" + l.Addr().String()),
-		Command: f.world.CommandContext,
-		Dial:    f.world.Dial,
-		Listen:  f.world.Listen,
-		Logger:  f.o.log,
-	}
-	sctx, stop := context.WithCancel(context.Background())
-	f.stop, f.done = stop, make(chan struct{})
-	go func() { defer close(f.done); f.runErr = f.srv.Run(sctx) }()
-	select {
-	case <-f.srv.Ready():
-		return nil
-	case <-f.done:
-		return fmt.Errorf("the VPN server stopped: %w", f.runErr)
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(time.Minute):
-		return errors.New("the VPN server was not ready within a minute")
-	}
+	fmt.Fprintf(f.o.out, "balancer up: HAProxy on port %d, leastconn over %d hosts (namespace %s)\n", vpnPort, len(f.hosts), f.world.Name)
+	return nil
 }
 
 // addDevice registers a device with the API, makes its namespace, starts
@@ -303,21 +325,25 @@ func (f *fleet) addDevice(r record) error {
 		Username: d.UUID, Password: d.Key,
 		CA:     f.pki.CAFile,
 		Tunnel: true,
+		// Back within 2 s when the server goes away (not OpenVPN's
+		// default back-off of up to 5 minutes), and restart rather than
+		// exit when the server is silent.
+		Extra: []string{"connect-retry 1 2", "pull-filter ignore ping-exit", "ping-restart 20"},
 	})
 	return err
 }
 
-// waitOnline waits until the API says that every device is online, and
-// prints the progress as it changes.
+// waitOnline waits until the API says that every device is online on a
+// host that serves, and prints the progress as it changes.
 func (f *fleet) waitOnline(ctx context.Context) error {
 	tty := isTerminal(f.o.out)
 	last := -1
-	tick := time.NewTicker(200 * time.Millisecond)
+	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		n := 0
 		for _, d := range f.devices {
-			if a, ok := f.api.Device(d.UUID); ok && a.ConnectedToVPN {
+			if f.online(d) {
 				n++
 			}
 		}
@@ -341,15 +367,25 @@ func (f *fleet) waitOnline(ctx context.Context) error {
 				fmt.Fprintln(f.o.out)
 			}
 			for _, d := range f.devices {
-				if a, _ := f.api.Device(d.UUID); !a.ConnectedToVPN {
-					lines := d.client.Lines()
-					f.o.log.Error("device not online", "uuid", d.UUID, "last client lines", lines[max(0, len(lines)-5):])
+				if !f.online(d) {
+					f.o.log.Error("device not online", "uuid", d.UUID, "last client lines", tail(d.client, 5))
 				}
 			}
 			return fmt.Errorf("%d of %d devices online: %w", last, len(f.devices), ctx.Err())
 		case <-tick.C:
 		}
 	}
+}
+
+// online says whether the API has d online on a host that serves, and
+// notes that host.
+func (f *fleet) online(d *device) bool {
+	a, ok := f.api.Device(d.UUID)
+	if !ok || !a.ConnectedToVPN {
+		return false
+	}
+	d.host = f.hostOf(a.ServiceInstance)
+	return d.host != nil && !d.host.gone
 }
 
 func isTerminal(w io.Writer) bool {
@@ -361,61 +397,88 @@ func isTerminal(w io.Writer) bool {
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }
 
-// check fetches every device's page through the CONNECT proxy, as a
-// caller without a key (the guest key reaches public ports), until each
-// answers or ctx ends. A device's address shows in the proxy's view once
-// OpenVPN has written its status file, so early attempts may fail.
+// check fetches every device's page through the CONNECT proxy of every
+// host that serves, with the service's key (a caller's key is what lets a
+// proxy ask the API which host holds a device, and forward), until each
+// answers or ctx ends. A device shows in its host's view once OpenVPN has
+// written its status file, so early attempts may fail.
 func (f *fleet) check(ctx context.Context) {
-	res := &nss.Resolver{Globs: []string{filepath.Join(f.cfg.RunDir, "server-*.status")}, Interval: -1}
 	var wg sync.WaitGroup
 	for _, d := range f.devices {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				body, err := fetch(ctx, f.world, d.UUID+".balena:80")
-				if err == nil && strings.Contains(string(body), d.UUID) {
-					// The round trip of a second fetch, with the proxy's
-					// caches warm and the device in its status file.
-					t0 := time.Now()
-					if _, err := fetch(ctx, f.world, d.UUID+".balena:80"); err == nil {
-						d.rtt = time.Since(t0)
-					}
-					d.reached, d.err = true, nil
-					return
-				}
-				if err == nil {
-					err = fmt.Errorf("unexpected page %q", body)
-				}
-				d.err = err
-				select {
-				case <-ctx.Done():
-					return
-				case <-time.After(250 * time.Millisecond):
-				}
+		d.reached, d.rtt, d.err = 0, 0, nil
+		for _, h := range f.hosts {
+			if h.gone {
+				continue
 			}
-		}()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				rtt, err := f.reach(ctx, h, d)
+				f.mu.Lock()
+				defer f.mu.Unlock()
+				if err != nil {
+					d.err = fmt.Errorf("via %s: %w", h.name(), err)
+					return
+				}
+				d.reached++
+				if h == d.host {
+					d.rtt = rtt
+				}
+			}()
+		}
 	}
 	wg.Wait()
-	clients, err := res.Clients()
-	if err != nil {
-		f.o.log.Warn("reading the status files", "err", err)
-	}
-	for _, d := range f.devices {
-		for _, c := range clients {
-			if strings.EqualFold(c.CommonName, d.UUID) {
-				d.instance, d.addr = c.Instance, c.VirtualAddress
+	for _, h := range f.hosts {
+		if h.gone {
+			continue
+		}
+		res := &nss.Resolver{Globs: []string{filepath.Join(h.dir, "run", "server-*.status")}, Interval: -1}
+		clients, err := res.Clients()
+		if err != nil {
+			f.o.log.Warn("reading the status files", "host", h.name(), "err", err)
+		}
+		for _, d := range f.devices {
+			for _, c := range clients {
+				if d.host == h && strings.EqualFold(c.CommonName, d.UUID) {
+					d.instance, d.addr = c.Instance, c.VirtualAddress
+				}
 			}
 		}
 	}
 }
 
-// fetch sends CONNECT target to the proxy from inside the world, without
-// credentials, and returns the body of GET / through the tunnel.
-func fetch(ctx context.Context, world *vpntest.Netns, target string) ([]byte, error) {
+// reach fetches d's page through h's proxy until it answers or ctx ends,
+// and returns the round trip of one more fetch, with the proxy's caches
+// warm.
+func (f *fleet) reach(ctx context.Context, h *host, d *device) (time.Duration, error) {
+	target := d.UUID + ".balena:80"
+	for {
+		body, err := fetch(ctx, f.world, h.proxyAddr(), target, f.api.ServiceKey)
+		if err == nil && strings.Contains(string(body), d.UUID) {
+			t0 := time.Now()
+			if _, err := fetch(ctx, f.world, h.proxyAddr(), target, f.api.ServiceKey); err != nil {
+				return 0, nil
+			}
+			return time.Since(t0), nil
+		}
+		if err == nil {
+			err = fmt.Errorf("unexpected page %q", body)
+		}
+		select {
+		case <-ctx.Done():
+			return 0, err
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// fetch sends CONNECT target to the proxy from inside the world, with key
+// as the password of its Proxy-Authorization (none if empty), and returns
+// the body of GET / through the tunnel.
+func fetch(ctx context.Context, world *vpntest.Netns, proxy, target, key string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	conn, err := world.Dial(ctx, "tcp", proxyAddr)
+	conn, err := world.Dial(ctx, "tcp", proxy)
 	if err != nil {
 		return nil, err
 	}
@@ -423,7 +486,11 @@ func fetch(ctx context.Context, world *vpntest.Netns, target string) ([]byte, er
 	if dl, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(dl)
 	}
-	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", target, target)
+	auth := ""
+	if key != "" {
+		auth = "Proxy-Authorization: Basic " + base64.StdEncoding.EncodeToString([]byte("balena:"+key)) + "\r\n"
+	}
+	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n", target, target, auth)
 	br := bufio.NewReader(conn)
 	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
 	if err != nil {
@@ -442,46 +509,68 @@ func fetch(ctx context.Context, world *vpntest.Netns, target string) ([]byte, er
 	return io.ReadAll(resp.Body)
 }
 
-// report prints the table of devices and a few metrics, and returns how
-// many devices were reached.
+// report prints the table of devices and a few metrics of each host that
+// serves, and returns how many devices every such host's proxy reached.
 func (f *fleet) report() int {
+	live := 0
+	for _, h := range f.hosts {
+		if !h.gone {
+			live++
+		}
+	}
 	fmt.Fprintln(f.o.out)
 	tw := tabwriter.NewWriter(f.o.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "UUID\tINSTANCE\tVPN ADDRESS\tREACHED THROUGH THE PROXY\tRTT")
+	fmt.Fprintf(tw, "UUID\tHOST\tINSTANCE\tVPN ADDRESS\tREACHED THROUGH THE PROXY\tRTT\n")
 	reached := 0
 	for _, d := range f.devices {
-		inst, addr, yes, rtt := "-", "-", "no", "-"
+		hostName, inst, addr, yes, rtt := "-", "-", "-", "no", "-"
+		if d.host != nil {
+			hostName = d.host.name()
+		}
 		if d.instance > 0 {
 			inst = fmt.Sprint(d.instance)
 		}
 		if d.addr.IsValid() {
 			addr = d.addr.String()
 		}
-		if d.reached {
+		switch {
+		case d.reached == live:
 			yes = "yes"
-			if d.rtt > 0 {
-				rtt = d.rtt.Round(10 * time.Microsecond).String()
+			if live > 1 {
+				yes = fmt.Sprintf("yes, through all %d", live)
 			}
 			reached++
-		} else if d.err != nil {
+		case d.err != nil:
 			yes = "no: " + d.err.Error()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", d.UUID, inst, addr, yes, rtt)
+		if d.rtt > 0 {
+			rtt = d.rtt.Round(10 * time.Microsecond).String()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", d.UUID, hostName, inst, addr, yes, rtt)
 	}
 	tw.Flush()
-	fmt.Fprintf(f.o.out, "\n%d/%d devices reached through the CONNECT proxy\n", reached, len(f.devices))
-	if m, err := f.metrics(); err == nil {
-		fmt.Fprintf(f.o.out, "metrics: %s\n", m)
-	} else {
-		f.o.log.Warn("reading the metrics", "err", err)
+	fmt.Fprintf(f.o.out, "\n%d/%d devices reached through the CONNECT proxy", reached, len(f.devices))
+	if live > 1 {
+		fmt.Fprintf(f.o.out, " of each of the %d hosts", live)
+	}
+	fmt.Fprintln(f.o.out)
+	for _, h := range f.hosts {
+		if h.gone {
+			continue
+		}
+		if m, err := f.metrics(h); err == nil {
+			fmt.Fprintf(f.o.out, "%s metrics: %s\n", h.name(), m)
+		} else {
+			f.o.log.Warn("reading the metrics", "host", h.name(), "err", err)
+		}
 	}
 	return reached
 }
 
-// metrics returns a few of the server's metrics, as name=value.
-func (f *fleet) metrics() (string, error) {
-	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: f.world.Dial}}
-	resp, err := hc.Get("http://" + metricsAddr + "/cluster_metrics")
+// metrics returns a few of h's metrics, as name=value.
+func (f *fleet) metrics(h *host) (string, error) {
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: f.world.Dial, DisableKeepAlives: true}}
+	resp, err := hc.Get(fmt.Sprintf("http://%s:%d/cluster_metrics", h.ns.Addr, hostMetricsPort))
 	if err != nil {
 		return "", err
 	}
@@ -553,26 +642,51 @@ func pipe(dst, src net.Conn) {
 	}
 }
 
-// close drains the server and removes what start and addDevice made; when
+// close drains the hosts and removes what start and addDevice made; when
 // hurry ends it stops waiting for the drain.
 func (f *fleet) close(hurry context.Context) error {
 	var errs []error
 	for _, l := range f.relays {
 		l.Close()
 	}
-	if f.stop != nil {
-		fmt.Fprintln(f.o.out, "draining the VPN server…")
-		t0 := time.Now()
-		f.stop()
-		select {
-		case <-f.done:
-			if f.runErr != nil {
-				errs = append(errs, fmt.Errorf("the VPN server: %w", f.runErr))
+	var running []*host
+	for _, h := range f.hosts {
+		if h.proc != nil {
+			select {
+			case <-h.proc.Exited():
+			default:
+				running = append(running, h)
 			}
+		}
+	}
+	if len(running) > 0 {
+		fmt.Fprintln(f.o.out, "draining the VPN hosts…")
+		t0 := time.Now()
+		for _, h := range running {
+			_ = h.proc.Signal(syscall.SIGTERM)
+		}
+		for _, h := range running {
+			select {
+			case <-h.proc.Exited():
+				if code := h.proc.ExitCode(); code != 0 {
+					errs = append(errs, fmt.Errorf("%s exited with status %d:\n%s", h.name(), code, tail(h.proc, 20)))
+				}
+			case <-hurry.Done():
+			}
+		}
+		if hurry.Err() == nil {
 			fmt.Fprintf(f.o.out, "drained in %s\n", time.Since(t0).Round(time.Millisecond))
-		case <-hurry.Done():
+		} else {
 			fmt.Fprintln(f.o.out, "drain cut short")
 		}
+	}
+	for _, h := range f.hosts {
+		if h.proc != nil && f.o.verbose {
+			fmt.Fprintf(f.o.out, "--- %s's log\n%s\n", h.name(), strings.Join(h.proc.Lines(), "\n"))
+		}
+	}
+	if f.balancer != nil {
+		f.balancer.Stop()
 	}
 	for _, d := range f.devices {
 		if d.client != nil {
@@ -590,15 +704,26 @@ func (f *fleet) close(hurry context.Context) error {
 			}
 		}
 	}
-	if f.world != nil {
-		killAll(f.world) // openvpn and haproxy, if the drain was cut short
-		if err := f.world.Delete(); err != nil {
-			errs = append(errs, err)
+	for _, h := range f.hosts {
+		if h.ns != nil {
+			killAll(h.ns.Netns) // openvpn and haproxy, if the drain was cut short
+			if h.proc != nil {
+				h.proc.Stop()
+			}
+			if err := h.ns.Delete(); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if f.apiSrv != nil {
 		f.apiSrv.Close()
 		<-f.apiDone
+	}
+	if f.world != nil {
+		killAll(f.world)
+		if err := f.world.Delete(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	f.wg.Wait()
 	if f.dir != "" {

@@ -1,22 +1,36 @@
 // Command local-fleet runs the whole openBalena VPN deployment on one
-// machine: balenatest as the balena API, the VPN server (vpn.Server with
-// two OpenVPN instances behind a managed HAProxy, and the CONNECT proxy),
-// and simulated devices, each a real openvpn client in a network namespace
-// of its own with a small web service on port 80. It fetches every
-// device's page through the CONNECT proxy and prints a table of what it
-// found, then stays up until Ctrl-C, when it drains the server and removes
-// every namespace, link, process and file it made.
+// machine: balenatest as the balena API, one or more VPN hosts (each a
+// vpn.Server with two OpenVPN instances behind its managed HAProxy, and
+// the CONNECT proxy) behind a balancer, and simulated devices, each a real
+// openvpn client in a network namespace of its own with a small web
+// service on port 80. It fetches every device's page through the CONNECT
+// proxy of every host and prints a table of what it found, then stays up
+// until Ctrl-C, when it drains the hosts and removes every namespace,
+// link, process and file it made.
 //
-// The server runs in a "world" namespace of its own (loopback plus the
-// links to the devices, no default route), so nothing it does touches the
-// host's network; the proxy and the metrics are relayed to the host's
-// loopback (-proxy, -metrics) for a person to try by hand.
+// Everything runs in network namespaces, so nothing touches the machine's
+// own network: a "world" namespace is the network (the balena API, the
+// balancer, and links to the devices from 192.0.2.0/24 and to the hosts
+// from 198.51.100.0/24, no default route), and each VPN host is a
+// namespace of its own with a local-fleet process in it that runs the
+// server (as cmd/open-balena-vpn would), registered with the API as its
+// own service instance. The balancer is HAProxy, leastconn over the
+// hosts' own HAProxies (a load balancer in front of pods). The proxy and
+// the metrics of host 1 are relayed to the machine's loopback (-proxy,
+// -metrics) for a person to try by hand.
+//
+// With -hosts 2 or more, a CONNECT sent to any host's proxy reaches any
+// device: the proxy that does not hold the device forwards to the one
+// that does. -kill-host K kills host K after the check (its devices come
+// back through the balancer on the others), -drain-host K drains it; both
+// check every device again and print the times.
 //
 // It needs root, openvpn, haproxy and ip (iproute2). make demo runs it.
 //
 //	local-fleet                 # the devices of devices.json
 //	local-fleet -devices 20     # 20 generated devices
 //	local-fleet -once           # exit after the check: 0 if every device was reached
+//	local-fleet -once -hosts 2 -devices 6 -kill-host 2
 package main
 
 import (
@@ -32,9 +46,14 @@ import (
 	"time"
 
 	"github.com/lmittmann/tint"
+
+	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
 func main() {
+	if os.Getenv(hostEnv) == "1" {
+		os.Exit(serveHost()) // one of the fleet's VPN hosts, started by the fleet
+	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
@@ -44,11 +63,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var o options
 	fs.IntVar(&o.devices, "devices", 0, fmt.Sprintf("generate this many devices (1-%d); 0 takes -devices-file", maxDevices))
 	fs.StringVar(&o.devicesFile, "devices-file", "", "a JSON list of {\"uuid\",\"key\"} devices; empty means the example's devices.json")
+	fs.IntVar(&o.hosts, "hosts", 1, fmt.Sprintf("how many VPN hosts (1-%d), each a server in a namespace of its own behind one balancer", vpntest.MaxHosts))
+	fs.IntVar(&o.killHost, "kill-host", 0, "after the check, SIGKILL this host (1-indexed) and check that its devices come back on the others")
+	fs.IntVar(&o.drainHost, "drain-host", 0, "after the check, drain this host (SIGTERM) and check that its devices come back on the others")
 	fs.BoolVar(&o.once, "once", false, "exit after the check, with status 0 only if every device was reached")
 	fs.DurationVar(&o.timeout, "timeout", 3*time.Minute, "how long devices have to come online and be reached")
-	fs.StringVar(&o.proxyAddr, "proxy", "127.0.0.1:3128", "where the host reaches the CONNECT proxy (not with -once)")
-	fs.StringVar(&o.metricsAddr, "metrics", "127.0.0.1:8080", "where the host reaches the metrics (not with -once)")
-	verbose := fs.Bool("v", false, "log what the server does (info level; warnings otherwise)")
+	fs.StringVar(&o.proxyAddr, "proxy", "127.0.0.1:3128", "where this machine reaches host 1's CONNECT proxy (not with -once)")
+	fs.StringVar(&o.metricsAddr, "metrics", "127.0.0.1:8080", "where this machine reaches host 1's metrics (not with -once)")
+	fs.BoolVar(&o.verbose, "v", false, "log what the hosts do, OpenVPN's own lines included (printed at the end)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -56,19 +78,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "local-fleet: unexpected arguments %q\n", fs.Args())
 		return 2
 	}
+	if err := o.validate(); err != nil {
+		fmt.Fprintf(stderr, "local-fleet: %v\n", err)
+		return 2
+	}
 	if err := prerequisites(); err != nil {
 		fmt.Fprintf(stderr, "local-fleet: %v\n", err)
 		return 1
 	}
-	level := slog.LevelWarn
-	if *verbose {
-		level = slog.LevelInfo
-	}
-	var h slog.Handler = tint.NewHandler(stderr, &tint.Options{Level: level, TimeFormat: time.TimeOnly})
-	if !*verbose {
-		h = quietOpenVPN{h}
-	}
-	o.log = slog.New(h)
+	o.log = slog.New(tint.NewHandler(stderr, &tint.Options{Level: slog.LevelInfo, TimeFormat: time.TimeOnly}))
 	o.out = stdout
 
 	// The first Ctrl-C drains and cleans up; a second one cuts the drain
@@ -80,6 +98,29 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// validate checks the flags that depend on each other.
+func (o options) validate() error {
+	switch {
+	case o.hosts < 1 || o.hosts > vpntest.MaxHosts:
+		return fmt.Errorf("-hosts %d: want 1 to %d", o.hosts, vpntest.MaxHosts)
+	case o.killHost != 0 && o.drainHost != 0:
+		return fmt.Errorf("-kill-host and -drain-host: one at a time")
+	}
+	for _, f := range []struct {
+		name string
+		k    int
+	}{{"-kill-host", o.killHost}, {"-drain-host", o.drainHost}} {
+		switch {
+		case f.k == 0:
+		case o.hosts == 1:
+			return fmt.Errorf("%s %d: with -hosts 1 no host is left to take the devices", f.name, f.k)
+		case f.k < 0 || f.k > o.hosts:
+			return fmt.Errorf("%s %d: want a host from 1 to %d (-hosts)", f.name, f.k, o.hosts)
+		}
+	}
+	return nil
 }
 
 // prerequisites says what is missing to run the fleet, in one line.

@@ -20,6 +20,15 @@ import (
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
+// TestMain lets the test binary be a host of the fleet, as local-fleet
+// runs itself for each host.
+func TestMain(m *testing.M) {
+	if os.Getenv(hostEnv) == "1" {
+		os.Exit(serveHost())
+	}
+	os.Exit(m.Run())
+}
+
 // TestOnce runs the demo as CI does, local-fleet -once -devices 3: every
 // device comes online and is reached through the proxy, the exit status is
 // 0, and nothing the demo made is left behind.
@@ -43,6 +52,75 @@ func TestOnce(t *testing.T) {
 	if after := leftovers(t); after != before {
 		t.Errorf("left behind: %q (before: %q)", after, before)
 	}
+}
+
+// TestKillHost runs local-fleet -once -hosts 2 -devices 6 -kill-host 2:
+// every device is reached through both hosts' proxies (forwarding), then
+// host 2 is killed, its devices come back on host 1, and every device is
+// reached again.
+func TestKillHost(t *testing.T) {
+	out := runMoved(t, "-kill-host", "2")
+	for _, want := range []string{"killing host2", "from the kill: every device online on the other hosts in"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q", want)
+		}
+	}
+}
+
+// TestDrainHost runs local-fleet -once -hosts 2 -devices 6 -drain-host 1:
+// host 1 drains and exits 0, and its devices come back on host 2.
+func TestDrainHost(t *testing.T) {
+	out := runMoved(t, "-drain-host", "1")
+	for _, want := range []string{"draining host1", "host1 drained and exited with status 0 in", "from the drain: every device online on the other hosts in"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q", want)
+		}
+	}
+}
+
+// runMoved runs local-fleet -once with two hosts, six devices and args,
+// checks what both kinds of move have in common, and returns the output.
+func runMoved(t *testing.T, args ...string) string {
+	t.Helper()
+	vpntest.Require(t, "openvpn", "haproxy", "ip")
+	before := leftovers(t)
+	var out, errs bytes.Buffer
+	code := run(append([]string{"-once", "-hosts", "2", "-devices", "6", "-timeout", "2m"}, args...), &out, &errs)
+	t.Logf("stdout:\n%s\nstderr:\n%s", &out, &errs)
+	if code != 0 {
+		t.Fatalf("exit status %d, want 0", code)
+	}
+	first, after, ok := strings.Cut(out.String(), "\nkilling ")
+	if !ok {
+		first, after, ok = strings.Cut(out.String(), "\ndraining host")
+	}
+	if !ok {
+		t.Fatal("no kill or drain in the output")
+	}
+	// Before: both hosts hold devices, and both proxies reach every device.
+	if !strings.Contains(first, "6/6 devices reached through the CONNECT proxy of each of the 2 hosts") {
+		t.Error("before the move, not every device was reached through both proxies")
+	}
+	if !strings.Contains(first, " host1 ") || !strings.Contains(first, " host2 ") {
+		t.Error("before the move, the devices are not spread over both hosts")
+	}
+	// After: every device is on the surviving host, and reached.
+	moved := "host2"
+	if strings.Contains(strings.Join(args, " "), "-drain-host 1") {
+		moved = "host1"
+	}
+	table := after[strings.Index(after, "UUID"):]
+	table = table[:strings.Index(table, "\n\n")]
+	if rows := strings.Count(table, "  yes  "); rows != 6 {
+		t.Errorf("after the move %d rows say yes, want 6:\n%s", rows, table)
+	}
+	if strings.Contains(table, " "+moved+" ") {
+		t.Errorf("after the move a device is still on %s:\n%s", moved, table)
+	}
+	if after := leftovers(t); after != before {
+		t.Errorf("left behind: %q (before: %q)", after, before)
+	}
+	return out.String()
 }
 
 // TestStaysUp runs the demo without -once: once it says how to try it by
@@ -211,5 +289,21 @@ func TestFlags(t *testing.T) {
 	}
 	if code := run([]string{"extra"}, &out, &errs); code != 2 {
 		t.Errorf("an argument: exit %d, want 2", code)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"-kill-host", "1"}, "-kill-host 1: with -hosts 1 no host is left to take the devices"},
+		{[]string{"-hosts", "1", "-drain-host", "1"}, "-drain-host 1: with -hosts 1 no host is left"},
+		{[]string{"-hosts", "2", "-kill-host", "3"}, "-kill-host 3: want a host from 1 to 2"},
+		{[]string{"-hosts", "2", "-drain-host", "-1"}, "-drain-host -1: want a host from 1 to 2"},
+		{[]string{"-hosts", "3", "-kill-host", "1", "-drain-host", "2"}, "one at a time"},
+		{[]string{"-hosts", "0"}, "-hosts 0: want 1 to 63"},
+	} {
+		errs.Reset()
+		if code := run(tc.args, &out, &errs); code != 2 || !strings.Contains(errs.String(), tc.want) || strings.Count(errs.String(), "\n") != 1 {
+			t.Errorf("%q: exit %d, %q; want 2 and one line with %q", tc.args, code, errs.String(), tc.want)
+		}
 	}
 }

@@ -200,6 +200,8 @@ type Device struct {
 	// Addr is the device's address on the link; WorldAddr the world's,
 	// which the device reaches its server at.
 	Addr, WorldAddr netip.Addr
+	// Iface is the name of the device's end of the link.
+	Iface string
 
 	world *Netns
 	link  string // the world's end of the veth pair
@@ -223,8 +225,13 @@ func NewDevice(tb testing.TB, world *Netns) *Device {
 }
 
 // MaxDevices is how many devices a process can link: the /30s of
-// 192.0.2.0/24.
-const MaxDevices = 63
+// 192.0.2.0/24. MaxHosts is how many hosts: the /30s of 198.51.100.0/24.
+const (
+	MaxDevices = 63
+	MaxHosts   = 63
+)
+
+var hostSeq atomic.Int64
 
 // MakeDevice is NewDevice outside a test: the caller deletes the device
 // with Delete. A process makes at most MaxDevices devices.
@@ -233,21 +240,55 @@ func MakeDevice(world *Netns) (*Device, error) {
 	if n > MaxDevices {
 		return nil, fmt.Errorf("vpntest: at most %d devices per process", MaxDevices)
 	}
-	ns, err := MakeNetns("dev")
+	return makeLinked(world, "dev", "od", [4]byte{192, 0, 2, byte(4 * n)}, n)
+}
+
+// MakeHost makes a namespace for a server host, linked to world like a
+// device but with addresses from 198.51.100.0/24, and routed to every
+// other host through world, which forwards between its links: hosts reach
+// each other as servers on one network do, and nothing else (no default
+// route). The caller deletes it with Delete. A process makes at most
+// MaxHosts hosts.
+func MakeHost(world *Netns) (*Device, error) {
+	n := hostSeq.Add(1)
+	if n > MaxHosts {
+		return nil, fmt.Errorf("vpntest: at most %d hosts per process", MaxHosts)
+	}
+	h, err := makeLinked(world, "host", "oh", [4]byte{198, 51, 100, byte(4 * n)}, n)
 	if err != nil {
 		return nil, err
 	}
-	dev := &Device{Netns: ns, world: world,
-		link: fmt.Sprintf("ow%d-%d", os.Getpid()%10000, n)}
-	base := netip.AddrFrom4([4]byte{192, 0, 2, byte(4 * n)})
-	dev.WorldAddr, dev.Addr = base.Next(), base.Next().Next()
-	d := fmt.Sprintf("od%d-%d", os.Getpid()%10000, n)
 	for _, c := range [][]string{
-		{"ip", "link", "add", dev.link, "netns", world.Name, "type", "veth", "peer", "name", d, "netns", dev.Name},
+		{"ip", "netns", "exec", world.Name, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"},
+		{"ip", "-n", h.Name, "route", "add", "198.51.100.0/24", "via", h.WorldAddr.String()},
+	} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			_ = h.Delete()
+			return nil, fmt.Errorf("vpntest: %s: %w: %s", strings.Join(c, " "), err, bytes.TrimSpace(out))
+		}
+	}
+	return h, nil
+}
+
+// makeLinked makes a namespace linked to world by a veth pair on the /30
+// at base, the n-th of its kind.
+func makeLinked(world *Netns, prefix, ifPrefix string, base4 [4]byte, n int64) (*Device, error) {
+	ns, err := MakeNetns(prefix)
+	if err != nil {
+		return nil, err
+	}
+	pid := os.Getpid() % 10000
+	dev := &Device{Netns: ns, world: world,
+		link:  fmt.Sprintf("o%sw%d-%d", ifPrefix[1:], pid, n),
+		Iface: fmt.Sprintf("%s%d-%d", ifPrefix, pid, n)}
+	base := netip.AddrFrom4(base4)
+	dev.WorldAddr, dev.Addr = base.Next(), base.Next().Next()
+	for _, c := range [][]string{
+		{"ip", "link", "add", dev.link, "netns", world.Name, "type", "veth", "peer", "name", dev.Iface, "netns", dev.Name},
 		{"ip", "-n", world.Name, "addr", "add", dev.WorldAddr.String() + "/30", "dev", dev.link},
-		{"ip", "-n", dev.Name, "addr", "add", dev.Addr.String() + "/30", "dev", d},
+		{"ip", "-n", dev.Name, "addr", "add", dev.Addr.String() + "/30", "dev", dev.Iface},
 		{"ip", "-n", world.Name, "link", "set", dev.link, "up"},
-		{"ip", "-n", dev.Name, "link", "set", d, "up"},
+		{"ip", "-n", dev.Name, "link", "set", dev.Iface, "up"},
 	} {
 		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
 			_ = dev.Delete()
@@ -314,8 +355,11 @@ func own(tb testing.TB, p *Process, err error) *Process {
 	return p
 }
 
-// launch runs cmd in a process group of its own, collecting its output
-// lines.
+// Launch starts cmd in a process group of its own, collecting its output
+// lines (standard output and error), as the kit starts openvpn; the
+// caller ends it with Stop.
+func Launch(cmd *exec.Cmd) (*Process, error) { return launch(cmd) }
+
 func launch(cmd *exec.Cmd) (*Process, error) {
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -397,6 +441,23 @@ func (p *Process) WaitFrom(ctx context.Context, from int, substr string) (string
 
 // Exited returns a channel closed when the process has exited.
 func (p *Process) Exited() <-chan struct{} { return p.exited }
+
+// Signal sends sig to the process (not to its group).
+func (p *Process) Signal(sig os.Signal) error { return p.cmd.Process.Signal(sig) }
+
+// Kill kills the process's group with SIGKILL, without waiting.
+func (p *Process) Kill() error { return syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL) }
+
+// ExitCode returns the process's exit status once it has exited (-1 if a
+// signal ended it), and -1 before.
+func (p *Process) ExitCode() int {
+	select {
+	case <-p.exited:
+		return p.cmd.ProcessState.ExitCode()
+	default:
+		return -1
+	}
+}
 
 // Stop ends the process group and waits for it.
 func (p *Process) Stop() {
