@@ -48,11 +48,21 @@ func runPlan(args []string, stdout, stderr io.Writer) int {
 	if *all {
 		n, _ = plan.Count()
 	}
+	// Every instance first, so that an instance out of range (with --all,
+	// ports that fit the configured count may not fit every subnet)
+	// prints nothing but the error.
+	instances := make([]subnet.Instance, n)
+	for i := range instances {
+		if instances[i], err = plan.Instance(i + 1); err != nil {
+			fmt.Fprintf(stderr, "obvpnctl plan: %v\n", err)
+			return 1
+		}
+	}
 	w := bufio.NewWriter(stdout)
 	if *asJSON {
-		err = writePlanJSON(w, plan, n)
+		err = writePlanJSON(w, plan, instances)
 	} else {
-		err = writePlanTable(w, plan, n)
+		err = writePlanTable(w, plan, instances)
 	}
 	if err == nil {
 		err = w.Flush()
@@ -64,24 +74,20 @@ func runPlan(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func writePlanJSON(w io.Writer, plan subnet.Plan, n int) error {
+func writePlanJSON(w io.Writer, plan subnet.Plan, instances []subnet.Instance) error {
 	head, err := json.Marshal(planJSON{Base: plan.Base.String(), InstanceBits: plan.Bits})
 	if err != nil {
 		return err
 	}
 	// {"base":…,"instance_bits":…} becomes {"base":…,"instance_bits":…,"instances":[
 	fmt.Fprintf(w, "%s,\"instances\":[", head[:len(head)-1])
-	for id := 1; id <= n; id++ {
-		in, err := plan.Instance(id)
-		if err != nil {
-			return err
-		}
+	for i, in := range instances {
 		b, err := json.Marshal(in)
 		if err != nil {
 			return err
 		}
 		sep := ","
-		if id == n {
+		if i == len(instances)-1 {
 			sep = ""
 		}
 		if _, err := fmt.Fprintf(w, "\n%s%s", b, sep); err != nil {
@@ -92,7 +98,7 @@ func writePlanJSON(w io.Writer, plan subnet.Plan, n int) error {
 	return err
 }
 
-func writePlanTable(w io.Writer, plan subnet.Plan, n int) error {
+func writePlanTable(w io.Writer, plan subnet.Plan, instances []subnet.Instance) error {
 	total, _ := plan.MaxClients()
 	fmt.Fprintf(w, "%s; %d clients in all\n", plan, total)
 	if plan.Gateway.IsValid() {
@@ -104,11 +110,7 @@ func writePlanTable(w io.Writer, plan subnet.Plan, n int) error {
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tSUBNET\tGATEWAY\tPEER\tPOOL\tPORT\tMGMT\tAPI\tMAX CLIENTS")
-	for id := 1; id <= n; id++ {
-		in, err := plan.Instance(id)
-		if err != nil {
-			return err
-		}
+	for _, in := range instances {
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s-%s\t%d\t%d\t%d\t%d\n", in.ID, in.Subnet, in.Gateway, in.Peer,
 			in.PoolFirst, in.PoolLast, in.Port, in.ManagementPort, in.APIPort, in.MaxClients)
 	}

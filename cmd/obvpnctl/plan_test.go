@@ -115,6 +115,24 @@ func TestPlanErrors(t *testing.T) {
 	}
 }
 
+// TestPlanAllOutOfPorts: ports that fit the configured instances but not
+// every subnet of the base fail --all with the error alone, never half a
+// JSON document.
+func TestPlanAllOutOfPorts(t *testing.T) {
+	for _, args := range [][]string{{"plan", "--json", "--all"}, {"plan", "--all"}} {
+		is := is.New(t)
+		seedEnv(t)
+		t.Setenv("VPN_BASE_PORT", "65300")
+		code, out, errOut := runCmd(args...)
+		is.Equal(code, 1)
+		is.Equal(out, "")
+		is.True(strings.Contains(errOut, "instance 236"))
+		code, out, _ = runCmd(args[:len(args)-1]...) // the configured instances fit
+		is.Equal(code, 0)
+		is.True(out != "")
+	}
+}
+
 func TestUsage(t *testing.T) {
 	is := is.New(t)
 	code, out, _ := runCmd("help")
