@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -103,9 +104,20 @@ func TestRealOpenVPN(t *testing.T) {
 	is.NoErr(err)
 	is.True(strings.Contains(line, "denied by the test")) // the client reason reaches the client
 	waitEvent("ESTABLISHED " + goodUUID)
-	waitEvent("REAUTH " + goodUUID)                                 // reneg-sec 3 on the client
-	_, err = good.WaitFor(ctx, "Initialization Sequence Completed") // still up after the renegotiation
+	waitEvent("REAUTH " + goodUUID) // reneg-sec 3 on the client
+	// Still up after the renegotiation: the client's new key is
+	// negotiated (a Control Channel line after its soft reset) in the
+	// same session, with no restart.
+	_, err = good.WaitFor(ctx, "TLS: soft reset")
 	is.NoErr(err)
+	from := slices.IndexFunc(good.Lines(), func(l string) bool { return strings.Contains(l, "TLS: soft reset") })
+	_, err = good.WaitFrom(ctx, from, "Control Channel:")
+	is.NoErr(err)
+	for _, l := range good.Lines() {
+		if strings.Contains(l, "SIGUSR1") || strings.Contains(l, "AUTH_FAILED") {
+			t.Errorf("the good client restarted: %s", l)
+		}
+	}
 
 	mu.Lock()
 	est := seen["ESTABLISHED "+goodUUID][0]
