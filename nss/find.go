@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -55,12 +56,34 @@ func findInFile(path, cn string, seen map[[2]uint64]bool) (netip.Addr, time.Time
 		return netip.Addr{}, time.Time{}, false
 	}
 	defer f.Close()
-	if fi, err := f.Stat(); err != nil || seen[statID(fi).key()] {
+	before, err := f.Stat()
+	if err != nil || seen[statID(before).key()] {
 		return netip.Addr{}, time.Time{}, false
-	} else {
-		seen[statID(fi).key()] = true
 	}
-	sc := bufio.NewScanner(f)
+	seen[statID(before).key()] = true
+	// A file rewritten while it was read (size or mtime moved) is read
+	// again, a few times: a read across OpenVPN's rewrite can look whole.
+	for range 3 {
+		a, ref, ok := scanRoutes(f, cn)
+		after, err := f.Stat()
+		if err != nil {
+			break
+		}
+		if statID(after) == statID(before) {
+			return a, ref, ok
+		}
+		before = after
+		if _, err := f.Seek(0, io.SeekStart); err != nil {
+			break
+		}
+	}
+	return netip.Addr{}, time.Time{}, false
+}
+
+// scanRoutes scans a status file for cn's routing rows; a file without
+// its END line yields nothing.
+func scanRoutes(r io.Reader, cn string) (netip.Addr, time.Time, bool) {
+	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), maxLine)
 	var (
 		best     netip.Addr

@@ -182,3 +182,50 @@ func TestResolverConcurrent(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// TestResolverReadsOnlyWhatChanged: a file whose identity (device, inode,
+// size, modification time) is the same is not read again, even when its
+// bytes differ; a new inode alone is read; an unreadable file keeps its
+// last good entries until it reads again.
+func TestResolverReadsOnlyWhatChanged(t *testing.T) {
+	is := is.New(t)
+	dir := t.TempDir()
+	s1 := filepath.Join(dir, "server-1.status")
+	write(t, s1, statusV2(100, devA, "10.240.0.3"))
+	fi, err := os.Stat(s1)
+	is.NoErr(err)
+	r := &Resolver{Globs: []string{filepath.Join(dir, "server-*.status")}, Interval: -1}
+	lookup := func() string {
+		a, err := r.Lookup(devA)
+		if err != nil {
+			return err.Error()
+		}
+		return a.String()
+	}
+	is.Equal(lookup(), "10.240.0.3")
+
+	// Same size, same mtime, same inode, other bytes: not read.
+	write(t, s1, statusV2(100, devA, "10.240.0.4"))
+	is.NoErr(os.Chtimes(s1, fi.ModTime(), fi.ModTime()))
+	is.Equal(lookup(), "10.240.0.3")
+
+	// The same bytes under a new inode (renamed into place), size and
+	// mtime kept: read.
+	tmp := filepath.Join(dir, "new.tmp")
+	write(t, tmp, statusV2(100, devA, "10.240.0.5"))
+	is.NoErr(os.Chtimes(tmp, fi.ModTime(), fi.ModTime()))
+	is.NoErr(os.Rename(tmp, s1))
+	is.Equal(lookup(), "10.240.0.5")
+
+	// Unreadable (a directory where the file was): the last good entries
+	// stay, and the error is reported.
+	is.NoErr(os.Remove(s1))
+	is.NoErr(os.Mkdir(s1, 0o755))
+	is.True(r.Refresh() != nil)
+	is.Equal(lookup(), "10.240.0.5")
+
+	// Readable again: read.
+	is.NoErr(os.Remove(s1))
+	write(t, s1, statusV2(100, devA, "10.240.0.6"))
+	is.Equal(lookup(), "10.240.0.6")
+}

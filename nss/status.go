@@ -316,21 +316,40 @@ func parseV1(br *bufio.Reader, st *Status, routesOnly bool) error {
 	}
 }
 
+// The sections of a version 2 or 3 file, in the order OpenVPN writes
+// them.
+const (
+	stageHead    = iota // TITLE, TIME
+	stageClients        // after HEADER CLIENT_LIST
+	stageRoutes         // after HEADER ROUTING_TABLE
+	stageGlobal         // after the first GLOBAL_STATS
+)
+
+// parseV23 reads a version 2 or 3 file. OpenVPN rewrites the file in
+// place, so a read can join the start of a new file to the tail of the
+// old one, END included; such a junction shows as a line cut short (whose
+// first field is not an upper-case keyword, or is a known one cut short),
+// as a section out of order, or as a row whose width is not its header's,
+// and makes the file incomplete. Lines of unknown keywords are ignored.
 func parseV23(br *bufio.Reader, st *Status, line, sep string, routesOnly bool) error {
 	clientPrefix := []byte("CLIENT_LIST" + sep)
 	var clientCols, routeCols *columns
+	var clientWidth, routeWidth int // fields in a row, from the headers
 	var f []string
+	stage := stageHead
 	for {
 		f = splitInto(f, line, sep)
+		ok := true // in its place
 		switch f[0] {
 		case "END":
 			if len(f) == 1 {
 				return nil
 			}
-		case "TITLE":
-			st.Title = strings.Join(f[1:], sep)
-		case "TIME":
-			if len(f) >= 3 {
+		case "TITLE", "TIME":
+			ok = stage == stageHead
+			if f[0] == "TITLE" {
+				st.Title = strings.Join(f[1:], sep)
+			} else if len(f) >= 3 {
 				st.Updated = parseTime(f[1], f[2])
 			} else if len(f) == 2 {
 				st.Updated = parseTime(f[1], "")
@@ -339,27 +358,37 @@ func parseV23(br *bufio.Reader, st *Status, line, sep string, routesOnly bool) e
 			if len(f) >= 2 {
 				switch f[1] {
 				case "CLIENT_LIST":
-					clientCols = newColumns(f[2:])
+					ok = stage == stageHead
+					stage, clientCols, clientWidth = stageClients, newColumns(f[2:]), len(f)-2
 				case "ROUTING_TABLE":
-					routeCols = newColumns(f[2:])
+					ok = stage < stageRoutes
+					stage, routeCols, routeWidth = stageRoutes, newColumns(f[2:]), len(f)-2
 				}
 			}
 		case "CLIENT_LIST":
-			if clientCols != nil {
+			ok = stage == stageClients && len(f)-1 == clientWidth
+			if ok {
 				if c, ok := clientRow(clientCols, f[1:]); ok {
 					st.Clients = append(st.Clients, c)
 				}
 			}
 		case "ROUTING_TABLE":
-			if routeCols != nil {
+			ok = stage == stageRoutes && len(f)-1 == routeWidth
+			if ok {
 				if r, ok := routeRow(routeCols, f[1:], routesOnly); ok {
 					st.addRoute(r)
 				}
 			}
 		case "GLOBAL_STATS":
+			stage = stageGlobal
 			if len(f) >= 3 {
 				st.GlobalStats[strings.Clone(f[1])] = strings.Join(f[2:], sep)
 			}
+		default:
+			ok = isKeyword(f[0]) && !cutKeyword(f[0])
+		}
+		if !ok || stage == stageGlobal && f[0] != "GLOBAL_STATS" {
+			return ErrIncomplete
 		}
 		// The next line; with routesOnly, client rows are skipped before
 		// they cost a copy.
@@ -372,12 +401,40 @@ func parseV23(br *bufio.Reader, st *Status, line, sep string, routesOnly bool) e
 				return err
 			}
 			if routesOnly && bytes.HasPrefix(b, clientPrefix) {
+				if stage != stageClients {
+					return ErrIncomplete
+				}
 				continue
 			}
 			line = string(b)
 			break
 		}
 	}
+}
+
+// cutKeyword says whether s is a known keyword cut short, as at a junction.
+func cutKeyword(s string) bool {
+	for _, k := range [...]string{"TITLE", "TIME", "HEADER", "CLIENT_LIST", "ROUTING_TABLE", "GLOBAL_STATS", "END"} {
+		if len(s) < len(k) && strings.HasPrefix(k, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// isKeyword says whether s could be the first field of a line OpenVPN
+// wrote whole: upper-case letters, digits and underscores, starting with a
+// letter.
+func isKeyword(s string) bool {
+	if s == "" || s[0] < 'A' || s[0] > 'Z' {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_') {
+			return false
+		}
+	}
+	return true
 }
 
 func clientRow(c *columns, f []string) (Client, bool) {
