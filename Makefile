@@ -39,9 +39,12 @@ plan:
 	fi; \
 	$(GO) run ./cmd/obvpnctl plan
 
+# test also runs the checks of the deployment files, a module of their own
+# (examples/deploy) so that the library does not depend on k8s.io/api.
 test:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./...
+	cd examples/deploy && $(GO) vet ./... && $(GO) test -race -count=1 ./...
 
 # bench runs every benchmark once (no tests). The figures that matter are
 # ratios against a baseline measured in the same run (the direct path,
