@@ -106,18 +106,20 @@ type Reporter struct {
 	// Logger receives failures and progress. Nil means discard.
 	Logger *slog.Logger
 
-	once   sync.Once
-	mu     sync.Mutex
-	target map[string]bool // the state to report, by UUID
-	acked  map[string]bool // the state the API acknowledged, by UUID
-	wake   chan struct{}   // a signal that target changed; buffered, 1
-	passMu sync.Mutex      // one pass at a time
+	once     sync.Once
+	mu       sync.Mutex
+	target   map[string]bool     // the state to report, by UUID
+	acked    map[string]bool     // the state the API acknowledged, by UUID
+	inflight map[string]struct{} // the UUIDs of the pass under way
+	wake     chan struct{}       // a signal that target changed; buffered, 1
+	passMu   sync.Mutex          // one pass at a time
 }
 
 func (r *Reporter) init() {
 	r.once.Do(func() {
 		r.target = make(map[string]bool)
 		r.acked = make(map[string]bool)
+		r.inflight = make(map[string]struct{})
 		r.wake = make(chan struct{}, 1)
 	})
 }
@@ -127,8 +129,11 @@ func (r *Reporter) init() {
 func (r *Reporter) Set(uuid string, connected bool) {
 	r.init()
 	r.mu.Lock()
-	if a, ok := r.acked[uuid]; ok && a == connected {
-		delete(r.target, uuid) // back to what the API holds: nothing to send
+	_, sending := r.inflight[uuid]
+	if a, ok := r.acked[uuid]; ok && a == connected && !sending {
+		// Back to what the API holds: nothing to send. (While a pass
+		// sends the opposite, the API will hold that: keep the target.)
+		delete(r.target, uuid)
 	} else {
 		r.target[uuid] = connected
 	}
@@ -230,8 +235,14 @@ func (r *Reporter) pass(ctx context.Context) error {
 		} else {
 			down = append(down, u)
 		}
+		r.inflight[u] = struct{}{}
 	}
 	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		clear(r.inflight)
+		r.mu.Unlock()
+	}()
 	if len(up)+len(down) == 0 {
 		return nil
 	}

@@ -192,6 +192,55 @@ func TestReporterOutage(t *testing.T) {
 	t.Logf("%d devices pending after the outage, %d online; %d requests to report them (bound %d)", pending, up, sent, want)
 }
 
+// blockingStateAPI holds each report until the test lets it go.
+type blockingStateAPI struct {
+	*fakeStateAPI
+	started chan []string
+	release chan struct{}
+}
+
+func (b blockingStateAPI) ReportState(ctx context.Context, id int64, uuids []string, connected bool) error {
+	b.started <- uuids
+	<-b.release
+	return b.fakeStateAPI.ReportState(ctx, id, uuids, connected)
+}
+
+// TestReporterChangeWhileSending: a device that goes back to the state the
+// API last acknowledged while the opposite is being sent is sent again, so
+// that the API ends with the truth.
+func TestReporterChangeWhileSending(t *testing.T) {
+	for _, first := range []bool{true, false} {
+		t.Run(fmt.Sprint("acknowledged ", !first), func(t *testing.T) {
+			is := is.New(t)
+			api := blockingStateAPI{newFakeStateAPI(), make(chan []string, 1), make(chan struct{})}
+			r := &Reporter{API: api, ServiceID: func() int64 { return 7 }}
+			ctx := context.Background()
+			// The API acknowledges the device in state !first.
+			r.Set("a", !first)
+			done := make(chan error, 1)
+			go func() { done <- r.Flush(ctx) }()
+			<-api.started
+			api.release <- struct{}{}
+			is.NoErr(<-done)
+
+			// Now first is sent, and while it is in flight the device
+			// goes back to !first.
+			r.Set("a", first)
+			go func() { done <- r.Flush(ctx) }()
+			is.Equal(<-api.started, []string{"a"})
+			r.Set("a", !first)
+			is.Equal(r.Pending(), 1)
+			api.release <- struct{}{}
+			<-api.started // the second pass sends !first again
+			api.release <- struct{}{}
+			is.NoErr(<-done)
+			is.Equal(r.Pending(), 0)
+			_, online := api.online["a"]
+			is.Equal(online, !first) // the API holds the truth
+		})
+	}
+}
+
 func TestReporterRunWakesOnSet(t *testing.T) {
 	is := is.New(t)
 	api := newFakeStateAPI()
