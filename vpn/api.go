@@ -60,6 +60,14 @@ type InternalAPI struct {
 	// loopback callers from others. The zero value believes nobody.
 	TrustProxy TrustProxy
 
+	// Sessions, if set, learns the end of each session that a
+	// client-disconnect hook reports (see [Sessions.ScriptDisconnect]).
+	Sessions *Sessions
+
+	// Metrics, if set, follows the online devices (vpn_online_devices)
+	// and counts the denials (vpn_auth_failures_total).
+	Metrics *Metrics
+
 	// Logger receives authentication failures and out-of-order
 	// disconnects. Nil means discard. Keys are never logged.
 	Logger *slog.Logger
@@ -128,6 +136,9 @@ func (a *InternalAPI) serveAuth(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	a.logger().Info("auth: device denied", "uuid", safeUUID(*body.Username), "err", err)
+	if a.Metrics != nil {
+		a.Metrics.AuthFailures.Inc()
+	}
 	if a.DelayOnAuthFail > 0 {
 		t := time.NewTimer(a.DelayOnAuthFail)
 		defer t.Stop()
@@ -169,12 +180,22 @@ func (a *InternalAPI) serveClients(w http.ResponseWriter, r *http.Request, insta
 	}
 	if r.Method == http.MethodPost {
 		io.WriteString(w, "OK")
-		if conns.Connect(ev.CommonName) == 0 && a.State != nil {
-			a.State.Set(ev.CommonName, true)
+		if conns.Connect(ev.CommonName) == 0 {
+			if a.Metrics != nil {
+				a.Metrics.OnlineDevices.Inc()
+			}
+			if a.State != nil {
+				a.State.Set(ev.CommonName, true)
+			}
 		}
 		return
 	}
 	before := conns.Disconnect(ev.CommonName)
+	if before >= 1 && a.Sessions != nil {
+		// A session ended, whether or not the device stays online.
+		a.Sessions.ScriptDisconnect(instance, ev.CommonName, uint64(ev.BytesReceived), uint64(ev.BytesSent),
+			time.Duration(ev.TimeDuration)*time.Second)
+	}
 	if before != 1 {
 		// Still online with other sessions, or a disconnect that came
 		// before its connect: nothing to report.
@@ -182,6 +203,9 @@ func (a *InternalAPI) serveClients(w http.ResponseWriter, r *http.Request, insta
 			"uuid", ev.CommonName, "instance", instance, "sessions_before", before)
 		http.Error(w, "Bad Request", http.StatusBadRequest)
 		return
+	}
+	if a.Metrics != nil {
+		a.Metrics.OnlineDevices.Dec()
 	}
 	if a.State != nil {
 		a.State.Set(ev.CommonName, false)

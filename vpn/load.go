@@ -572,6 +572,12 @@ func (p *parser) bandwidth(e *environment) BandwidthConfig {
 	}
 	c.Down = p.rate("VPN_DOWNRATE", e.DownRate)
 	c.Up = p.rate("VPN_UPRATE", e.UpRate)
+	if e.AuthMode == string(AuthScript) {
+		// Limits follow the addresses OpenVPN announces on the management
+		// interface (>CLIENT:ADDRESS), which it does only under
+		// management-mode authentication.
+		p.fail("VPN_DOWNRATE", e.DownRate, errors.New("bandwidth limits need VPN_AUTH_MODE=management, not script"))
+	}
 	return c
 }
 

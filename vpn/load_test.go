@@ -294,6 +294,8 @@ func TestLoadConfigErrors(t *testing.T) {
 			`VPN_UPRATE="1.5mbit": want <n>kbit, <n>mbit or <n>gbit with n a positive integer`},
 		{"down rate only", []string{"VPN_DOWNRATE", "10mbit"}, `VPN_UPRATE: not set, but VPN_DOWNRATE="10mbit" is: set both or neither`},
 		{"up rate only", []string{"VPN_UPRATE", "10mbit"}, `VPN_DOWNRATE: not set, but VPN_UPRATE="10mbit" is: set both or neither`},
+		{"rates in script mode", []string{"VPN_DOWNRATE", "10mbit", "VPN_UPRATE", "1mbit", "VPN_AUTH_MODE", "script"},
+			`VPN_DOWNRATE="10mbit": bandwidth limits need VPN_AUTH_MODE=management, not script`},
 		{"metrics addr", []string{"VPN_METRICS_ADDR", "8080"}, `VPN_METRICS_ADDR="8080": want host:port or :port`},
 		{"metrics port", []string{"VPN_METRICS_ADDR", ":99999"}, `VPN_METRICS_ADDR=":99999": port "99999": want a number from 0 to 65535`},
 		{"metrics timeout", []string{"METRICS_TIMEOUT", "soon"}, `METRICS_TIMEOUT="soon": not an integer`},

@@ -135,7 +135,7 @@ func (s *Server) Run(ctx context.Context) error {
 	s.service = &Service{API: api, Addr: addr, Logger: s.Logger}
 	reporter := &Reporter{API: api, ServiceID: s.service.ID, BatchSize: cfg.Balena.StateBatchSize, Logger: s.Logger}
 	sessions := &Sessions{Auth: auth, Connections: conns, State: reporter, DelayOnAuthFail: cfg.Auth.DelayOnFail,
-		Metrics: metrics, Logger: s.Logger}
+		Metrics: metrics, Script: cfg.Auth.Mode == AuthScript, Logger: s.Logger}
 	limiters := make([]*Limiter, n+1)
 	if cfg.Bandwidth.Down != 0 && cfg.Bandwidth.Up != 0 {
 		cmdf := s.Command
@@ -158,7 +158,8 @@ func (s *Server) Run(ctx context.Context) error {
 		}()
 	}
 	internal := &InternalAPI{Auth: auth, Connections: conns, State: reporter, Instances: n,
-		DelayOnAuthFail: cfg.Auth.DelayOnFail, TrustProxy: cfg.TrustProxy, Logger: s.Logger}
+		DelayOnAuthFail: cfg.Auth.DelayOnFail, TrustProxy: cfg.TrustProxy, Sessions: sessions, Metrics: metrics,
+		Logger: s.Logger}
 
 	listen := s.Listen
 	if listen == nil {

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -48,6 +49,13 @@ type Sessions struct {
 	// for none): each client's address, as CLIENT:ADDRESS gives it, is
 	// limited until the client goes.
 	Limits func(instance int) *Limiter
+
+	// Script says that OpenVPN runs the script-mode hooks (AuthScript):
+	// they count each device's sessions through the [InternalAPI], and
+	// OpenVPN sends ESTABLISHED but neither DISCONNECT nor ADDRESS. The
+	// Sessions then keep the established sessions for the drain and the
+	// byte counts only, and [Sessions.ScriptDisconnect] ends them.
+	Script bool
 
 	// Logger receives denials and anomalies. Nil means discard.
 	Logger *slog.Logger
@@ -165,6 +173,9 @@ func (s *Sessions) onEstablished(id int, ev *openvpnmgmt.ClientEvent) {
 	if s.Metrics != nil {
 		s.Metrics.Devices.Inc()
 	}
+	if s.Script {
+		return // the client-connect hook counts it
+	}
 	if s.counts().Connect(cn) == 0 {
 		if s.Metrics != nil {
 			s.Metrics.OnlineDevices.Inc()
@@ -230,20 +241,7 @@ func (s *Sessions) onDisconnect(id int, ev *openvpnmgmt.ClientEvent) {
 	if !ok {
 		return // a client that never got through: nothing was counted
 	}
-	if s.Metrics != nil {
-		rx, _ := strconv.ParseUint(ev.Env.Value("bytes_received"), 10, 64)
-		tx, _ := strconv.ParseUint(ev.Env.Value("bytes_sent"), 10, 64)
-		if rx >= e.rx && tx >= e.tx {
-			s.Metrics.RxBytes.Add(float64(rx - e.rx))
-			s.Metrics.TxBytes.Add(float64(tx - e.tx))
-		}
-		secs, err := strconv.ParseInt(ev.Env.Value("time_duration"), 10, 64)
-		d := time.Duration(secs) * time.Second
-		if err != nil {
-			d = time.Since(e.since)
-		}
-		s.Metrics.SessionEnded(d, rx, tx)
-	}
+	s.ended(e, ev.Env)
 	if s.counts().Disconnect(e.cn) == 1 {
 		if s.Metrics != nil {
 			s.Metrics.OnlineDevices.Dec()
@@ -252,6 +250,63 @@ func (s *Sessions) onDisconnect(id int, ev *openvpnmgmt.ClientEvent) {
 			s.State.Set(e.cn, false)
 		}
 	}
+}
+
+// ended counts the end of session e in the metrics, with the totals of
+// env (bytes_received, bytes_sent, time_duration). Without totals (the
+// session went with its instance) the last byte counts stand for them,
+// and without those the bitrates are not observed.
+func (s *Sessions) ended(e established, env openvpnmgmt.Env) {
+	if s.Metrics == nil {
+		return
+	}
+	rx, rxErr := strconv.ParseUint(env.Value("bytes_received"), 10, 64)
+	tx, txErr := strconv.ParseUint(env.Value("bytes_sent"), 10, 64)
+	if rxErr != nil || txErr != nil {
+		rx, tx = e.rx, e.tx
+	}
+	if rx >= e.rx && tx >= e.tx {
+		s.Metrics.RxBytes.Add(float64(rx - e.rx))
+		s.Metrics.TxBytes.Add(float64(tx - e.tx))
+	}
+	secs, err := strconv.ParseInt(env.Value("time_duration"), 10, 64)
+	d := time.Duration(secs) * time.Second
+	if err != nil {
+		d = time.Since(e.since)
+	}
+	if rx == 0 && tx == 0 && (rxErr != nil || txErr != nil) {
+		s.Metrics.SessionDuration.Observe(d.Seconds()) // bytes unknown
+		return
+	}
+	s.Metrics.SessionEnded(d, rx, tx)
+}
+
+// ScriptDisconnect ends the oldest established session of commonName on
+// instance id, as the client-disconnect hook reports it in script mode
+// (the hook's call to the InternalAPI counts the device's sessions): its
+// byte counts and duration go to the metrics. It reports whether there
+// was such a session.
+func (s *Sessions) ScriptDisconnect(id int, commonName string, rx, tx uint64, d time.Duration) bool {
+	s.mu.Lock()
+	var key sessionKey
+	var e established
+	found := false
+	for k, v := range s.established {
+		if k.instance == id && strings.EqualFold(v.cn, commonName) && (!found || v.since.Before(e.since)) {
+			key, e, found = k, v, true
+		}
+	}
+	delete(s.established, key)
+	s.mu.Unlock()
+	if found {
+		env := openvpnmgmt.Env{
+			{Name: "bytes_received", Value: strconv.FormatUint(rx, 10)},
+			{Name: "bytes_sent", Value: strconv.FormatUint(tx, 10)},
+			{Name: "time_duration", Value: strconv.FormatInt(int64(d/time.Second), 10)},
+		}
+		s.ended(e, env)
+	}
+	return found
 }
 
 // sessionList lists the established sessions, by instance and client id.

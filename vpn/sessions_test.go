@@ -2,6 +2,7 @@ package vpn
 
 import (
 	"context"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -99,4 +100,60 @@ func value(m prometheus.Metric) float64 {
 		return d.GetGauge().GetValue()
 	}
 	return d.GetCounter().GetValue()
+}
+
+// TestSessionsScriptMode: in script mode the hooks count the sessions
+// through the internal API, and OpenVPN's ESTABLISHED (which it sends in
+// both modes, with no DISCONNECT in this one) counts nothing twice: the
+// hook's disconnect takes the device offline and ends the session; an
+// instance that dies takes its sessions with it, counting only the
+// duration of a session whose bytes are unknown.
+func TestSessionsScriptMode(t *testing.T) {
+	is := is.New(t)
+	const dev = "0123456789abcdef0123456789abcdef"
+	state := &recordedState{}
+	m, _ := NewMetrics(nil)
+	conns := &Connections{}
+	s := &Sessions{Connections: conns, State: state, Metrics: m, Script: true}
+	api := &InternalAPI{Connections: conns, State: state, Sessions: s, Metrics: m, Instances: 2}
+	h := s.Handler(1)
+	call := func(method, body string) int {
+		r := httptest.NewRequest(method, "/api/v2/1/clients/", strings.NewReader(body))
+		r.RemoteAddr = "127.0.0.1:40000"
+		w := httptest.NewRecorder()
+		api.ServeHTTP(w, r)
+		return w.Code
+	}
+	established := func(cid uint64) {
+		h(context.Background(), nil, &openvpnmgmt.ClientEvent{Kind: openvpnmgmt.ClientEstablished, CID: cid,
+			Env: openvpnmgmt.Env{{Name: "common_name", Value: dev}}})
+	}
+
+	is.Equal(call("POST", `{"common_name":"`+dev+`"}`), 200) // client-connect hook
+	established(2)
+	h(context.Background(), nil, &openvpnmgmt.ByteCountClientEvent{CID: 2, Received: 100, Sent: 50})
+	is.Equal(state.snapshot(), []string{"+" + dev})
+	is.Equal(conns.Count(dev), 1)
+	is.Equal(value(m.OnlineDevices), 1.0)
+	is.Equal(value(m.Devices), 1.0)
+
+	is.Equal(call("DELETE", `{"common_name":"`+dev+`","bytes_received":"150","bytes_sent":"70","time_duration":"90"}`), 200)
+	is.Equal(state.snapshot(), []string{"+" + dev, "-" + dev})
+	is.Equal(value(m.OnlineDevices), 0.0)
+	is.Equal(value(m.RxBytes), 150.0)
+	is.Equal(value(m.TxBytes), 70.0)
+	is.Equal(len(s.sessionList()), 0) // the session ended with the hook's call
+
+	// Again, and the instance dies: no hook will report the end.
+	is.Equal(call("POST", `{"common_name":"`+dev+`"}`), 200)
+	established(3)
+	s.Forget(1)
+	is.Equal(state.snapshot(), []string{"+" + dev, "-" + dev, "+" + dev, "-" + dev})
+	is.Equal(conns.Count(dev), 0)
+	is.Equal(value(m.OnlineDevices), 0.0)
+	var d, rate dto.Metric
+	is.NoErr(m.SessionDuration.Write(&d))
+	is.NoErr(m.SessionRxRate.Write(&rate))
+	is.Equal(d.GetHistogram().GetSampleCount(), uint64(2))
+	is.Equal(rate.GetHistogram().GetSampleCount(), uint64(1)) // no bitrate of 0 for the forgotten one
 }

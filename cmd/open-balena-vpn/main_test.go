@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/base64"
+	"io"
 	"net/http"
 	"os/exec"
 	"path/filepath"
@@ -137,6 +138,45 @@ func endToEnd(t *testing.T, bin, mode string) {
 	if _, err := bad.WaitFor(ctx, "AUTH_FAILED"); err != nil {
 		t.Fatal(err)
 	}
+
+	// The device leaves while the server runs: reported offline (in script
+	// mode through vpn-client-event), and the metrics follow the session.
+	client.Stop()
+	waitAPI := func(online bool) {
+		t.Helper()
+		for {
+			if d, _ := api.Device(dev.UUID); d.ConnectedToVPN == online {
+				return
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatalf("the device was not reported online=%v", online)
+			case err := <-exited:
+				t.Fatalf("the server exited: %v", err)
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+	waitAPI(false)
+	hc := &http.Client{Transport: &http.Transport{DialContext: world.Dial}, Timeout: 5 * time.Second}
+	resp, err := hc.Get("http://127.0.0.1:8080/cluster_metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{"vpn_online_devices 0", "vpn_devices_total 1", "vpn_auth_failures_total 1", "vpn_session_duration_count 1"} {
+		if !strings.Contains(string(metrics), want+"\n") {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	// Back, for the stop to report it offline.
+	client = vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:10002", CA: pki.CAFile,
+		Username: dev.UUID, Password: dev.Key})
+	if _, err := client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
+		t.Fatal(err)
+	}
+	waitAPI(true)
 
 	if err := syscall.Kill(cmd.Process.Pid, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
