@@ -70,13 +70,38 @@ type Server struct {
 	// Logger receives the server's logs. Nil means discard.
 	Logger *slog.Logger
 
-	once    sync.Once
-	ready   chan struct{}
-	service *Service
+	once      sync.Once
+	ready     chan struct{}
+	closed    chan struct{} // closed by Close
+	closeOnce sync.Once
+	service   *Service
 }
 
 func (s *Server) init() {
-	s.once.Do(func() { s.ready = make(chan struct{}) })
+	s.once.Do(func() { s.ready, s.closed = make(chan struct{}), make(chan struct{}) })
+}
+
+// Close stops the server at once: the drain (or what is left of it) and
+// the final state reports are skipped, and Run stops the instances and
+// HAProxy and returns, whether or not its context has ended. It is what a
+// second SIGTERM asks for. Close does not wait for Run.
+func (s *Server) Close() {
+	s.init()
+	s.closeOnce.Do(func() { close(s.closed) })
+}
+
+// unlessClosed returns a context that ends with ctx or with Close; its
+// cancel ends the goroutine that watches.
+func (s *Server) unlessClosed(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		select {
+		case <-s.closed:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
 }
 
 // Ready returns a channel that is closed once every instance has
@@ -336,7 +361,10 @@ func (s *Server) Run(ctx context.Context) error {
 	var runErr error
 	select {
 	case <-ctx.Done():
-		s.drain(runCtx, hap, sessions, instances)
+		dctx, dcancel := s.unlessClosed(runCtx)
+		s.drain(dctx, hap, sessions, instances)
+		dcancel()
+	case <-s.closed:
 	case runErr = <-fatal:
 		s.log().Error("VPN server stopping", "err", runErr)
 	}
@@ -355,6 +383,8 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 		fctx, fcancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
 		defer fcancel()
+		fctx, ucancel := s.unlessClosed(fctx)
+		defer ucancel()
 		if err := reporter.Flush(fctx); err != nil {
 			s.log().Error("could not report every device offline", "err", err, "pending", reporter.Pending())
 		}

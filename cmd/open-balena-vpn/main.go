@@ -4,9 +4,9 @@
 // registration, the internal API and the metrics. It is configured by the
 // environment (see the README's table, or vpn.LoadConfig).
 //
-// SIGTERM or SIGINT stops it: the instances end, their devices are
-// reported offline, and it exits 0; a second signal exits at once with
-// status 1. SIGUSR2 toggles verbose logs. A configuration error is one
+// SIGTERM or SIGINT stops it: the instances drain, their devices are
+// reported offline, and it exits 0; a second signal cuts the drain and the
+// reports short, stops the instances and HAProxy at once, and exits 1. SIGUSR2 toggles verbose logs. A configuration error is one
 // line on standard error and exit status 2.
 //
 // In script mode (VPN_AUTH_MODE=script) OpenVPN runs vpn-auth and
@@ -21,6 +21,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -56,6 +57,7 @@ func run() int {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	var hard atomic.Bool // a second signal came
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR2)
 	go func() {
@@ -70,8 +72,9 @@ func run() int {
 				}
 				log.Info("verbose logs toggled", "level", level.Level())
 			case stopping:
-				log.Error("second signal: exiting at once", "signal", sig)
-				os.Exit(1)
+				log.Error("second signal: stopping at once, without the drain", "signal", sig)
+				hard.Store(true)
+				srv.Close() // Run stops the instances and HAProxy, then returns
 			default:
 				stopping = true
 				log.Info("stopping", "signal", sig)
@@ -82,6 +85,10 @@ func run() int {
 	log.Info("open-balena-vpn starting", "config", cfg)
 	if err := srv.Run(ctx); err != nil {
 		log.Error("open-balena-vpn failed", "err", err)
+		return 1
+	}
+	if hard.Load() {
+		log.Warn("open-balena-vpn stopped without draining")
 		return 1
 	}
 	log.Info("open-balena-vpn stopped")
