@@ -60,7 +60,8 @@ type Instance struct {
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 
 	// Logger receives the instance's life and OpenVPN's log lines at their
-	// level (debug ones only when Config.Verbose). Nil means discard.
+	// level (its debug lines at slog.LevelDebug, so that a logger whose
+	// level changes at run time shows them or not). Nil means discard.
 	Logger *slog.Logger
 
 	mu     sync.Mutex
@@ -342,9 +343,7 @@ func (i *Instance) logOpenVPN(ev *openvpnmgmt.LogEvent) {
 	case openvpnmgmt.LogWarning:
 		level = slog.LevelWarn
 	case openvpnmgmt.LogDebug:
-		if !i.Config.Verbose {
-			return
-		}
+		// The logger's level, not Config.Verbose: SIGUSR2 toggles it.
 		level = slog.LevelDebug
 	}
 	i.log().Log(context.Background(), level, ev.Message, "source", "openvpn")
