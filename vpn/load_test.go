@@ -105,7 +105,7 @@ func TestLoadConfigEverything(t *testing.T) {
 		"VPN_OPENVPN_CA_CRT_FILE", caFile,
 		"VPN_OPENVPN_SERVER_KEY", testKey, // plain PEM works too
 		"VPN_OPENVPN_SERVER_DH", b64(testDH),
-		"VPN_AUTH_MODE", "script",
+		"VPN_AUTH_MODE", "management", // script mode takes no rate limits
 		"VPN_AUTH_CACHE_TIMEOUT", "0",
 		"MAX_API_POST_WORKERS", "5",
 		"DELAY_ON_AUTH_FAIL", "250",
@@ -145,7 +145,7 @@ func TestLoadConfigEverything(t *testing.T) {
 	is.Equal(string(c.OpenVPN.CACert), testCert)
 	is.Equal(string(c.OpenVPN.ServerKey), testKey)
 	is.Equal(string(c.OpenVPN.DH), testDH)
-	is.Equal(c.Auth, AuthConfig{Mode: AuthScript, CacheTimeout: 0, MaxWorkers: 5, DelayOnFail: 250 * time.Millisecond})
+	is.Equal(c.Auth, AuthConfig{Mode: AuthManagement, CacheTimeout: 0, MaxWorkers: 5, DelayOnFail: 250 * time.Millisecond})
 	is.Equal(c.Balena.BaseURL(), "http://api:81")
 	is.Equal(c.Balena.GuestAPIKey, "guest")
 	is.Equal(c.Balena.StateBatchSize, 100)
