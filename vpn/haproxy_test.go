@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -47,7 +48,11 @@ func freePort(t *testing.T) int {
 
 // startHAProxy runs haproxy on cfg in the foreground until the test ends,
 // and returns once its worker runs.
-func startHAProxy(t *testing.T, bin, cfg string) {
+func startHAProxy(t *testing.T, bin, cfg string) { startHAProxyStoppable(t, bin, cfg) }
+
+// startHAProxyStoppable is startHAProxy that returns a func that stops
+// haproxy before the test ends (and waits for it).
+func startHAProxyStoppable(t *testing.T, bin, cfg string) (stop func()) {
 	t.Helper()
 	cmd := exec.Command(bin, "-W", "-db", "-f", cfg)
 	stderr, err := cmd.StderrPipe()
@@ -59,15 +64,19 @@ func startHAProxy(t *testing.T, bin, cfg string) {
 		t.Fatal(err)
 	}
 	exited := make(chan struct{})
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(5 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-	})
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-exited:
+			case <-time.After(5 * time.Second):
+				_ = cmd.Process.Kill()
+				<-exited
+			}
+		})
+	}
+	t.Cleanup(stop)
 	ready := make(chan struct{})
 	var log strings.Builder
 	go func() {
@@ -90,6 +99,7 @@ func startHAProxy(t *testing.T, bin, cfg string) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("haproxy did not start its worker within 10 s")
 	}
+	return stop
 }
 
 func TestHAProxyRuntime(t *testing.T) {

@@ -250,8 +250,10 @@ func (s *Server) Run(ctx context.Context) error {
 	instances := make([]*Instance, n+1)
 
 	var hap *HAProxyRuntime
+	var hreg *registrar
 	if cfg.HAProxy.Mode != HAProxyOff {
 		hap = &HAProxyRuntime{Socket: cfg.HAProxy.Socket}
+		hreg = newRegistrar(hap, s.log())
 	}
 	if cfg.HAProxy.Mode == HAProxyManaged {
 		stop, err := s.startHAProxy(runCtx, hap, fatal)
@@ -259,6 +261,10 @@ func (s *Server) Run(ctx context.Context) error {
 			return err
 		}
 		defer stop()
+	}
+	if hreg != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); hreg.run(runCtx) }()
 	}
 	wg.Add(2)
 	go func() { defer wg.Done(); _ = s.service.Run(runCtx) }()
@@ -271,17 +277,9 @@ func (s *Server) Run(ctx context.Context) error {
 		inst := &Instance{Config: cfg, ID: id, Hooks: hooks, Handler: sessions.Handler(id),
 			Command: s.Command, Dial: s.Dial, Logger: s.Logger,
 			OnReady: func(id int) {
-				if hap != nil {
-					in, _ := cfg.Plan.Instance(id)
-					rctx, rcancel := context.WithTimeout(runCtx, 5*time.Second)
-					err := hap.SetServerAddr(rctx, HAProxyServer(id), netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(in.Port)))
-					if err == nil {
-						err = hap.SetServerState(rctx, HAProxyServer(id), StateReady)
-					}
-					rcancel()
-					if err != nil {
-						s.log().Error("could not register the instance with HAProxy", "instance", id, "err", err)
-					}
+				if hreg != nil {
+					// Registered at once, or retried until HAProxy takes it.
+					hreg.set(id, instanceAddr(cfg, id), StateReady)
 				}
 				readyMu.Lock()
 				defer readyMu.Unlock()
@@ -293,12 +291,8 @@ func (s *Server) Run(ctx context.Context) error {
 				}
 			},
 			OnDown: func(id int) {
-				if hap != nil {
-					rctx, rcancel := context.WithTimeout(context.WithoutCancel(runCtx), 5*time.Second)
-					if err := hap.SetServerState(rctx, HAProxyServer(id), StateMaint); err != nil && runCtx.Err() == nil {
-						s.log().Error("could not take the instance out of HAProxy", "instance", id, "err", err)
-					}
-					rcancel()
+				if hreg != nil {
+					hreg.set(id, instanceAddr(cfg, id), StateMaint)
 				}
 				sessions.Forget(id)
 				if l := limiters[id]; l != nil {
@@ -362,7 +356,7 @@ func (s *Server) Run(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 		dctx, dcancel := s.unlessClosed(runCtx)
-		s.drain(dctx, hap, sessions, instances)
+		s.drain(dctx, hap, hreg, sessions, instances)
 		dcancel()
 	case <-s.closed:
 	case runErr = <-fatal:
@@ -401,7 +395,7 @@ func (s *Server) Run(ctx context.Context) error {
 // balancer, to another server), spaced by min(1 min / the minimum drain
 // rate, the drain timeout / the number of clients), all within the drain
 // timeout.
-func (s *Server) drain(ctx context.Context, hap *HAProxyRuntime, sessions *Sessions, instances []*Instance) {
+func (s *Server) drain(ctx context.Context, hap *HAProxyRuntime, reg *registrar, sessions *Sessions, instances []*Instance) {
 	cfg := s.Config
 	timeout := cfg.Drain.Timeout
 	if timeout <= 0 {
@@ -414,6 +408,9 @@ func (s *Server) drain(ctx context.Context, hap *HAProxyRuntime, sessions *Sessi
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	if hap != nil {
+		if reg != nil {
+			reg.setAll(StateDrain) // and kept so while the drain runs
+		}
 		for id := 1; id < len(instances); id++ {
 			if err := hap.SetServerState(ctx, HAProxyServer(id), StateDrain); err != nil {
 				s.log().Warn("could not drain the instance in HAProxy", "instance", id, "err", err)
