@@ -77,10 +77,16 @@ type Client struct {
 	opts Options
 	log  *slog.Logger
 
-	writeMu   sync.Mutex      // a command's line(s) and its place in pending go together
-	pending   []*call         // the commands waiting for replies, in order; under writeMu
-	aloneBusy bool            // a line that goes alone is waiting or in flight; under writeMu
-	waiters   []chan struct{} // commands waiting for aloneBusy to clear; under writeMu
+	// writeMu orders the writes: a command takes its place in pending and
+	// writes its line(s) under it. mu guards pending and the rest; the
+	// reader takes only mu, so that a write that blocks (OpenVPN not
+	// reading while its own output waits) never keeps replies from being
+	// read. writeMu is taken before mu.
+	writeMu   sync.Mutex
+	mu        sync.Mutex
+	pending   []*call         // the commands waiting for replies, in order; under mu
+	aloneBusy bool            // a line that goes alone is waiting or in flight; under mu
+	waiters   []chan struct{} // commands waiting for aloneBusy to clear; under mu
 
 	qmu    sync.Mutex
 	queue  []Event
@@ -353,12 +359,12 @@ func (c *Client) read(br *bufio.Reader) {
 	defer c.wg.Done()
 	defer func() {
 		// Fail the commands still waiting.
-		c.writeMu.Lock()
+		c.mu.Lock()
 		for _, p := range c.pending {
 			p.reply <- reply{err: ErrClosed}
 		}
 		c.pending = nil
-		c.writeMu.Unlock()
+		c.mu.Unlock()
 	}()
 	var (
 		lr      = lineReader{br: br}
@@ -395,12 +401,12 @@ func (c *Client) read(br *bufio.Reader) {
 			continue
 		}
 		// A reply line.
-		c.writeMu.Lock()
+		c.mu.Lock()
 		var p *call
 		if len(c.pending) > 0 {
 			p = c.pending[0]
 		}
-		c.writeMu.Unlock()
+		c.mu.Unlock()
 		if p == nil {
 			c.log.Warn("openvpnmgmt: a line that answers no command", "line", string(line))
 			continue
@@ -429,13 +435,13 @@ func (c *Client) read(br *bufio.Reader) {
 		if !complete {
 			continue
 		}
-		c.writeMu.Lock()
+		c.mu.Lock()
 		c.pending = c.pending[1:]
 		if p.alone {
 			c.aloneBusy = false
 		}
 		c.wakeLocked()
-		c.writeMu.Unlock()
+		c.mu.Unlock()
 		p.reply <- r
 	}
 }
@@ -540,11 +546,12 @@ func (c *Client) roundTrip(ctx context.Context, name string, multiLine bool, lin
 	if err := c.enter(ctx, alone); err != nil {
 		return nil, err
 	}
-	// writeMu is held.
+	// writeMu and mu are held.
 	c.pending = append(c.pending, p)
 	if alone {
 		c.aloneBusy = true
 	}
+	c.mu.Unlock()
 	_, err := io.WriteString(c.conn, strings.Join(lines, "\n")+"\n")
 	c.writeMu.Unlock()
 	if err != nil {
@@ -564,13 +571,14 @@ func (c *Client) roundTrip(ctx context.Context, name string, multiLine bool, lin
 	}
 }
 
-// enter returns with writeMu held once a command may be written: at once
-// unless a line that goes alone is waiting or in flight; for a line that
-// goes alone (alone), once it has the connection to itself.
+// enter returns with writeMu and mu held once a command may be written:
+// at once unless a line that goes alone is waiting or in flight; for a
+// line that goes alone (alone), once it has the connection to itself.
 func (c *Client) enter(ctx context.Context, alone bool) error {
 	reserved := false // this call holds aloneBusy
 	for {
 		c.writeMu.Lock()
+		c.mu.Lock()
 		var err error
 		select {
 		case <-c.done:
@@ -583,6 +591,7 @@ func (c *Client) enter(ctx context.Context, alone bool) error {
 				c.aloneBusy = false
 				c.wakeLocked()
 			}
+			c.mu.Unlock()
 			c.writeMu.Unlock()
 			return err
 		}
@@ -598,6 +607,7 @@ func (c *Client) enter(ctx context.Context, alone bool) error {
 		}
 		wake := make(chan struct{})
 		c.waiters = append(c.waiters, wake)
+		c.mu.Unlock()
 		c.writeMu.Unlock()
 		select {
 		case <-wake:
@@ -607,8 +617,8 @@ func (c *Client) enter(ctx context.Context, alone bool) error {
 	}
 }
 
-// wakeLocked wakes the commands waiting in enter, to look again. writeMu
-// is held.
+// wakeLocked wakes the commands waiting in enter, to look again. mu is
+// held.
 func (c *Client) wakeLocked() {
 	for _, w := range c.waiters {
 		close(w)

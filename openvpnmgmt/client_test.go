@@ -9,6 +9,7 @@ import (
 	"net"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -448,4 +449,95 @@ func TestLongLineGoesAlone(t *testing.T) {
 	if err := <-third; err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestReplyWhileAWriteBlocks: OpenVPN stops reading commands while its own
+// output waits, so a write can block; a reply that arrives meanwhile must
+// still reach its command (the reader never waits for a writer).
+func TestReplyWhileAWriteBlocks(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		s, err := l.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		s.(*net.TCPConn).SetReadBuffer(4096)
+		accepted <- s // and never read
+	}()
+	conn, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.(*net.TCPConn).SetWriteBuffer(4096)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := openvpnmgmt.NewClient(ctx, conn, openvpnmgmt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	srv := <-accepted
+	if srv == nil {
+		t.Fatal("no connection")
+	}
+	defer srv.Close()
+
+	first := make(chan error, 1)
+	go func() { _, err := c.Raw(ctx, "echo one", false); first <- err }()
+	srv.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if line, err := bufio.NewReader(srv).ReadString('\n'); err != nil || line != "echo one\n" {
+		t.Fatalf("got %q, %v; want echo one", line, err)
+	}
+	// From now on the server reads nothing. Enough commands to fill both
+	// socket buffers: a writer blocks.
+	var wg sync.WaitGroup
+	for range 400 {
+		wg.Add(1)
+		go func() { defer wg.Done(); c.Raw(ctx, "echo "+strings.Repeat("x", 700), false) }()
+	}
+	defer wg.Wait()
+	defer c.Close() // before the wait: unblocks the writer
+	time.Sleep(100 * time.Millisecond) // the writers get going; not a synchronisation
+	if _, err := io.WriteString(srv, "SUCCESS: one\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-first:
+		if err != nil {
+			t.Fatalf("echo one: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the reply did not reach its command while a write blocked")
+	}
+}
+
+// TestHistoryAndRestart: the "all" forms answer with lines up to END, and
+// client-kill takes RESTART.
+func TestHistoryAndRestart(t *testing.T) {
+	is := is.New(t)
+	s := mgmttest.NewServer(t)
+	s.Handle("log", func(string) []string {
+		return []string{"1700000000,I,first line", "1700000001,W,second, with a comma", "END"}
+	})
+	s.Handle("state", func(string) []string { return []string{"1700000000,CONNECTED,SUCCESS,10.8.0.1,,,,", "END"} })
+	s.Handle("echo", func(string) []string { return []string{"END"} })
+	c := dial(t, s, openvpnmgmt.Options{})
+	ctx := context.Background()
+	logs, err := c.LogHistory(ctx)
+	is.NoErr(err)
+	is.Equal(logs, []string{"1700000000,I,first line", "1700000001,W,second, with a comma"})
+	states, err := c.StateHistory(ctx)
+	is.NoErr(err)
+	is.Equal(len(states), 1)
+	echoes, err := c.EchoHistory(ctx)
+	is.NoErr(err)
+	is.Equal(len(echoes), 0)
+	is.NoErr(c.ClientKill(ctx, 9, openvpnmgmt.KillRestart))
+	is.Equal(s.Commands(), []string{"log all", "state all", "echo all", "client-kill 9 RESTART"})
 }
