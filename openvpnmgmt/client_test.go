@@ -502,7 +502,7 @@ func TestReplyWhileAWriteBlocks(t *testing.T) {
 		go func() { defer wg.Done(); c.Raw(ctx, "echo "+strings.Repeat("x", 700), false) }()
 	}
 	defer wg.Wait()
-	defer c.Close() // before the wait: unblocks the writer
+	defer c.Close()                    // before the wait: unblocks the writer
 	time.Sleep(100 * time.Millisecond) // the writers get going; not a synchronisation
 	if _, err := io.WriteString(srv, "SUCCESS: one\r\n"); err != nil {
 		t.Fatal(err)
