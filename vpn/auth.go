@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -42,8 +43,9 @@ type Authenticator struct {
 	// MaxInFlight bounds the requests to the API in flight. Zero means 20.
 	MaxInFlight int
 
-	// Timeout bounds one request to the API, waiting for a place among
-	// MaxInFlight included. Zero means 30 s.
+	// Timeout bounds one request to the API, from the moment it has its
+	// place among MaxInFlight (the wait for a place, in a reconnect storm,
+	// is bounded by OpenVPN's hand-window of 600 s). Zero means 30 s.
 	Timeout time.Duration
 
 	// Logger receives API failures. Nil means discard. Keys are never
@@ -148,6 +150,11 @@ func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (
 	}
 }
 
+// maxQueueWait bounds the wait for a place among the requests in flight:
+// the server configuration's hand-window, the time OpenVPN gives a client
+// to be authenticated.
+const maxQueueWait = 600 * time.Second
+
 // Wait blocks until every request to the API that is in flight has
 // ended: Authenticate returns when its caller's context ends, but the
 // request it started goes on for the others that wait for the same answer.
@@ -155,14 +162,19 @@ func (a *Authenticator) Wait() { a.wg.Wait() }
 
 // check asks the API once for every caller waiting on c.
 func (a *Authenticator) check(ctx context.Context, timeout time.Duration, k authKey, c *authCall, uuid, apiKey string) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+	// A storm queues for a place: the wait is bounded by OpenVPN's
+	// hand-window (after which an answer is of no use), the request by
+	// timeout from the moment it has its place.
+	qctx, qcancel := context.WithTimeout(ctx, maxQueueWait)
+	defer qcancel()
 	select {
 	case a.sem <- struct{}{}:
-		c.allowed, c.err = a.API.DeviceAuth(ctx, uuid, apiKey)
+		rctx, cancel := context.WithTimeout(ctx, timeout)
+		c.allowed, c.err = a.API.DeviceAuth(rctx, uuid, apiKey)
+		cancel()
 		<-a.sem
-	case <-ctx.Done():
-		c.err = ctx.Err()
+	case <-qctx.Done():
+		c.err = fmt.Errorf("no place among the requests in flight within %v: %w", maxQueueWait, qctx.Err())
 	}
 	if c.err != nil {
 		c.allowed = false

@@ -211,6 +211,31 @@ func TestAuthenticatorTimeout(t *testing.T) {
 	a.Wait()
 }
 
+// TestAuthenticatorQueueNotTimed: Timeout bounds a request from the moment
+// it has its place: in a storm that queues for longer than Timeout, every
+// device still gets its answer.
+func TestAuthenticatorQueueNotTimed(t *testing.T) {
+	is := is.New(t)
+	api := &fakeAuthAPI{answers: map[string]func() (bool, error){}}
+	a := &Authenticator{API: api, MaxInFlight: 1, Timeout: 200 * time.Millisecond}
+	const n = 8 // 8 × 50 ms in a row: twice the timeout
+	for i := range n {
+		api.answers[fmt.Sprintf("%032x", i)] = func() (bool, error) { time.Sleep(50 * time.Millisecond); return true, nil }
+	}
+	var wg sync.WaitGroup
+	var allowed atomic.Int64
+	for i := range n {
+		wg.Go(func() {
+			if ok, err := a.Authenticate(context.Background(), fmt.Sprintf("%032x", i), "good"); ok && err == nil {
+				allowed.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	a.Wait()
+	is.Equal(allowed.Load(), int64(n))
+}
+
 func TestAuthenticatorSweep(t *testing.T) {
 	is := is.New(t)
 	now := time.Unix(0, 0)
