@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strconv"
 	"strings"
@@ -21,61 +22,9 @@ import (
 // the handler, and after a SIGKILL starts openvpn again, to which the
 // device reconnects; cancelling the context stops it.
 func TestInstanceSupervisesOpenVPN(t *testing.T) {
-	vpntest.Require(t, "openvpn", "ip")
-	world := vpntest.NewNetns(t, "world")
-	pki := vpntest.NewPKI(t)
-	run := t.TempDir()
-	cfg, err := vpn.Loader{Env: map[string]string{
-		"VPN_BASE_SUBNET":             "10.240.0.0/16",
-		"VPN_INSTANCE_SUBNET_BITMASK": "24",
-		"VPN_INSTANCE_COUNT":          "1",
-		"VPN_RUN_DIR":                 run,
-		"BALENA_API_HOST":             "api.invalid",
-		"VPN_SERVICE_API_KEY":         "unused",
-		"VPN_OPENVPN_CA_CRT":          string(pki.CACert),
-		"VPN_OPENVPN_SERVER_CRT":      string(pki.ServerCert),
-		"VPN_OPENVPN_SERVER_KEY":      string(pki.ServerKey),
-		"VPN_BYTECOUNT_INTERVAL":      "1",
-	}}.Config()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ready := make(chan int, 10)
-	downs := make(chan int, 10)
-	inst := &vpn.Instance{
-		Config:  cfg,
-		ID:      1,
-		Command: world.CommandContext,
-		Dial:    world.Dial,
-		OnReady: func(id int) { ready <- id },
-		OnDown:  func(id int) { downs <- id },
-		Handler: func(ctx context.Context, c *openvpnmgmt.Client, ev openvpnmgmt.Event) {
-			if ce, ok := ev.(*openvpnmgmt.ClientEvent); ok && (ce.Kind == openvpnmgmt.ClientConnect || ce.Kind == openvpnmgmt.ClientReauth) {
-				if ce.Env.Value("password") == "good" {
-					_ = c.ClientAuthNT(ctx, ce.CID, ce.KID)
-				} else {
-					_ = c.ClientDeny(ctx, ce.CID, ce.KID, "bad key", "")
-				}
-			}
-		},
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- inst.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-	})
-	wait := func(ch <-chan int, what string) {
-		t.Helper()
-		select {
-		case <-ch:
-		case err := <-done:
-			t.Fatalf("Run returned %v while waiting for %s", err, what)
-		case <-time.After(30 * time.Second):
-			t.Fatalf("no %s within 30 s", what)
-		}
-	}
+	ti := startTestInstance(t, nil)
+	cfg, world, pki, ctx, done, ready, downs, wait := ti.cfg, ti.world, ti.pki, ti.ctx, ti.done, ti.ready, ti.downs, ti.wait
+	cancel := ti.cancel
 	wait(ready, "ready")
 
 	paths := cfg.Paths(1)
@@ -122,6 +71,145 @@ func TestInstanceSupervisesOpenVPN(t *testing.T) {
 	if pid > 0 && syscall.Kill(pid, 0) == nil {
 		if st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); !strings.Contains(string(st), ") Z") {
 			t.Errorf("openvpn %d still runs after Run returned", pid)
+		}
+	}
+}
+
+// testInstance is one instance's real openvpn in a world namespace, whose
+// handler answers "good" passwords.
+type testInstance struct {
+	cfg          *vpn.Config
+	world        *vpntest.Netns
+	pki          *vpntest.PKI
+	ctx          context.Context
+	cancel       context.CancelFunc
+	done         chan error // Run's result
+	ready, downs chan int
+	events       chan openvpnmgmt.Event // every event, if there is room
+	wait         func(ch <-chan int, what string)
+}
+
+// dialFunc dials the management interface.
+type dialFunc = func(ctx context.Context, network, addr string) (net.Conn, error)
+
+// startTestInstance starts the instance; wrap, if not nil, wraps the
+// world's Dial for the management connection.
+func startTestInstance(t *testing.T, wrap func(dialFunc) dialFunc) *testInstance {
+	t.Helper()
+	vpntest.Require(t, "openvpn", "ip")
+	ti := &testInstance{world: vpntest.NewNetns(t, "world"), pki: vpntest.NewPKI(t),
+		done: make(chan error, 1), ready: make(chan int, 10), downs: make(chan int, 10), events: make(chan openvpnmgmt.Event, 1000)}
+	var err error
+	ti.cfg, err = vpn.Loader{Env: map[string]string{
+		"VPN_BASE_SUBNET":             "10.240.0.0/16",
+		"VPN_INSTANCE_SUBNET_BITMASK": "24",
+		"VPN_INSTANCE_COUNT":          "1",
+		"VPN_RUN_DIR":                 t.TempDir(),
+		"BALENA_API_HOST":             "api.invalid",
+		"VPN_SERVICE_API_KEY":         "unused",
+		"VPN_OPENVPN_CA_CRT":          string(ti.pki.CACert),
+		"VPN_OPENVPN_SERVER_CRT":      string(ti.pki.ServerCert),
+		"VPN_OPENVPN_SERVER_KEY":      string(ti.pki.ServerKey),
+		"VPN_BYTECOUNT_INTERVAL":      "1",
+	}}.Config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dial := dialFunc(ti.world.Dial)
+	if wrap != nil {
+		dial = wrap(dial)
+	}
+	inst := &vpn.Instance{
+		Config:  ti.cfg,
+		ID:      1,
+		Command: ti.world.CommandContext,
+		Dial:    dial,
+		OnReady: func(id int) { ti.ready <- id },
+		OnDown:  func(id int) { ti.downs <- id },
+		Handler: func(ctx context.Context, c *openvpnmgmt.Client, ev openvpnmgmt.Event) {
+			select {
+			case ti.events <- ev:
+			default:
+			}
+			if ce, ok := ev.(*openvpnmgmt.ClientEvent); ok && (ce.Kind == openvpnmgmt.ClientConnect || ce.Kind == openvpnmgmt.ClientReauth) {
+				if ce.Env.Value("password") == "good" {
+					_ = c.ClientAuthNT(ctx, ce.CID, ce.KID)
+				} else {
+					_ = c.ClientDeny(ctx, ce.CID, ce.KID, "bad key", "")
+				}
+			}
+		},
+	}
+	ti.ctx, ti.cancel = context.WithCancel(context.Background())
+	go func() { ti.done <- inst.Run(ti.ctx) }()
+	t.Cleanup(func() {
+		ti.cancel()
+		<-ti.done
+	})
+	ti.wait = func(ch <-chan int, what string) {
+		t.Helper()
+		select {
+		case <-ch:
+		case err := <-ti.done:
+			t.Fatalf("Run returned %v while waiting for %s", err, what)
+		case <-time.After(30 * time.Second):
+			t.Fatalf("no %s within 30 s", what)
+		}
+	}
+	return ti
+}
+
+// TestInstanceReconnectsManagement: when the management connection drops
+// and openvpn lives on, the instance connects again (no restart, no down),
+// enables the byte counts again, and answers the next device.
+func TestInstanceReconnectsManagement(t *testing.T) {
+	conns := make(chan net.Conn, 10)
+	ti := startTestInstance(t, func(dial dialFunc) dialFunc {
+		return func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dial(ctx, network, addr)
+			if err == nil {
+				conns <- c
+			}
+			return c, err
+		}
+	})
+	ti.wait(ti.ready, "ready")
+	first := <-conns
+	pidBefore, _ := os.ReadFile(ti.cfg.Paths(1).PID)
+
+	first.Close() // the management connection drops
+	select {
+	case <-conns:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no new management connection within 30 s")
+	}
+	select {
+	case id := <-ti.downs:
+		t.Fatalf("instance %d went down for a management reconnect", id)
+	default:
+	}
+	if pid, _ := os.ReadFile(ti.cfg.Paths(1).PID); string(pid) != string(pidBefore) {
+		t.Errorf("openvpn restarted: pid %s, was %s", pid, pidBefore)
+	}
+
+	// A device is answered through the new connection, and its byte
+	// counts arrive.
+	in, _ := ti.cfg.Plan.Instance(1)
+	client := vpntest.StartClient(t, vpntest.ClientOptions{Netns: ti.world, Remote: fmt.Sprintf("127.0.0.1:%d", in.Port),
+		CA: ti.pki.CAFile, Username: "0123456789abcdef0123456789abcdef", Password: "good"})
+	wctx, wcancel := context.WithTimeout(ti.ctx, 60*time.Second)
+	defer wcancel()
+	if _, err := client.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		select {
+		case ev := <-ti.events:
+			if _, ok := ev.(*openvpnmgmt.ByteCountClientEvent); ok {
+				return
+			}
+		case <-wctx.Done():
+			t.Fatal("no BYTECOUNT_CLI after the reconnect")
 		}
 	}
 }
