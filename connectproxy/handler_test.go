@@ -738,3 +738,26 @@ func TestServerClose(t *testing.T) {
 	is.Equal(<-done, http.ErrServerClosed)
 	is.Equal(h.Tunnels(), 0)
 }
+
+// TestDeadlinesClearedAfterHijack: an http.Server's read and write
+// timeouts bound the request head, not the tunnel that follows it.
+func TestDeadlinesClearedAfterHijack(t *testing.T) {
+	svc := startService(t, echo)
+	w := newWorld(t, nil)
+	w.addDevice(devUUID, svc.port, svc.port)
+	hs := &http.Server{Handler: w.h, ReadTimeout: 200 * time.Millisecond, WriteTimeout: 200 * time.Millisecond,
+		ReadHeaderTimeout: 200 * time.Millisecond}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go hs.Serve(l)
+	defer hs.Close()
+	a := connect(t, l.Addr().String(), target(devUUID, svc.port))
+	if a.status != 200 {
+		t.Fatalf("CONNECT: %s", a.line)
+	}
+	a.roundTrip(t, "before")
+	time.Sleep(500 * time.Millisecond) // past both timeouts: what is tested, not a synchronisation
+	a.roundTrip(t, "after the server's timeouts")
+}
