@@ -126,6 +126,9 @@ func TestTooManyTunnels(t *testing.T) {
 	is.Equal(a.status, 200)
 	b := connect(t, w.addr, target(devUUID, svc.port))
 	is.Equal(b.line, "HTTP/1.0 503 Service Unavailable")
+	// a's 200 comes before its tunnel is counted as open: wait for it,
+	// so that the wait for none below means that a's place is free.
+	waitFor(t, func() bool { return w.h.Tunnels() == 1 })
 	a.conn.Close()
 	waitFor(t, func() bool { return w.h.Tunnels() == 0 })
 	c := connect(t, w.addr, target(devUUID, svc.port))

@@ -19,9 +19,10 @@ type registrar struct {
 	interval time.Duration // zero means 10 s
 	log      *slog.Logger
 
-	mu   sync.Mutex
-	want map[int]wanted // by instance id
-	wake chan struct{}  // buffered, 1
+	applyMu sync.Mutex // one apply at a time
+	mu      sync.Mutex
+	want    map[int]wanted // by instance id
+	wake    chan struct{}  // buffered, 1
 }
 
 type wanted struct {
@@ -42,6 +43,14 @@ func (r *registrar) set(id int, addr netip.AddrPort, state ServerState) {
 	case r.wake <- struct{}{}:
 	default:
 	}
+}
+
+// setNow is set, then one attempt to apply it at once, so that HAProxy
+// has the instance when setNow returns unless it refused (the run loop
+// then retries).
+func (r *registrar) setNow(ctx context.Context, id int, addr netip.AddrPort, state ServerState) {
+	r.set(id, addr, state)
+	r.apply(ctx)
 }
 
 // setAll sets every instance's state, keeping its address.
@@ -83,6 +92,8 @@ func (r *registrar) run(ctx context.Context) {
 // apply makes HAProxy's servers what is wanted; it reports whether they
 // are.
 func (r *registrar) apply(ctx context.Context) bool {
+	r.applyMu.Lock()
+	defer r.applyMu.Unlock()
 	r.mu.Lock()
 	want := make(map[int]wanted, len(r.want))
 	for id, w := range r.want {

@@ -279,7 +279,7 @@ func (s *Server) Run(ctx context.Context) error {
 			OnReady: func(id int) {
 				if hreg != nil {
 					// Registered at once, or retried until HAProxy takes it.
-					hreg.set(id, instanceAddr(cfg, id), StateReady)
+					hreg.setNow(runCtx, id, instanceAddr(cfg, id), StateReady)
 				}
 				readyMu.Lock()
 				defer readyMu.Unlock()
@@ -292,7 +292,7 @@ func (s *Server) Run(ctx context.Context) error {
 			},
 			OnDown: func(id int) {
 				if hreg != nil {
-					hreg.set(id, instanceAddr(cfg, id), StateMaint)
+					hreg.setNow(context.WithoutCancel(runCtx), id, instanceAddr(cfg, id), StateMaint)
 				}
 				sessions.Forget(id)
 				if l := limiters[id]; l != nil {
