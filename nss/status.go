@@ -468,8 +468,9 @@ func clientRow(c *columns, f []string) (Client, bool) {
 }
 
 // routeRow parses a routing row. With passed, the Route is only passed to
-// a callback that keeps none of its strings, so they are not copied out
-// of the line.
+// the resolver's callback, which keeps none of its strings and needs no
+// real address: the strings are not copied out of the line, and the real
+// address is not parsed.
 func routeRow(c *columns, f []string, passed bool) (Route, bool) {
 	r := Route{
 		Virtual:    c.get(f, colVirtualAddress),
@@ -478,8 +479,8 @@ func routeRow(c *columns, f []string, passed bool) (Route, bool) {
 	}
 	if !passed {
 		r.Virtual, r.CommonName = strings.Clone(r.Virtual), strings.Clone(r.CommonName)
+		r.Proto, r.RealAddress = parseReal(c.get(f, colRealAddress))
 	}
-	r.Proto, r.RealAddress = parseReal(c.get(f, colRealAddress))
 	r.Addr = parseHost(r.Virtual, true)
 	return r, r.Virtual != ""
 }
