@@ -356,7 +356,7 @@ func (s *Server) Run(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 		dctx, dcancel := s.unlessClosed(runCtx)
-		s.drain(dctx, hap, hreg, sessions, instances)
+		s.drain(dctx, hreg, sessions, instances)
 		dcancel()
 	case <-s.closed:
 	case runErr = <-fatal:
@@ -395,7 +395,7 @@ func (s *Server) Run(ctx context.Context) error {
 // balancer, to another server), spaced by min(1 min / the minimum drain
 // rate, the drain timeout / the number of clients), all within the drain
 // timeout.
-func (s *Server) drain(ctx context.Context, hap *HAProxyRuntime, reg *registrar, sessions *Sessions, instances []*Instance) {
+func (s *Server) drain(ctx context.Context, reg *registrar, sessions *Sessions, instances []*Instance) {
 	cfg := s.Config
 	timeout := cfg.Drain.Timeout
 	if timeout <= 0 {
@@ -407,15 +407,11 @@ func (s *Server) drain(ctx context.Context, hap *HAProxyRuntime, reg *registrar,
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	if hap != nil {
-		if reg != nil {
-			reg.setAll(StateDrain) // and kept so while the drain runs
-		}
-		for id := 1; id < len(instances); id++ {
-			if err := hap.SetServerState(ctx, HAProxyServer(id), StateDrain); err != nil {
-				s.log().Warn("could not drain the instance in HAProxy", "instance", id, "err", err)
-			}
-		}
+	if reg != nil {
+		// Every registered instance, at once (the registrar logs a
+		// refusal) and kept so while the drain runs.
+		reg.setAll(StateDrain)
+		reg.apply(ctx)
 	}
 	clients := sessions.sessionList()
 	if len(clients) == 0 {

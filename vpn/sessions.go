@@ -62,6 +62,7 @@ type Sessions struct {
 
 	mu          sync.Mutex
 	established map[sessionKey]established
+	byName      map[nameKey][]uint64 // in script mode: the client ids of each name, oldest first
 	addrs       map[sessionKey]netip.Addr // limited addresses
 	conns       Connections
 	wg          sync.WaitGroup
@@ -70,6 +71,12 @@ type Sessions struct {
 type sessionKey struct {
 	instance int
 	cid      uint64
+}
+
+// nameKey is a common name (lower-cased) on an instance.
+type nameKey struct {
+	instance int
+	cn       string
 }
 
 type established struct {
@@ -169,6 +176,13 @@ func (s *Sessions) onEstablished(id int, ev *openvpnmgmt.ClientEvent) {
 		s.established = make(map[sessionKey]established)
 	}
 	s.established[sessionKey{id, ev.CID}] = established{cn: cn, since: time.Now()}
+	if s.Script {
+		if s.byName == nil {
+			s.byName = make(map[nameKey][]uint64)
+		}
+		k := nameKey{id, strings.ToLower(cn)}
+		s.byName[k] = append(s.byName[k], ev.CID)
+	}
 	s.mu.Unlock()
 	if s.Metrics != nil {
 		s.Metrics.Devices.Inc()
@@ -226,6 +240,9 @@ func (s *Sessions) onDisconnect(id int, ev *openvpnmgmt.ClientEvent) {
 	s.mu.Lock()
 	e, ok := s.established[key]
 	delete(s.established, key)
+	if ok {
+		s.unname(id, e.cn, ev.CID)
+	}
 	addr, limited := s.addrs[key]
 	delete(s.addrs, key)
 	s.mu.Unlock()
@@ -241,7 +258,13 @@ func (s *Sessions) onDisconnect(id int, ev *openvpnmgmt.ClientEvent) {
 	if !ok {
 		return // a client that never got through: nothing was counted
 	}
-	s.ended(e, ev.Env)
+	rx, rxErr := strconv.ParseUint(ev.Env.Value("bytes_received"), 10, 64)
+	tx, txErr := strconv.ParseUint(ev.Env.Value("bytes_sent"), 10, 64)
+	d := time.Duration(-1)
+	if secs, err := strconv.ParseInt(ev.Env.Value("time_duration"), 10, 64); err == nil {
+		d = time.Duration(secs) * time.Second
+	}
+	s.ended(e, rx, tx, rxErr == nil && txErr == nil, d)
 	if s.counts().Disconnect(e.cn) == 1 {
 		if s.Metrics != nil {
 			s.Metrics.OnlineDevices.Dec()
@@ -252,29 +275,42 @@ func (s *Sessions) onDisconnect(id int, ev *openvpnmgmt.ClientEvent) {
 	}
 }
 
-// ended counts the end of session e in the metrics, with the totals of
-// env (bytes_received, bytes_sent, time_duration). Without totals (the
-// session went with its instance) the last byte counts stand for them,
-// and without those the bitrates are not observed.
-func (s *Sessions) ended(e established, env openvpnmgmt.Env) {
+// unname drops client id cid from the names' index. s.mu is held.
+func (s *Sessions) unname(id int, cn string, cid uint64) {
+	k := nameKey{id, strings.ToLower(cn)}
+	cids := s.byName[k]
+	for i, c := range cids {
+		if c == cid {
+			cids = append(cids[:i:i], cids[i+1:]...)
+			break
+		}
+	}
+	if len(cids) == 0 {
+		delete(s.byName, k)
+	} else {
+		s.byName[k] = cids
+	}
+}
+
+// ended counts the end of session e in the metrics: rx and tx are its
+// byte totals when known; without them (the session went with its
+// instance) the last byte counts stand for them, and without those the
+// bitrates are not observed. A negative d means "since it began".
+func (s *Sessions) ended(e established, rx, tx uint64, known bool, d time.Duration) {
 	if s.Metrics == nil {
 		return
 	}
-	rx, rxErr := strconv.ParseUint(env.Value("bytes_received"), 10, 64)
-	tx, txErr := strconv.ParseUint(env.Value("bytes_sent"), 10, 64)
-	if rxErr != nil || txErr != nil {
+	if !known {
 		rx, tx = e.rx, e.tx
 	}
 	if rx >= e.rx && tx >= e.tx {
 		s.Metrics.RxBytes.Add(float64(rx - e.rx))
 		s.Metrics.TxBytes.Add(float64(tx - e.tx))
 	}
-	secs, err := strconv.ParseInt(env.Value("time_duration"), 10, 64)
-	d := time.Duration(secs) * time.Second
-	if err != nil {
+	if d < 0 {
 		d = time.Since(e.since)
 	}
-	if rx == 0 && tx == 0 && (rxErr != nil || txErr != nil) {
+	if !known && rx == 0 && tx == 0 {
 		s.Metrics.SessionDuration.Observe(d.Seconds()) // bytes unknown
 		return
 	}
@@ -288,25 +324,19 @@ func (s *Sessions) ended(e established, env openvpnmgmt.Env) {
 // was such a session.
 func (s *Sessions) ScriptDisconnect(id int, commonName string, rx, tx uint64, d time.Duration) bool {
 	s.mu.Lock()
-	var key sessionKey
-	var e established
-	found := false
-	for k, v := range s.established {
-		if k.instance == id && strings.EqualFold(v.cn, commonName) && (!found || v.since.Before(e.since)) {
-			key, e, found = k, v, true
-		}
+	k := nameKey{id, strings.ToLower(commonName)}
+	cids := s.byName[k]
+	if len(cids) == 0 {
+		s.mu.Unlock()
+		return false
 	}
+	key := sessionKey{id, cids[0]}
+	e := s.established[key]
 	delete(s.established, key)
+	s.unname(id, commonName, cids[0])
 	s.mu.Unlock()
-	if found {
-		env := openvpnmgmt.Env{
-			{Name: "bytes_received", Value: strconv.FormatUint(rx, 10)},
-			{Name: "bytes_sent", Value: strconv.FormatUint(tx, 10)},
-			{Name: "time_duration", Value: strconv.FormatInt(int64(d/time.Second), 10)},
-		}
-		s.ended(e, env)
-	}
-	return found
+	s.ended(e, rx, tx, true, d)
+	return true
 }
 
 // sessionList lists the established sessions, by instance and client id.
