@@ -62,7 +62,7 @@ type Sessions struct {
 
 	mu          sync.Mutex
 	established map[sessionKey]established
-	byName      map[nameKey][]uint64 // in script mode: the client ids of each name, oldest first
+	byName      map[nameKey][]uint64      // in script mode: the client ids of each name, oldest first
 	addrs       map[sessionKey]netip.Addr // limited addresses
 	conns       Connections
 	wg          sync.WaitGroup
