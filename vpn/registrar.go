@@ -39,10 +39,7 @@ func (r *registrar) set(id int, addr netip.AddrPort, state ServerState) {
 	r.mu.Lock()
 	r.want[id] = wanted{addr, state}
 	r.mu.Unlock()
-	select {
-	case r.wake <- struct{}{}:
-	default:
-	}
+	r.poke()
 }
 
 // setNow is set, then one attempt to apply it at once, so that HAProxy
@@ -60,6 +57,11 @@ func (r *registrar) setAll(state ServerState) {
 		r.want[id] = wanted{w.addr, state}
 	}
 	r.mu.Unlock()
+	r.poke()
+}
+
+// poke wakes the run loop, which applies what is wanted.
+func (r *registrar) poke() {
 	select {
 	case r.wake <- struct{}{}:
 	default:
