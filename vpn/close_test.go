@@ -31,6 +31,15 @@ func TestServerClose(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Both sessions counted (the drain kills what the server counts).
+	waitUntil(t, ctx, func() bool {
+		for _, uuid := range []string{"0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"} {
+			if d, _ := ws.api.Device(uuid); !d.ConnectedToVPN {
+				return false
+			}
+		}
+		return true
+	})
 	var pids []int
 	files, _ := filepath.Glob(filepath.Join(ws.run, "server-*.pid"))
 	for _, f := range files {
