@@ -9,6 +9,7 @@ require (
 	github.com/matryer/is v1.4.1
 	github.com/prometheus/client_golang v1.25.0
 	github.com/prometheus/client_model v0.6.3
+	golang.org/x/net v0.62.0
 	golang.org/x/sys v0.49.0
 )
 

@@ -33,9 +33,11 @@ type StateSetter interface {
 //	POST   /api/v2/<instance>/clients/    {"common_name"}: the device connected
 //	DELETE /api/v2/<instance>/clients/    {"common_name","bytes_received","bytes_sent","time_duration"}
 //
-// Every endpoint but /ping answers 401 to callers that are not on loopback
-// (127.0.0.0/8, ::1, or IPv4-mapped loopback). Denials are answered after
-// DelayOnAuthFail, which holds up only the denied caller.
+// Every endpoint but /ping answers 401 to callers whose connection does
+// not come from loopback (127.0.0.0/8, ::1, or IPv4-mapped loopback); no
+// header changes that, X-Forwarded-For included. The server listens on
+// loopback only, so that remote callers get no answer at all. Denials are
+// answered after DelayOnAuthFail, which holds up only the denied caller.
 type InternalAPI struct {
 	// Auth decides the /api/v1/auth/ requests. Nil denies every device.
 	Auth DeviceAuthenticator
@@ -56,8 +58,9 @@ type InternalAPI struct {
 	// DelayOnAuthFail delays the answer to a denied device.
 	DelayOnAuthFail time.Duration
 
-	// TrustProxy says whose X-Forwarded-For is believed when telling
-	// loopback callers from others. The zero value believes nobody.
+	// TrustProxy says whose X-Forwarded-For is believed when a log line
+	// names the client. It never decides who is on loopback: a header
+	// cannot make a remote caller local. The zero value believes nobody.
 	TrustProxy TrustProxy
 
 	// Sessions, if set, learns the end of each session that a
@@ -89,7 +92,7 @@ func (a *InternalAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "OK")
 		return
 	}
-	if !clientAddr(r, a.TrustProxy).IsLoopback() {
+	if !peerAddr(r).IsLoopback() {
 		http.Error(w, "Unauthorized", http.StatusUnauthorized)
 		return
 	}
@@ -122,7 +125,7 @@ func (a *InternalAPI) serveAuth(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if body.Username == nil || body.Password == nil || *body.Username == "" || *body.Password == "" {
-		a.logger().Info("auth: username or password missing")
+		a.logger().Info("auth: username or password missing", "client", clientAddr(r, a.TrustProxy))
 		http.Error(w, "Bad Request", http.StatusBadRequest)
 		return
 	}
@@ -135,7 +138,7 @@ func (a *InternalAPI) serveAuth(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "OK")
 		return
 	}
-	a.logger().Info("auth: device denied", "uuid", safeUUID(*body.Username), "err", err)
+	a.logger().Info("auth: device denied", "uuid", safeUUID(*body.Username), "client", clientAddr(r, a.TrustProxy), "err", err)
 	if a.Metrics != nil {
 		a.Metrics.AuthFailures.Inc()
 	}
@@ -250,16 +253,25 @@ func safeUUID(s string) string {
 	return "(malformed)"
 }
 
-// clientAddr returns the address of the client of r: the peer's address,
-// or, when the peer is a trusted proxy, the nearest untrusted address of
-// X-Forwarded-For. IPv4-mapped addresses are unmapped. The zero Addr means
-// unknown (and is not loopback).
-func clientAddr(r *http.Request, trust TrustProxy) netip.Addr {
+// peerAddr returns the address that r's connection comes from, unmapped;
+// the zero Addr (not loopback) when it is unknown.
+func peerAddr(r *http.Request) netip.Addr {
 	ap, err := netip.ParseAddrPort(r.RemoteAddr)
 	if err != nil {
 		return netip.Addr{}
 	}
-	peer := ap.Addr().Unmap()
+	return ap.Addr().Unmap()
+}
+
+// clientAddr returns the address of the client of r, for logs: the peer's
+// address, or, when the peer is a trusted proxy, the nearest untrusted address of
+// X-Forwarded-For. IPv4-mapped addresses are unmapped. The zero Addr means
+// unknown (and is not loopback).
+func clientAddr(r *http.Request, trust TrustProxy) netip.Addr {
+	peer := peerAddr(r)
+	if !peer.IsValid() {
+		return peer
+	}
 	if !trust.All && trust.Hops == 0 && len(trust.Prefixes) == 0 {
 		return peer
 	}

@@ -143,6 +143,22 @@ func TestInternalAPILoopbackOnly(t *testing.T) {
 	}
 }
 
+// TestInternalAPIIgnoresForwardedFor: whatever TRUST_PROXY says, a remote
+// caller that claims to be loopback in X-Forwarded-For is still remote.
+func TestInternalAPIIgnoresForwardedFor(t *testing.T) {
+	for _, trust := range []TrustProxy{{All: true}, {Hops: 1}, {Prefixes: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}}} {
+		api := &InternalAPI{Auth: fakeAuth{map[string]string{uuidA: "key"}}, TrustProxy: trust}
+		r := httptest.NewRequest("POST", "/api/v1/auth/", strings.NewReader(`{"username":"`+uuidA+`","password":"key"}`))
+		r.RemoteAddr = "192.0.2.1:1"
+		r.Header.Set("X-Forwarded-For", "127.0.0.1")
+		w := httptest.NewRecorder()
+		api.ServeHTTP(w, r)
+		if w.Code != 401 {
+			t.Errorf("TRUST_PROXY=%s, X-Forwarded-For: 127.0.0.1 from 192.0.2.1: %d, want 401", trust, w.Code)
+		}
+	}
+}
+
 func TestClientAddr(t *testing.T) {
 	lo := netip.MustParsePrefix("127.0.0.0/8")
 	tests := []struct {

@@ -101,7 +101,89 @@ type OpenVPNConfig struct {
 	// DH is PEM data for OpenVPN's dh (VPN_OPENVPN_SERVER_DH or its _FILE
 	// form). Nil means "dh none" (ECDH only).
 	DH []byte
+
+	// Compression is how the server meets clients that configure
+	// compression, as every balenaOS device does (VPN_COMPRESSION). Empty
+	// means [CompressionMigrate].
+	Compression Compression
+
+	// User and Group are the account that OpenVPN drops to once it has
+	// opened its tun device, its ports and its files (VPN_OPENVPN_USER,
+	// VPN_OPENVPN_GROUP). Empty means "nobody" and "nogroup", as in the
+	// reference server.
+	User, Group string
+
+	// Providers are the OpenSSL providers that OpenVPN loads, separated by
+	// spaces, such as "legacy default" to let old devices negotiate
+	// BF-CBC (VPN_OPENSSL_PROVIDERS). Empty loads OpenSSL's default only.
+	Providers string
+
+	// ExplicitExitNotify is OpenVPN's explicit-exit-notify for a udp
+	// server (VPN_UDP_SERVER_EXPLICIT_EXIT_NOTIFY): on a restart the
+	// server tells its clients to reconnect (1) or to move to their next
+	// remote (2). Zero sends nothing; it is ignored over tcp, where a
+	// closed connection says as much.
+	ExplicitExitNotify int
+
+	// Isolation keeps devices from reaching each other and the host's
+	// networks through the VPN (VPN_DEVICE_ISOLATION). Empty means
+	// [IsolationOn].
+	Isolation Isolation
 }
+
+// Compression is how an instance handles compression (OpenVPN's
+// --compress and --allow-compression).
+//
+// Every balenaOS device in the field has comp-lzo in its resin.conf
+// (meta-balena, recipes-connectivity/openvpn/openvpn/resin.conf), so
+// its packets carry LZO framing: a server without a matching compression
+// setting authenticates it but drops every data packet. Compressing data
+// is what the VORACLE attack needs, so obvpn never compresses what it
+// sends.
+type Compression string
+
+const (
+	// CompressionMigrate runs "compress migrate" (OpenVPN 2.6): the
+	// server itself neither compresses nor frames, so clients without
+	// compression talk to it as to any server, and a client that
+	// announces compression in its options string (comp-lzo, compress) is
+	// pushed "comp-lzo no" or "compress stub-v2": framing without
+	// compression, in both directions. Nothing is ever compressed. The
+	// default: it serves balenaOS's comp-lzo clients and modern ones
+	// alike.
+	CompressionMigrate Compression = "migrate"
+
+	// CompressionLZO runs "compress lzo" with "allow-compression asym",
+	// the reference server's framing: the server decompresses what a
+	// client compressed but compresses nothing it sends. Only clients
+	// configured for LZO (comp-lzo, compress lzo) pass data; use it for
+	// servers older than OpenVPN 2.6, which lack migrate.
+	CompressionLZO Compression = "lzo"
+
+	// CompressionOff sets no compression at all: only clients without
+	// compression pass data.
+	CompressionOff Compression = "off"
+)
+
+// Isolation is how an instance keeps its devices apart.
+type Isolation string
+
+const (
+	// IsolationOn refuses every packet that arrives on the instance's
+	// tun device and is not for this host, with a policy-routing rule
+	// ("ip rule add priority 10 iif tun<id> prohibit") added before
+	// openvpn starts and deleted when the instance stops: a device reaches
+	// this host (its proxy, its operators' tools) and nothing beyond it,
+	// not even another device, however the host forwards. It touches
+	// nothing but obvpn's own tun devices, and no write of
+	// net.ipv4.ip_forward undoes it. The reference sets the whole host's
+	// FORWARD policy to DROP instead. The default.
+	IsolationOn Isolation = "on"
+
+	// IsolationOff leaves forwarding as the host has it, for operators who
+	// route to or between devices on purpose.
+	IsolationOff Isolation = "off"
+)
 
 // DefaultDataCiphers is the default of [OpenVPNConfig.DataCiphers].
 const DefaultDataCiphers = "AES-128-GCM:AES-192-GCM:AES-256-GCM:AES-128-CBC:AES-192-CBC:AES-256-CBC"
@@ -244,6 +326,9 @@ type MetricsConfig struct {
 	// Timeout bounds the gathering of one scrape (METRICS_TIMEOUT, in
 	// milliseconds). Zero means 10 s.
 	Timeout time.Duration
+	// MaxConns bounds the connections that the metrics listener holds
+	// open at once; more wait to be accepted. Zero means 64.
+	MaxConns int
 }
 
 // DrainConfig is how the server lets its devices go on SIGTERM or SIGINT.

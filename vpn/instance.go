@@ -2,6 +2,7 @@ package vpn
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -52,8 +53,9 @@ type Instance struct {
 	// has exited. The server uses them for HAProxy.
 	OnReady, OnDown func(id int)
 
-	// Command makes the openvpn command. Nil means exec.CommandContext
-	// with "openvpn"; tests wrap it to run in a network namespace.
+	// Command makes the openvpn command, and the "ip rule" commands that
+	// isolate the devices (Config.OpenVPN.Isolation). Nil means
+	// exec.CommandContext; tests wrap it to run in a network namespace.
 	Command func(ctx context.Context, name string, args ...string) *exec.Cmd
 
 	// Dial connects to the management port. Nil means a net.Dialer.
@@ -106,6 +108,13 @@ func (i *Instance) Run(ctx context.Context) error {
 	if err := i.writeFiles(in); err != nil {
 		return err
 	}
+	// The devices are isolated before openvpn exists, so no packet of
+	// theirs ever passes; the rule goes when the instance stops.
+	undo, err := i.isolate(ctx)
+	if err != nil {
+		return err
+	}
+	defer undo()
 	delay := minRestartDelay
 	for {
 		started := time.Now()
@@ -177,14 +186,8 @@ func (i *Instance) runOnce(ctx context.Context, in subnet.Instance) error {
 	if err := killOrphan(paths.PID, i.log()); err != nil {
 		return err
 	}
-	cmdf := i.Command
-	if cmdf == nil {
-		cmdf = func(ctx context.Context, name string, args ...string) *exec.Cmd {
-			return exec.CommandContext(ctx, name, args...)
-		}
-	}
 	runCtx, cancel := context.WithCancel(ctx)
-	cmd := cmdf(runCtx, "openvpn", "--config", paths.Config)
+	cmd := i.command(runCtx, "openvpn", "--config", paths.Config)
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
 	cmd.WaitDelay = orphanTermWait // then SIGKILL
 	out, err := cmd.StdoutPipe()
@@ -325,6 +328,16 @@ func (i *Instance) session(ctx context.Context, addr string, first bool, exited 
 				i.logOpenVPN(lev)
 				continue
 			}
+			if _, ok := ev.(*openvpnmgmt.HoldEvent); ok {
+				// --management-hold holds every restart within the
+				// process too (SIGUSR1, SIGHUP): let it go on. Its tun
+				// device, and so its isolation, persists (persist-tun).
+				i.log().Info("openvpn restarted within its process; releasing its hold")
+				if err := c.HoldRelease(ctx); err != nil {
+					return fmt.Errorf("hold release after a restart: %w", err)
+				}
+				continue
+			}
 			if i.Handler != nil {
 				i.Handler(ctx, c, ev)
 			}
@@ -332,6 +345,57 @@ func (i *Instance) session(ctx context.Context, addr string, first bool, exited 
 			return ctx.Err()
 		}
 	}
+}
+
+// isolationPriority is the priority of the policy-routing rule that
+// isolates an instance's devices: after the local table's (0), so that
+// the host's own addresses are still delivered, and before every other
+// table, the main one (32766) included.
+const isolationPriority = "10"
+
+// isolationRule returns the arguments of "ip" that add (verb "add") or
+// delete ("del") the rule that isolates the devices of instance id: every
+// packet that arrives on tun<id> and is not for this host is refused
+// ("prohibit": an ICMP administratively-prohibited answer, at once). The
+// rule names the device, so it holds before OpenVPN creates the device
+// and across its restarts; unlike net.ipv4.conf.<dev>.forwarding, which
+// any later write of net.ipv4.ip_forward (a container engine starting,
+// say) turns back on, nothing else on the host resets it.
+func isolationRule(verb string, id int) []string {
+	return []string{"-4", "rule", verb, "priority", isolationPriority, "iif", "tun" + strconv.Itoa(id), "prohibit"}
+}
+
+// isolate applies [IsolationOn] to instance id's future tun device, before
+// openvpn starts: it deletes any rule left by an earlier process (one
+// killed before it could clean up), then adds one. It returns the undo.
+func (i *Instance) isolate(ctx context.Context) (undo func(), err error) {
+	if i.Config.OpenVPN.Isolation == IsolationOff {
+		return func() {}, nil
+	}
+	i.unisolate(ctx)
+	if out, err := i.command(ctx, "ip", isolationRule("add", i.ID)...).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("vpn: instance %d: isolating its devices (VPN_DEVICE_ISOLATION): ip %s: %w: %s",
+			i.ID, strings.Join(isolationRule("add", i.ID), " "), err, bytes.TrimSpace(out))
+	}
+	i.log().Debug("devices isolated", "dev", "tun"+strconv.Itoa(i.ID))
+	return func() { i.unisolate(context.WithoutCancel(ctx)) }, nil
+}
+
+// unisolate deletes every isolation rule of the instance.
+func (i *Instance) unisolate(ctx context.Context) {
+	for range 16 { // "ip rule del" deletes one match at a time
+		if err := i.command(ctx, "ip", isolationRule("del", i.ID)...).Run(); err != nil {
+			return
+		}
+	}
+}
+
+// command makes a command with Command, or exec.CommandContext.
+func (i *Instance) command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	if i.Command != nil {
+		return i.Command(ctx, name, args...)
+	}
+	return exec.CommandContext(ctx, name, args...)
 }
 
 // logOpenVPN logs one of OpenVPN's log lines at its level.

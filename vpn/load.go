@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/user"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -122,6 +123,12 @@ type environment struct {
 	ServerKeyFile     string `env:"VPN_OPENVPN_SERVER_KEY_FILE"`
 	DH                string `env:"VPN_OPENVPN_SERVER_DH"`
 	DHFile            string `env:"VPN_OPENVPN_SERVER_DH_FILE"`
+	Compression       string `env:"VPN_COMPRESSION" envDefault:"migrate"`
+	OpenVPNUser       string `env:"VPN_OPENVPN_USER" envDefault:"nobody"`
+	OpenVPNGroup      string `env:"VPN_OPENVPN_GROUP" envDefault:"nogroup"`
+	Providers         string `env:"VPN_OPENSSL_PROVIDERS"`
+	ExitNotify        string `env:"VPN_UDP_SERVER_EXPLICIT_EXIT_NOTIFY" envDefault:"0"`
+	Isolation         string `env:"VPN_DEVICE_ISOLATION" envDefault:"on"`
 
 	AuthMode         string `env:"VPN_AUTH_MODE" envDefault:"management"`
 	AuthCacheTimeout string `env:"VPN_AUTH_CACHE_TIMEOUT" envDefault:"60000"`
@@ -514,7 +521,30 @@ func (p *parser) openvpn(e *environment, plan subnet.Plan) OpenVPNConfig {
 	c.ServerCert = p.pem("VPN_OPENVPN_SERVER_CRT", e.ServerCert, e.ServerCertFile, "CERTIFICATE", true)
 	c.ServerKey = p.pem("VPN_OPENVPN_SERVER_KEY", e.ServerKey, e.ServerKeyFile, "PRIVATE KEY", true)
 	c.DH = p.pem("VPN_OPENVPN_SERVER_DH", e.DH, e.DHFile, "PARAMETERS", false)
+	c.Compression = Compression(p.oneOf("VPN_COMPRESSION", e.Compression,
+		string(CompressionMigrate), string(CompressionLZO), string(CompressionOff)))
+	c.User = p.account("VPN_OPENVPN_USER", e.OpenVPNUser, func(name string) error { _, err := user.Lookup(name); return err })
+	c.Group = p.account("VPN_OPENVPN_GROUP", e.OpenVPNGroup, func(name string) error { _, err := user.LookupGroup(name); return err })
+	c.Providers = e.Providers
+	if strings.ContainsAny(c.Providers, "\t\r\n\"'\\#;") {
+		p.fail("VPN_OPENSSL_PROVIDERS", c.Providers, errors.New("want provider names separated by spaces"))
+	}
+	c.ExplicitExitNotify = p.int("VPN_UDP_SERVER_EXPLICIT_EXIT_NOTIFY", e.ExitNotify, 0, 2)
+	c.Isolation = Isolation(p.oneOf("VPN_DEVICE_ISOLATION", e.Isolation, string(IsolationOn), string(IsolationOff)))
 	return c
+}
+
+// account checks that the user or group name exists on this host, since
+// OpenVPN would otherwise fail only once it has started.
+func (p *parser) account(name, value string, lookup func(string) error) string {
+	if strings.ContainsAny(value, " \t\r\n\"'\\#;") || value == "" {
+		p.fail(name, value, errors.New("want a user or group name"))
+		return value
+	}
+	if err := lookup(value); err != nil {
+		p.fail(name, value, fmt.Errorf("not on this host: %w", err))
+	}
+	return value
 }
 
 func (p *parser) auth(e *environment) AuthConfig {

@@ -156,6 +156,39 @@ func (c *Config) OpenVPNServerConfig(in subnet.Instance, hooks ScriptHooks) (str
 	line("rcvbuf", "0")
 	line("push", "sndbuf 0")
 	line("push", "rcvbuf 0")
+
+	switch o.Compression {
+	case CompressionLZO:
+		line("compress", "lzo")
+		line("allow-compression", "asym")
+	case CompressionOff:
+	default: // CompressionMigrate
+		line("compress", "migrate")
+	}
+	// Drop root once the tun device, the ports and the files are open;
+	// persist-key and persist-tun keep what a SIGUSR1 restart could no
+	// longer open without it.
+	user, group := o.User, o.Group
+	if user == "" {
+		user = "nobody"
+	}
+	if group == "" {
+		group = "nogroup"
+	}
+	line("user", user)
+	line("group", group)
+	line("persist-key")
+	line("persist-tun")
+	if o.Providers != "" {
+		line(append([]string{"providers"}, strings.Fields(o.Providers)...)...)
+	}
+	if strings.HasPrefix(proto, "udp") && o.ExplicitExitNotify > 0 {
+		line("explicit-exit-notify", strconv.Itoa(o.ExplicitExitNotify))
+	}
+	// The log goes through the management interface and the logger, which
+	// stamp it; mute repeats as the reference does.
+	line("mute", "20")
+	line("suppress-timestamps")
 	return b.String(), nil
 }
 

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/netutil"
 
 	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/nss"
@@ -192,10 +193,13 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	var servers []*http.Server
 	var serving sync.WaitGroup
-	serve := func(addr string, h http.Handler) error {
+	serve := func(addr string, h http.Handler, maxConns int) error {
 		l, err := listen("tcp", addr)
 		if err != nil {
 			return fmt.Errorf("vpn: %w", err)
+		}
+		if maxConns > 0 {
+			l = netutil.LimitListener(l, maxConns)
 		}
 		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 		servers = append(servers, srv)
@@ -215,22 +219,28 @@ func (s *Server) Run(ctx context.Context) error {
 		serving.Wait()
 	}()
 	apiURLs := make(map[int]string)
+	// The internal API is for OpenVPN's hooks and the operators of this
+	// host: on loopback only, so that nobody else gets an answer at all.
 	if cfg.Plan.Ports.SharedAPI {
-		if err := serve(":"+strconv.Itoa(cfg.Plan.Ports.API), internal); err != nil {
+		if err := serve(internalAPIAddr(cfg.Plan.Ports.API), internal, 0); err != nil {
 			return err
 		}
 	}
 	for id := 1; id <= n; id++ {
 		in, _ := cfg.Plan.Instance(id)
 		if !cfg.Plan.Ports.SharedAPI {
-			if err := serve(":"+strconv.Itoa(in.APIPort), internal); err != nil {
+			if err := serve(internalAPIAddr(in.APIPort), internal, 0); err != nil {
 				return err
 			}
 		}
-		apiURLs[id] = "http://127.0.0.1:" + strconv.Itoa(in.APIPort)
+		apiURLs[id] = "http://" + internalAPIAddr(in.APIPort)
 	}
 	if cfg.Metrics.Addr != "" {
-		if err := serve(cfg.Metrics.Addr, MetricsHandler(reg, cfg.Metrics.Timeout)); err != nil {
+		maxConns := cfg.Metrics.MaxConns
+		if maxConns <= 0 {
+			maxConns = 64
+		}
+		if err := serve(cfg.Metrics.Addr, MetricsHandler(reg, cfg.Metrics.Timeout), maxConns); err != nil {
 			return err
 		}
 	}
@@ -387,6 +397,11 @@ func (s *Server) Run(ctx context.Context) error {
 		return runErr
 	}
 	return nil
+}
+
+// internalAPIAddr is where the internal API listens for port.
+func internalAPIAddr(port int) string {
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 }
 
 // drain lets the devices go before the server stops (SPEC §2): every

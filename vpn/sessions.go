@@ -50,6 +50,15 @@ type Sessions struct {
 	// limited until the client goes.
 	Limits func(instance int) *Limiter
 
+	// Addresses, if set, learns each device's virtual address the moment
+	// OpenVPN assigns it (CLIENT:ESTABLISHED, CLIENT:ADDRESS), and forgets
+	// it the moment the device goes (CLIENT:DISCONNECT), so that the
+	// CONNECT proxy and the NSS index find a device before the next status
+	// file is written, and stop finding it at once. StatusFile names the
+	// status file of each instance, the source the addresses stand for.
+	Addresses  AddressBook
+	StatusFile func(instance int) string
+
 	// Script says that OpenVPN runs the script-mode hooks (AuthScript):
 	// they count each device's sessions through the [InternalAPI], and
 	// OpenVPN sends ESTABLISHED but neither DISCONNECT nor ADDRESS. The
@@ -62,7 +71,7 @@ type Sessions struct {
 
 	mu          sync.Mutex
 	established map[sessionKey]established
-	byName      map[nameKey][]uint64      // in script mode: the client ids of each name, oldest first
+	byName      map[nameKey][]uint64      // the client ids of each name, oldest first
 	addrs       map[sessionKey]netip.Addr // limited addresses
 	conns       Connections
 	wg          sync.WaitGroup
@@ -79,8 +88,17 @@ type nameKey struct {
 	cn       string
 }
 
+// AddressBook learns and forgets where devices are, on behalf of a
+// status file; *nss.Resolver implements it. A learned address stands until
+// the status file is rewritten, which then holds the truth.
+type AddressBook interface {
+	Learn(source, name string, addr netip.Addr)
+	Forget(source, name string)
+}
+
 type established struct {
 	cn    string
+	addr  netip.Addr // the virtual address, once known
 	since time.Time
 	rx    uint64 // bytes at the last BYTECOUNT_CLI, for the deltas
 	tx    uint64
@@ -175,14 +193,17 @@ func (s *Sessions) onEstablished(id int, ev *openvpnmgmt.ClientEvent) {
 	if s.established == nil {
 		s.established = make(map[sessionKey]established)
 	}
-	s.established[sessionKey{id, ev.CID}] = established{cn: cn, since: time.Now()}
-	if s.Script {
-		if s.byName == nil {
-			s.byName = make(map[nameKey][]uint64)
-		}
-		k := nameKey{id, strings.ToLower(cn)}
-		s.byName[k] = append(s.byName[k], ev.CID)
+	addr, _ := netip.ParseAddr(ev.Env.Value("ifconfig_pool_remote_ip"))
+	if !addr.Is4() {
+		addr = netip.Addr{}
 	}
+	s.established[sessionKey{id, ev.CID}] = established{cn: cn, addr: addr, since: time.Now()}
+	if s.byName == nil {
+		s.byName = make(map[nameKey][]uint64)
+	}
+	k := nameKey{id, strings.ToLower(cn)}
+	s.byName[k] = append(s.byName[k], ev.CID)
+	s.publishAddr(id, cn)
 	s.mu.Unlock()
 	if s.Metrics != nil {
 		s.Metrics.Devices.Inc()
@@ -204,7 +225,8 @@ func (s *Sessions) onByteCount(id int, ev *openvpnmgmt.ByteCountClientEvent) {
 	s.mu.Lock()
 	e, ok := s.established[sessionKey{id, ev.CID}]
 	if ok {
-		s.established[sessionKey{id, ev.CID}] = established{e.cn, e.since, ev.Received, ev.Sent}
+		e.rx, e.tx = ev.Received, ev.Sent
+		s.established[sessionKey{id, ev.CID}] = e
 	}
 	s.mu.Unlock()
 	if ok && s.Metrics != nil && ev.Received >= e.rx && ev.Sent >= e.tx {
@@ -213,14 +235,45 @@ func (s *Sessions) onByteCount(id int, ev *openvpnmgmt.ByteCountClientEvent) {
 	}
 }
 
-// onAddress limits a client's learned address, when limits are on.
+// publishAddr tells Addresses where cn is on instance id now: the address
+// of its newest session there that has one, or nowhere. s.mu is held, so
+// that what Addresses learns keeps the order of the events.
+func (s *Sessions) publishAddr(id int, cn string) {
+	if s.Addresses == nil || s.StatusFile == nil {
+		return
+	}
+	cids := s.byName[nameKey{id, strings.ToLower(cn)}]
+	for i := len(cids) - 1; i >= 0; i-- {
+		if e := s.established[sessionKey{id, cids[i]}]; e.addr.IsValid() {
+			s.Addresses.Learn(s.StatusFile(id), cn, e.addr)
+			return
+		}
+	}
+	s.Addresses.Forget(s.StatusFile(id), cn)
+}
+
+// onAddress learns a client's primary address, and limits it when limits
+// are on.
 func (s *Sessions) onAddress(ctx context.Context, id int, ev *openvpnmgmt.ClientAddressEvent) {
-	if s.Limits == nil || !ev.Primary {
+	if !ev.Primary {
+		return
+	}
+	a, err := netip.ParseAddr(ev.Addr)
+	if err != nil || !a.Is4() {
+		return
+	}
+	s.mu.Lock()
+	if e, ok := s.established[sessionKey{id, ev.CID}]; ok && e.addr != a {
+		e.addr = a
+		s.established[sessionKey{id, ev.CID}] = e
+		s.publishAddr(id, e.cn)
+	}
+	s.mu.Unlock()
+	if s.Limits == nil {
 		return
 	}
 	l := s.Limits(id)
-	a, err := netip.ParseAddr(ev.Addr)
-	if l == nil || err != nil || !a.Is4() {
+	if l == nil {
 		return
 	}
 	if err := l.Add(ctx, a); err != nil {
@@ -242,6 +295,7 @@ func (s *Sessions) onDisconnect(id int, ev *openvpnmgmt.ClientEvent) {
 	delete(s.established, key)
 	if ok {
 		s.unname(id, e.cn, ev.CID)
+		s.publishAddr(id, e.cn)
 	}
 	addr, limited := s.addrs[key]
 	delete(s.addrs, key)
@@ -334,6 +388,7 @@ func (s *Sessions) ScriptDisconnect(id int, commonName string, rx, tx uint64, d 
 	e := s.established[key]
 	delete(s.established, key)
 	s.unname(id, commonName, cids[0])
+	s.publishAddr(id, commonName)
 	s.mu.Unlock()
 	s.ended(e, rx, tx, true, d)
 	return true

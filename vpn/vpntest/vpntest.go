@@ -537,6 +537,9 @@ func StartServer(tb testing.TB, opts ServerOptions) *Server {
 		"management " + s.Management + " unix", "management-hold",
 		"status " + s.StatusFile + " 1", "status-version 2",
 		"keepalive 2 10", "hand-window 20", "verb 3",
+		// As obvpn's instances: serve comp-lzo clients (balenaOS) and
+		// clients without compression alike, compressing nothing.
+		"compress migrate",
 	}
 	if opts.ClientAuth {
 		conf = append(conf, "management-client-auth")
@@ -559,8 +562,47 @@ func StartServer(tb testing.TB, opts ServerOptions) *Server {
 	return s
 }
 
+// Profile is a client configuration that devices in the field run.
+type Profile string
+
+const (
+	// BalenaOS is the configuration that every balenaOS device ships,
+	// meta-balena's resin.conf (recipes-connectivity/openvpn/openvpn/
+	// resin.conf): client, remote, resolv-retry infinite, remote-cert-tls
+	// server, ca, auth-user-pass, auth-retry none, comp-lzo, dev resin-vpn,
+	// dev-type tun, proto tcp, nobind, persist-key, persist-tun, verb 3,
+	// user and group of an unprivileged account, reneg-sec 0 and
+	// reneg-bytes 1073741824. Adapted to the test machine: the remote, the
+	// CA and credential files, the account (nobody and nogroup, for
+	// balenaOS's openvpn), and, for a client that shares its namespace
+	// with others (no Tunnel), the device name (dev tun: the kernel picks
+	// one). Its up and down scripts, which only report to the device's
+	// supervisor, are left out. The default profile.
+	BalenaOS Profile = "balenaos"
+
+	// Minimal is the least a client needs to talk to an obvpn server: no
+	// compression, no privilege drop.
+	Minimal Profile = "minimal"
+)
+
+// Profiles are every client profile, for tests that must pass with each.
+var Profiles = []Profile{BalenaOS, Minimal}
+
+// TunDev returns the name of the tun device that a client of profile p
+// with a Tunnel makes in its namespace: balenaOS's "resin-vpn", or the
+// kernel's first "tun0".
+func TunDev(p Profile) string {
+	if p == Minimal {
+		return "tun0"
+	}
+	return "resin-vpn"
+}
+
 // ClientOptions configure StartClient.
 type ClientOptions struct {
+	// Profile is the client's configuration. Empty means BalenaOS.
+	Profile Profile
+
 	// Netns is where the client runs, normally the server's.
 	Netns *Netns
 	// Remote is the server's address and port inside the namespace.
@@ -589,6 +631,47 @@ func StartClient(tb testing.TB, opts ClientOptions) *Process {
 	return own(tb, p, err)
 }
 
+// clientConfig returns the lines of opts.Profile's configuration, with
+// the credentials in the file cred.
+func clientConfig(opts ClientOptions, cred string) ([]string, error) {
+	host, port, _ := strings.Cut(opts.Remote, ":")
+	switch opts.Profile {
+	case Minimal:
+		return []string{
+			"client", "dev tun", "proto tcp4-client", "remote " + host + " " + port,
+			"ca " + opts.CA, "auth-user-pass " + cred,
+			"remote-cert-tls server", "connect-retry 1", "auth-retry none", "verb 3",
+		}, nil
+	case BalenaOS, "":
+		dev := "resin-vpn"
+		if !opts.Tunnel {
+			dev = "tun" // several clients in one namespace
+		}
+		return []string{
+			"client",
+			"remote " + host + " " + port,
+			"resolv-retry infinite",
+			"remote-cert-tls server",
+			"ca " + opts.CA,
+			"auth-user-pass " + cred,
+			"auth-retry none",
+			"comp-lzo",
+			"dev " + dev,
+			"dev-type tun",
+			"proto tcp",
+			"nobind",
+			"persist-key",
+			"persist-tun",
+			"verb 3",
+			"user nobody",
+			"group nogroup",
+			"reneg-sec 0",
+			"reneg-bytes 1073741824",
+		}, nil
+	}
+	return nil, fmt.Errorf("vpntest: unknown client profile %q", opts.Profile)
+}
+
 // LaunchClient is StartClient outside a test: its configuration and
 // credentials go into dir, which the caller removes, and the caller ends
 // it with Stop.
@@ -601,11 +684,9 @@ func LaunchClient(dir string, opts ClientOptions) (*Process, error) {
 	if err := os.WriteFile(cred, []byte(opts.Username+"\n"+opts.Password+"\n"), 0o600); err != nil {
 		return nil, err
 	}
-	host, port, _ := strings.Cut(opts.Remote, ":")
-	conf := []string{
-		"client", "dev tun", "proto tcp4-client", "remote " + host + " " + port,
-		"ca " + opts.CA, "auth-user-pass " + cred,
-		"remote-cert-tls server", "connect-retry 1", "auth-retry none", "verb 3",
+	conf, err := clientConfig(opts, cred)
+	if err != nil {
+		return nil, err
 	}
 	if !opts.Tunnel {
 		conf = append(conf, "ifconfig-noexec", "route-nopull")
