@@ -3,6 +3,7 @@ package vpn
 import (
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -190,6 +191,41 @@ func (c *Config) OpenVPNServerConfig(in subnet.Instance, hooks ScriptHooks) (str
 	line("mute", "20")
 	line("suppress-timestamps")
 	return b.String(), nil
+}
+
+// CheckHooks reports a script-mode hook that the account OpenVPN drops
+// to (OpenVPNConfig.User, nobody by default) could not run, because the
+// file or one of the directories above it does not let others execute
+// or search it: OpenVPN would otherwise deny every device with nothing
+// but "Auth Username/Password verification failed" in its log. It checks
+// the others' permission bits only, which is what nobody has; an account
+// that owns the files or shares their group may need less.
+func (h ScriptHooks) CheckHooks(user string) error {
+	if user == "root" {
+		return nil
+	}
+	for _, hook := range []string{h.Auth, h.ClientEvent} {
+		if hook == "" {
+			continue
+		}
+		path, err := filepath.Abs(hook)
+		if err != nil {
+			return fmt.Errorf("vpn: script hook %s: %w", hook, err)
+		}
+		for p := path; ; p = filepath.Dir(p) {
+			fi, err := os.Stat(p)
+			if err != nil {
+				return fmt.Errorf("vpn: script hook %s: %w", hook, err)
+			}
+			if fi.Mode().Perm()&0o001 == 0 {
+				return fmt.Errorf("vpn: script hook %s: OpenVPN runs it as %q (VPN_OPENVPN_USER), but %s (mode %v) is not executable by others", hook, user, p, fi.Mode().Perm())
+			}
+			if p == filepath.Dir(p) {
+				break
+			}
+		}
+	}
+	return nil
 }
 
 // netmask returns p's mask in dotted-quad form, as --route wants it.

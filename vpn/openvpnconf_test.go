@@ -73,3 +73,35 @@ func TestNetmask(t *testing.T) {
 		}
 	}
 }
+
+// TestCheckHooks: a hook in a directory that others cannot search is
+// refused, with its path and the account; one they can run is not.
+func TestCheckHooks(t *testing.T) {
+	dir := t.TempDir()
+	hook := filepath.Join(dir, "vpn-auth")
+	if err := os.WriteFile(hook, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	h := ScriptHooks{Auth: hook, ClientEvent: hook}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	err := h.CheckHooks("nobody")
+	if err == nil || !strings.Contains(err.Error(), dir) || !strings.Contains(err.Error(), "VPN_OPENVPN_USER") {
+		t.Errorf("a hook in a 0700 directory: %v", err)
+	}
+	if err := h.CheckHooks("root"); err != nil {
+		t.Errorf("as root: %v", err)
+	}
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := h.CheckHooks("nobody"); err != nil {
+		t.Errorf("a hook others can run: %v", err)
+	}
+	if err := (ScriptHooks{Auth: filepath.Join(dir, "missing")}).CheckHooks("nobody"); err == nil {
+		t.Error("a missing hook: no error")
+	}
+}

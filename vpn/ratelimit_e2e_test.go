@@ -74,7 +74,8 @@ func TestServerLimitsRate(t *testing.T) {
 	for i, name := range []string{"A", "B"} {
 		d := api.AddDevice(balenatest.Device{UUID: fmt.Sprintf("%032x", 0xa+i), Key: "k" + name})
 		dev := vpntest.NewDevice(t, world)
-		clients[i] = vpntest.StartClient(t, vpntest.ClientOptions{Netns: dev.Netns, Remote: dev.WorldAddr.String() + ":10001",
+		// A runs balenaOS's client (comp-lzo), B the minimal one.
+		clients[i] = vpntest.StartClient(t, vpntest.ClientOptions{Profile: vpntest.Profiles[i], Netns: dev.Netns, Remote: dev.WorldAddr.String() + ":10001",
 			CA: pki.CAFile, Username: d.UUID, Password: d.Key, Tunnel: true})
 		devs[i] = rateDevice{name: name, uuid: d.UUID, dev: dev}
 	}
@@ -161,7 +162,7 @@ func TestLimiterRemoveRate(t *testing.T) {
 	for i, name := range []string{"A", "B"} {
 		dev := vpntest.NewDevice(t, world)
 		uuid := fmt.Sprintf("%032x", 0xa+i)
-		clients[i] = vpntest.StartClient(t, vpntest.ClientOptions{Netns: dev.Netns, Remote: fmt.Sprintf("%s:%d", dev.WorldAddr, srv.Port),
+		clients[i] = vpntest.StartClient(t, vpntest.ClientOptions{Profile: vpntest.Profiles[i%len(vpntest.Profiles)], Netns: dev.Netns, Remote: fmt.Sprintf("%s:%d", dev.WorldAddr, srv.Port),
 			CA: srv.PKI.CAFile, Username: uuid, Password: "k", Tunnel: true})
 		devs[i] = rateDevice{name: name, uuid: uuid, dev: dev}
 	}

@@ -137,6 +137,15 @@ func (s *Server) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("vpn: %w", err)
 	}
+	if cfg.Auth.Mode == AuthScript {
+		user := cfg.OpenVPN.User
+		if user == "" {
+			user = "nobody"
+		}
+		if err := s.Hooks.CheckHooks(user); err != nil {
+			return err
+		}
+	}
 	api := s.API
 	if api == nil {
 		api = &balena.Client{BaseURL: cfg.Balena.BaseURL(), ServiceKey: cfg.Balena.ServiceAPIKey,

@@ -225,8 +225,9 @@ func (s *Sessions) onByteCount(id int, ev *openvpnmgmt.ByteCountClientEvent) {
 	s.mu.Lock()
 	e, ok := s.established[sessionKey{id, ev.CID}]
 	if ok {
-		e.rx, e.tx = ev.Received, ev.Sent
-		s.established[sessionKey{id, ev.CID}] = e
+		next := e // e keeps the counts before, for the deltas below
+		next.rx, next.tx = ev.Received, ev.Sent
+		s.established[sessionKey{id, ev.CID}] = next
 	}
 	s.mu.Unlock()
 	if ok && s.Metrics != nil && ev.Received >= e.rx && ev.Sent >= e.tx {

@@ -2,8 +2,11 @@ package vpn
 
 import (
 	"context"
+	"fmt"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -156,4 +159,58 @@ func TestSessionsScriptMode(t *testing.T) {
 	is.NoErr(m.SessionRxRate.Write(&rate))
 	is.Equal(d.GetHistogram().GetSampleCount(), uint64(2))
 	is.Equal(rate.GetHistogram().GetSampleCount(), uint64(1)) // no bitrate of 0 for the forgotten one
+}
+
+// addressLog is an AddressBook that records its calls.
+type addressLog struct {
+	mu    sync.Mutex
+	calls []string
+}
+
+func (a *addressLog) Learn(source, name string, addr netip.Addr) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.calls = append(a.calls, "learn "+source+" "+name+" "+addr.String())
+}
+
+func (a *addressLog) Forget(source, name string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.calls = append(a.calls, "forget "+source+" "+name)
+}
+
+// TestSessionsLearnAddresses: the address book learns a device's address
+// at ESTABLISHED and keeps the newest session's while an older one ends;
+// the last end, or the instance's death, forgets it.
+func TestSessionsLearnAddresses(t *testing.T) {
+	is := is.New(t)
+	book := &addressLog{}
+	s := &Sessions{Addresses: book, StatusFile: func(id int) string { return fmt.Sprintf("/run/openvpn/server-%d.status", id) }}
+	h := s.Handler(1)
+	ctx := context.Background()
+	const dev = "0123456789abcdef0123456789abcdef"
+	ev := func(kind openvpnmgmt.ClientKind, cid uint64, env ...string) {
+		e := &openvpnmgmt.ClientEvent{Kind: kind, CID: cid}
+		for i := 0; i+1 < len(env); i += 2 {
+			e.Env = append(e.Env, openvpnmgmt.EnvVar{Name: env[i], Value: env[i+1]})
+		}
+		h(ctx, nil, e)
+	}
+	ev(openvpnmgmt.ClientEstablished, 2, "common_name", dev, "ifconfig_pool_remote_ip", "10.240.0.3")
+	ev(openvpnmgmt.ClientEstablished, 5, "common_name", dev, "ifconfig_pool_remote_ip", "10.240.0.9")
+	ev(openvpnmgmt.ClientDisconnect, 2, "common_name", dev)
+	ev(openvpnmgmt.ClientDisconnect, 5, "common_name", dev)
+	ev(openvpnmgmt.ClientEstablished, 6, "common_name", dev) // no address yet
+	h(ctx, nil, &openvpnmgmt.ClientAddressEvent{CID: 6, Addr: "10.240.0.4", Primary: true})
+	s.Forget(1)
+	f := "/run/openvpn/server-1.status " + dev
+	is.Equal(book.calls, []string{
+		"learn " + f + " 10.240.0.3",
+		"learn " + f + " 10.240.0.9",
+		"learn " + f + " 10.240.0.9", // the newer session stays
+		"forget " + f,
+		"forget " + f, // ESTABLISHED without an address
+		"learn " + f + " 10.240.0.4",
+		"forget " + f,
+	})
 }

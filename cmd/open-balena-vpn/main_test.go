@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"io"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -46,6 +47,13 @@ func TestConfigErrorExit2(t *testing.T) {
 func TestEndToEnd(t *testing.T) {
 	goBin := vpntest.Require(t, "openvpn", "ip", "go")[2]
 	dir := t.TempDir()
+	// OpenVPN runs the script-mode hooks as nobody: let others in, as
+	// /usr/local/bin does.
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, c := range []string{"open-balena-vpn", "vpn-auth", "vpn-client-event"} {
 		if out, err := exec.Command(goBin, "build", "-o", filepath.Join(dir, c), "../"+c).CombinedOutput(); err != nil {
 			t.Fatalf("building %s: %v\n%s", c, err, out)

@@ -49,6 +49,7 @@ type options struct {
 	proxyAddr   string // on the machine, relayed to host 1's proxy
 	metricsAddr string // on the machine, relayed to host 1's metrics
 	verbose     bool
+	profile     string // the devices' client profile: a vpntest.Profile, or "mixed"
 	log         *slog.Logger
 	out         io.Writer
 }
@@ -296,6 +297,15 @@ func (f *fleet) start(ctx context.Context) error {
 	return nil
 }
 
+// profileOf returns the client profile of the i-th device: every other
+// one balenaOS's and the minimal client's in turn with -profile mixed.
+func (f *fleet) profileOf(i int) vpntest.Profile {
+	if f.o.profile == "mixed" {
+		return vpntest.Profiles[i%len(vpntest.Profiles)]
+	}
+	return vpntest.Profile(f.o.profile)
+}
+
 // addDevice registers a device with the API, makes its namespace, starts
 // its web service on port 80 and its openvpn client, which dials HAProxy.
 func (f *fleet) addDevice(r record) error {
@@ -320,6 +330,7 @@ func (f *fleet) addDevice(r record) error {
 		return err
 	}
 	d.client, err = vpntest.LaunchClient(dir, vpntest.ClientOptions{
+		Profile:  f.profileOf(len(f.devices) - 1),
 		Netns:    d.ns.Netns,
 		Remote:   fmt.Sprintf("%s:%d", d.ns.WorldAddr, vpnPort),
 		Username: d.UUID, Password: d.Key,

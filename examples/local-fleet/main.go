@@ -42,6 +42,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"slices"
 	"syscall"
 	"time"
 
@@ -70,6 +71,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.DurationVar(&o.timeout, "timeout", 3*time.Minute, "how long devices have to come online and be reached")
 	fs.StringVar(&o.proxyAddr, "proxy", "127.0.0.1:3128", "where this machine reaches host 1's CONNECT proxy (not with -once)")
 	fs.StringVar(&o.metricsAddr, "metrics", "127.0.0.1:8080", "where this machine reaches host 1's metrics (not with -once)")
+	fs.StringVar(&o.profile, "profile", string(vpntest.BalenaOS), "the devices' OpenVPN client configuration: balenaos (balenaOS's own resin.conf, comp-lzo), minimal, or mixed (both in turn)")
 	fs.BoolVar(&o.verbose, "v", false, "log what the hosts do, OpenVPN's own lines included (printed at the end)")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -107,6 +109,8 @@ func (o options) validate() error {
 		return fmt.Errorf("-hosts %d: want 1 to %d", o.hosts, vpntest.MaxHosts)
 	case o.killHost != 0 && o.drainHost != 0:
 		return fmt.Errorf("-kill-host and -drain-host: one at a time")
+	case o.profile != "mixed" && !slices.Contains(vpntest.Profiles, vpntest.Profile(o.profile)):
+		return fmt.Errorf("-profile %q: want balenaos, minimal or mixed", o.profile)
 	}
 	for _, f := range []struct {
 		name string

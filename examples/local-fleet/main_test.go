@@ -29,14 +29,15 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// TestOnce runs the demo as CI does, local-fleet -once -devices 3: every
+// TestOnce runs the demo as CI does, local-fleet -once -devices 3, with
+// devices of both client profiles (-profile mixed): every
 // device comes online and is reached through the proxy, the exit status is
 // 0, and nothing the demo made is left behind.
 func TestOnce(t *testing.T) {
 	vpntest.Require(t, "openvpn", "haproxy", "ip")
 	before := leftovers(t)
 	var out, errs bytes.Buffer
-	code := run([]string{"-once", "-devices", "3", "-timeout", "2m"}, &out, &errs)
+	code := run([]string{"-once", "-devices", "3", "-profile", "mixed", "-timeout", "2m"}, &out, &errs)
 	t.Logf("stdout:\n%s\nstderr:\n%s", &out, &errs)
 	if code != 0 {
 		t.Fatalf("exit status %d, want 0", code)
@@ -85,7 +86,7 @@ func runMoved(t *testing.T, args ...string) string {
 	vpntest.Require(t, "openvpn", "haproxy", "ip")
 	before := leftovers(t)
 	var out, errs bytes.Buffer
-	code := run(append([]string{"-once", "-hosts", "2", "-devices", "6", "-timeout", "2m"}, args...), &out, &errs)
+	code := run(append([]string{"-once", "-hosts", "2", "-devices", "6", "-profile", "mixed", "-timeout", "2m"}, args...), &out, &errs)
 	t.Logf("stdout:\n%s\nstderr:\n%s", &out, &errs)
 	if code != 0 {
 		t.Fatalf("exit status %d, want 0", code)

@@ -44,6 +44,12 @@ func TestPKI(t *testing.T) {
 // reaches the device's VPN address through the tunnel.
 func TestDeviceThroughTheTunnel(t *testing.T) {
 	vpntest.Require(t, "openvpn", "ip")
+	for _, p := range vpntest.Profiles {
+		t.Run(string(p), func(t *testing.T) { testDeviceThroughTheTunnel(t, p) })
+	}
+}
+
+func testDeviceThroughTheTunnel(t *testing.T, profile vpntest.Profile) {
 	world := vpntest.NewNetns(t, "world")
 	dev := vpntest.NewDevice(t, world)
 	srv := vpntest.StartServer(t, vpntest.ServerOptions{Netns: world, Listen: dev.WorldAddr.String()})
@@ -57,7 +63,7 @@ func TestDeviceThroughTheTunnel(t *testing.T) {
 	if err := mgmt.HoldRelease(ctx); err != nil {
 		t.Fatal(err)
 	}
-	client := vpntest.StartClient(t, vpntest.ClientOptions{Netns: dev.Netns, Remote: fmt.Sprintf("%s:%d", dev.WorldAddr, srv.Port),
+	client := vpntest.StartClient(t, vpntest.ClientOptions{Profile: profile, Netns: dev.Netns, Remote: fmt.Sprintf("%s:%d", dev.WorldAddr, srv.Port),
 		CA: srv.PKI.CAFile, Username: "0123456789abcdef0123456789abcdef", Password: "k", Tunnel: true})
 	if _, err := client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
 		t.Fatal(err)
@@ -83,7 +89,7 @@ func TestDeviceThroughTheTunnel(t *testing.T) {
 	})}
 	go srvHTTP.Serve(l)
 	defer srvHTTP.Close()
-	hc := &http.Client{Transport: &http.Transport{DialContext: world.Dial}}
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: world.Dial}}
 	resp, err := hc.Get("http://" + vpnAddr + ":8080/")
 	if err != nil {
 		t.Fatalf("GET through the tunnel: %v", err)
