@@ -1,0 +1,538 @@
+package nss
+
+import (
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+)
+
+// The index file: what a Resolver knows, written for the NSS module
+// (cmd/libnss_openvpn), which is loaded into every process on the host that
+// resolves a name and must answer without parsing, allocating or starting
+// anything.
+//
+// Why this format. The reader is C code that maps the file and answers one
+// name, often in a process that lives for one lookup; so what counts is the
+// number of pages a lookup touches and the checks it can make cheaply, not
+// the size of the file. A CDB needs two reads per probe and its 256-entry
+// head table for nothing here; a sorted table costs log2(n) probes (20 page
+// touches at a million names) and a miss costs as much as a hit. So: an
+// open-addressing hash table of 8-byte slots (a 32-bit hash tag and the
+// offset of a record) at a load factor of at most 1/2, probed linearly:
+// a hit reads one or two slots and one record, a miss one or two slots,
+// nearly always in one cache line. Records hold the name, so that a hit is
+// confirmed by comparing names, never by the hash alone, and carry a check
+// of their own bytes, so that a corrupted record is noticed when it would
+// answer. The header and the list of source files carry a checksum; every
+// offset is checked against the file's size before it is followed.
+//
+// Layout (version 1), integers little-endian:
+//
+//	header, 80 bytes:
+//	  0 magic "OBVPNIDX"   8 version uint32      12 number of sources uint32
+//	 16 entries uint32    20 slots uint32 (a power of two)
+//	 24 file size uint64  32 sources offset uint64 (80)
+//	 40 slots offset uint64 (a multiple of 8)    48 records offset uint64
+//	 56 records length uint64                    64 written at, Unix ns int64
+//	 72 sources length uint32                    76 check uint32: FNV-1a
+//	    (64-bit, low half) of bytes 0-75 and of the sources section
+//	sources: per status file, sorted by (device, inode), 40 bytes:
+//	  device uint64, inode uint64, size int64, modification time (Unix ns)
+//	  int64, path offset uint32 (from the section's start), path length
+//	  uint32; then the paths; zero-padded to a multiple of 8
+//	slots: per slot, hash tag uint32 (0: empty), record offset / 4 uint32
+//	records: per name, padded to a multiple of 4 bytes:
+//	  IPv4 address [4]byte, check uint32, Last Ref (Unix s) uint32, source
+//	  uint16 (index into sources; 0xffff: none), name length uint16, name
+//
+// The hash of a name h is FNV-1a (64-bit) of its lower-case bytes; its tag
+// is uint32(h)|1 and its first slot (h>>32) & (slots-1). A record's check
+// is the low half of FNV-1a (64-bit) of its bytes without the check field,
+// XOR its offset from the records' start.
+//
+// Freshness: a reader compares each source's identity (device, inode,
+// size, modification time) with the file on disk, and looks for status
+// files that the index does not name. An entry from a source that
+// changed, or a status file the index does not name, is not believed:
+// the reader scans those files instead (the C module does; the Go reader
+// reports it with [Index.Stale]).
+const (
+	indexMagic      = "OBVPNIDX"
+	indexVersion    = 1
+	indexHeaderSize = 80
+	indexSourceSize = 40
+	recordHeadSize  = 16
+	noSource        = 0xffff
+	// MaxIndexSources is the most status files an index names; a
+	// resolver over more writes no index (the NSS module then scans).
+	MaxIndexSources = 4096
+	maxNameLen      = 1<<16 - 1
+)
+
+// DefaultIndexPath is where the index file goes when the status files are
+// the default ones ([DefaultGlobs]), and where the NSS module looks for it.
+const DefaultIndexPath = "/run/openvpn/nss.index"
+
+// ErrIndexFormat reports an index file that is not one, is of another
+// version, is cut short or is corrupted.
+var ErrIndexFormat = errors.New("nss: not a valid index file")
+
+// IndexPathFor returns the default path of the index for the status files
+// that globs match: nss.index in the directory of the first glob, when that
+// directory has no wildcards; else [DefaultIndexPath]. Nil globs (the
+// defaults) give DefaultIndexPath. The NSS module applies the same rule to
+// NSS_OPENVPN_STATUS_GLOB when NSS_OPENVPN_INDEX is not set.
+func IndexPathFor(globs []string) string {
+	if len(globs) == 0 {
+		return DefaultIndexPath
+	}
+	dir := filepath.Dir(globs[0])
+	if strings.ContainsAny(dir, `*?[\`) {
+		return DefaultIndexPath
+	}
+	return filepath.Join(dir, "nss.index")
+}
+
+const (
+	fnvOffset = 14695981039346656037
+	fnvPrime  = 1099511628211
+)
+
+func fnv1a(h uint64, b []byte) uint64 {
+	for _, c := range b {
+		h ^= uint64(c)
+		h *= fnvPrime
+	}
+	return h
+}
+
+func fnv1aString(h uint64, s string) uint64 {
+	for i := 0; i < len(s); i++ {
+		h ^= uint64(s[i])
+		h *= fnvPrime
+	}
+	return h
+}
+
+func tagOf(h uint64) uint32 { return uint32(h) | 1 }
+
+// encoded is an index file in its two parts: the head (header and
+// sources), which changes whenever a status file is rewritten, and the
+// body (slots and records), which changes only when the names do.
+type encoded struct {
+	gen     uint64   // the snapshot generation of the body
+	order   []uint32 // the source numbers, in the file's order
+	srcLen  int      // length of the sources section, padded
+	body    []byte
+	entries uint32
+	slots   uint32
+	recLen  uint64
+}
+
+// sortedSources returns the snapshot's sources in the file's order, by
+// device and inode.
+func sortedSources(snap *index) []source {
+	src := slices.Clone(snap.sources)
+	slices.SortFunc(src, func(a, b source) int {
+		if a.id.dev != b.id.dev {
+			if a.id.dev < b.id.dev {
+				return -1
+			}
+			return 1
+		}
+		switch {
+		case a.id.ino < b.id.ino:
+			return -1
+		case a.id.ino > b.id.ino:
+			return 1
+		}
+		return 0
+	})
+	return src
+}
+
+func sourcesLen(src []source) int {
+	n := len(src) * indexSourceSize
+	for _, s := range src {
+		n += len(s.path)
+	}
+	return (n + 7) &^ 7
+}
+
+// encodeBody builds the slots and records of snap, with source numbers
+// mapped to positions in src.
+func encodeBody(snap *index, src []source) *encoded {
+	pos := make(map[uint32]uint16, len(src))
+	order := make([]uint32, len(src))
+	for i, s := range src {
+		pos[s.num] = uint16(i)
+		order[i] = s.num
+	}
+	type rec struct {
+		name string
+		e    entry
+	}
+	var recs []rec
+	n := len(snap.uuids.base) + len(snap.uuids.overlay) + len(snap.names.base) + len(snap.names.overlay)
+	recs = make([]rec, 0, n)
+	snap.uuids.each(func(k [16]byte, e entry) { recs = append(recs, rec{hex.EncodeToString(k[:]), e}) })
+	snap.names.each(func(k string, e entry) {
+		if len(k) <= maxNameLen {
+			recs = append(recs, rec{k, e})
+		}
+	})
+	slots := uint32(16)
+	for int(slots) < 2*len(recs) {
+		slots <<= 1
+	}
+	var recLen uint64
+	for _, r := range recs {
+		recLen += uint64(recordHeadSize+len(r.name)+3) &^ 3
+	}
+	slotsLen := uint64(slots) * 8
+	body := make([]byte, slotsLen+recLen)
+	table, records := body[:slotsLen], body[slotsLen:]
+	off := uint64(0)
+	mask := slots - 1
+	for _, r := range recs {
+		b := records[off:]
+		a := r.e.a
+		b[0], b[1], b[2], b[3] = byte(a>>24), byte(a>>16), byte(a>>8), byte(a)
+		binary.LittleEndian.PutUint32(b[8:], r.e.ref)
+		p, ok := pos[r.e.src]
+		if !ok {
+			p = noSource
+		}
+		binary.LittleEndian.PutUint16(b[12:], p)
+		binary.LittleEndian.PutUint16(b[14:], uint16(len(r.name)))
+		copy(b[16:], r.name)
+		binary.LittleEndian.PutUint32(b[4:], recordCheck(b[:recordHeadSize+len(r.name)], off))
+		h := fnv1aString(fnvOffset, r.name)
+		for i := uint32(h>>32) & mask; ; i = (i + 1) & mask {
+			s := table[8*i:]
+			if binary.LittleEndian.Uint32(s) == 0 {
+				binary.LittleEndian.PutUint32(s, tagOf(h))
+				binary.LittleEndian.PutUint32(s[4:], uint32(off/4))
+				break
+			}
+		}
+		off += uint64(recordHeadSize+len(r.name)+3) &^ 3
+	}
+	return &encoded{gen: snap.gen, order: order, srcLen: sourcesLen(src), body: body,
+		entries: uint32(len(recs)), slots: slots, recLen: recLen}
+}
+
+// recordCheck is the check of a record b (its check field is skipped) at
+// offset off.
+func recordCheck(b []byte, off uint64) uint32 {
+	h := fnv1a(fnvOffset, b[:4])
+	h = fnv1a(h, b[8:])
+	return uint32(h) ^ uint32(off)
+}
+
+// encodeHead builds the header and sources section for body and src.
+func encodeHead(enc *encoded, src []source, written time.Time) []byte {
+	head := make([]byte, indexHeaderSize+enc.srcLen)
+	h := head[:indexHeaderSize]
+	copy(h, indexMagic)
+	le := binary.LittleEndian
+	le.PutUint32(h[8:], indexVersion)
+	le.PutUint32(h[12:], uint32(len(src)))
+	le.PutUint32(h[16:], enc.entries)
+	le.PutUint32(h[20:], enc.slots)
+	size := uint64(len(head)) + uint64(len(enc.body))
+	le.PutUint64(h[24:], size)
+	le.PutUint64(h[32:], indexHeaderSize)
+	slotsOff := uint64(indexHeaderSize + enc.srcLen)
+	le.PutUint64(h[40:], slotsOff)
+	le.PutUint64(h[48:], slotsOff+uint64(enc.slots)*8)
+	le.PutUint64(h[56:], enc.recLen)
+	le.PutUint64(h[64:], uint64(written.UnixNano()))
+	le.PutUint32(h[72:], uint32(enc.srcLen))
+	sec := head[indexHeaderSize:]
+	paths := len(src) * indexSourceSize
+	for i, s := range src {
+		b := sec[i*indexSourceSize:]
+		le.PutUint64(b[0:], s.id.dev)
+		le.PutUint64(b[8:], s.id.ino)
+		le.PutUint64(b[16:], uint64(s.id.size))
+		le.PutUint64(b[24:], uint64(s.id.mtime))
+		le.PutUint32(b[32:], uint32(paths))
+		le.PutUint32(b[36:], uint32(len(s.path)))
+		paths += copy(sec[paths:], s.path)
+	}
+	c := fnv1a(fnv1a(fnvOffset, h[:76]), sec)
+	le.PutUint32(h[76:], uint32(c))
+	return head
+}
+
+// writeIndexFile writes head and body to a temporary file next to path and
+// renames it into place, so that readers see the old index or the new one,
+// never a part. The file is world-readable: every process on the host
+// reads it.
+func writeIndexFile(path string, head, body []byte) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("nss: writing the index: %w", err)
+	}
+	tmp := f.Name()
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if _, err := f.Write(head); err != nil {
+		return fmt.Errorf("nss: writing the index: %w", err)
+	}
+	if _, err := f.Write(body); err != nil {
+		return fmt.Errorf("nss: writing the index: %w", err)
+	}
+	if err := f.Chmod(0o644); err != nil {
+		return fmt.Errorf("nss: writing the index: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("nss: writing the index: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("nss: writing the index: %w", err)
+	}
+	ok = true
+	return nil
+}
+
+// WriteIndex writes the index file of what r knows now (status files and
+// learned entries) to path, atomically: a temporary file in the same
+// directory, renamed into place. It refreshes r first if r has never read
+// its files. See [IndexWriter] to keep the file current.
+func (r *Resolver) WriteIndex(path string) error {
+	if r.refreshed.Load() == 0 {
+		r.Refresh() // errors are files that did not read whole: their entries are absent
+	}
+	snap := r.index.Load()
+	if snap == nil {
+		r.mu.Lock()
+		r.init()
+		r.publish(nil, true)
+		r.mu.Unlock()
+		snap = r.index.Load()
+	}
+	_, err := writeSnapshot(path, snap, nil)
+	return err
+}
+
+// writeSnapshot writes snap, reusing prev's body when the names did not
+// change, and returns what it wrote.
+func writeSnapshot(path string, snap *index, prev *encoded) (*encoded, error) {
+	if len(snap.sources) > MaxIndexSources {
+		return nil, fmt.Errorf("nss: %d status files: an index names at most %d", len(snap.sources), MaxIndexSources)
+	}
+	src := sortedSources(snap)
+	enc := prev
+	if enc == nil || enc.gen != snap.gen || enc.srcLen != sourcesLen(src) || !sameOrder(enc.order, src) {
+		enc = encodeBody(snap, src)
+	}
+	return enc, writeIndexFile(path, encodeHead(enc, src, time.Now()), enc.body)
+}
+
+func sameOrder(order []uint32, src []source) bool {
+	if len(order) != len(src) {
+		return false
+	}
+	for i, s := range src {
+		if order[i] != s.num {
+			return false
+		}
+	}
+	return true
+}
+
+// Index is an index file read back: what the NSS module reads, for
+// programs that want the same answers (obvpnctl lookup) and for tests.
+type Index struct {
+	data           []byte
+	nslots         uint32
+	slotsOff       uint64
+	recOff, recLen uint64
+	sources        []IndexSource
+	written        time.Time
+}
+
+// IndexSource is a status file that an index was built from, with the
+// identity it had then.
+type IndexSource struct {
+	Path    string
+	Dev     uint64
+	Ino     uint64
+	Size    int64
+	ModTime time.Time
+	mtime   int64
+}
+
+// ReadIndex reads and checks the index file at path.
+func ReadIndex(path string) (*Index, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("nss: %w", err)
+	}
+	ix, err := ParseIndex(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return ix, nil
+}
+
+// ParseIndex checks an index file's header and sources and returns the
+// index over b (which it keeps). The error wraps [ErrIndexFormat].
+func ParseIndex(b []byte) (*Index, error) {
+	bad := func(what string, args ...any) (*Index, error) {
+		return nil, fmt.Errorf("%w: %s", ErrIndexFormat, fmt.Sprintf(what, args...))
+	}
+	if len(b) < indexHeaderSize || string(b[:8]) != indexMagic {
+		return bad("no header")
+	}
+	le := binary.LittleEndian
+	if v := le.Uint32(b[8:]); v != indexVersion {
+		return bad("version %d", v)
+	}
+	nsrc, nent, nslots := le.Uint32(b[12:]), le.Uint32(b[16:]), le.Uint32(b[20:])
+	size, srcOff, slotsOff := le.Uint64(b[24:]), le.Uint64(b[32:]), le.Uint64(b[40:])
+	recOff, recLen, srcLen := le.Uint64(b[48:]), le.Uint64(b[56:]), uint64(le.Uint32(b[72:]))
+	switch {
+	case size != uint64(len(b)):
+		return bad("size %d, header says %d", len(b), size)
+	case srcOff != indexHeaderSize || nsrc > MaxIndexSources || srcLen < uint64(nsrc)*indexSourceSize || srcOff+srcLen > size:
+		return bad("sources out of bounds")
+	case nslots < 16 || nslots&(nslots-1) != 0 || uint64(nent)*2 > uint64(nslots):
+		return bad("%d slots for %d entries", nslots, nent)
+	case slotsOff != srcOff+srcLen || slotsOff%8 != 0 || recOff != slotsOff+uint64(nslots)*8 || recOff > size || recLen != size-recOff:
+		return bad("slots or records out of bounds")
+	}
+	sec := b[srcOff : srcOff+srcLen]
+	if c := uint32(fnv1a(fnv1a(fnvOffset, b[:76]), sec)); c != le.Uint32(b[76:]) {
+		return bad("checksum")
+	}
+	ix := &Index{data: b, nslots: nslots, slotsOff: slotsOff, recOff: recOff, recLen: recLen,
+		written: time.Unix(0, int64(le.Uint64(b[64:])))}
+	for i := range int(nsrc) {
+		s := sec[i*indexSourceSize:]
+		po, pl := uint64(le.Uint32(s[32:])), uint64(le.Uint32(s[36:]))
+		if po+pl > srcLen {
+			return bad("source path out of bounds")
+		}
+		mt := int64(le.Uint64(s[24:]))
+		ix.sources = append(ix.sources, IndexSource{
+			Path: string(sec[po : po+pl]), Dev: le.Uint64(s), Ino: le.Uint64(s[8:]),
+			Size: int64(le.Uint64(s[16:])), ModTime: time.Unix(0, mt), mtime: mt,
+		})
+	}
+	return ix, nil
+}
+
+// Sources returns the status files the index was built from.
+func (ix *Index) Sources() []IndexSource { return slices.Clone(ix.sources) }
+
+// Written returns when the index was written.
+func (ix *Index) Written() time.Time { return ix.written }
+
+// Lookup returns the address the index holds for name, "<common name>" or
+// "<common name>.vpn" in any case. It does not say whether the index is
+// still fresh (see [Index.Stale]). The error wraps [ErrNotFound], or
+// [ErrIndexFormat] for a corrupted record.
+func (ix *Index) Lookup(name string) (netip.Addr, error) {
+	a, _, err := ix.lookup(name)
+	return a, err
+}
+
+// lookup also returns the position of the source of the answer (or
+// noSource).
+func (ix *Index) lookup(name string) (netip.Addr, int, error) {
+	n := asciiLower(name)
+	if l := len(n); l > 4 && n[l-4:] == ".vpn" {
+		n = n[:l-4]
+	}
+	if n == "" || len(n) > maxNameLen {
+		return netip.Addr{}, noSource, fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	le := binary.LittleEndian
+	h := fnv1aString(fnvOffset, n)
+	tag, mask := tagOf(h), ix.nslots-1
+	slots := ix.data[ix.slotsOff : ix.slotsOff+uint64(ix.nslots)*8]
+	recs := ix.data[ix.recOff:]
+	i := uint32(h>>32) & mask
+	for range ix.nslots {
+		s := slots[8*i:]
+		t := le.Uint32(s)
+		if t == 0 {
+			break
+		}
+		if t == tag {
+			off := uint64(le.Uint32(s[4:])) * 4
+			if off+recordHeadSize > ix.recLen {
+				return netip.Addr{}, noSource, fmt.Errorf("%w: slot %d out of bounds", ErrIndexFormat, i)
+			}
+			r := recs[off:]
+			l := uint64(le.Uint16(r[14:]))
+			if off+recordHeadSize+l > ix.recLen {
+				return netip.Addr{}, noSource, fmt.Errorf("%w: record at %d out of bounds", ErrIndexFormat, off)
+			}
+			r = r[:recordHeadSize+l]
+			if string(r[recordHeadSize:]) == n {
+				if recordCheck(r, off) != le.Uint32(r[4:]) {
+					return netip.Addr{}, noSource, fmt.Errorf("%w: record at %d corrupted", ErrIndexFormat, off)
+				}
+				src := int(le.Uint16(r[12:]))
+				if src != noSource && src >= len(ix.sources) {
+					return netip.Addr{}, noSource, fmt.Errorf("%w: record at %d names source %d", ErrIndexFormat, off, src)
+				}
+				return netip.AddrFrom4([4]byte(r[:4])), src, nil
+			}
+		}
+		i = (i + 1) & mask
+	}
+	return netip.Addr{}, noSource, fmt.Errorf("%w: %q", ErrNotFound, name)
+}
+
+// Stale says whether the status files that globs match (nil: DefaultGlobs)
+// are no longer what the index was built from: a source's identity
+// (device, inode, size, modification time) changed or it is gone, or a
+// status file is not among the sources. A stale index must not answer
+// alone.
+func (ix *Index) Stale(globs []string) bool {
+	if globs == nil {
+		globs = DefaultGlobs
+	}
+	known := make(map[[2]uint64]IndexSource, len(ix.sources))
+	for _, s := range ix.sources {
+		known[[2]uint64{s.Dev, s.Ino}] = s
+	}
+	seen := make(map[[2]uint64]bool, len(ix.sources))
+	for _, g := range globs {
+		paths, err := filepath.Glob(g)
+		if err != nil {
+			return true
+		}
+		for _, p := range paths {
+			fi, err := os.Stat(p)
+			if err != nil {
+				return true
+			}
+			id := statID(fi)
+			s, ok := known[id.key()]
+			if !ok || s.Size != id.size || s.mtime != id.mtime {
+				return true
+			}
+			seen[id.key()] = true
+		}
+	}
+	return len(seen) != len(known)
+}
