@@ -53,7 +53,7 @@ type Resolver struct {
 	refreshed atomic.Int64 // unix nanoseconds of the last refresh
 	mu        sync.Mutex   // one refresh at a time; guards what follows
 	files     map[string]*fileState
-	owners    map[string][]*fileState // name → the files that route it
+	owners    map[string][]*fileState            // name → the files that route it
 	learned   map[string]map[string]learnedEntry // name → source path → what was learned
 	lastNum   uint32                             // the last fileState.num given
 }
