@@ -54,7 +54,9 @@ import (
 //	slots: per slot, hash tag uint32 (0: empty), record offset / 4 uint32
 //	records: per name, padded to a multiple of 4 bytes:
 //	  IPv4 address [4]byte, check uint32, Last Ref (Unix s) uint32, source
-//	  uint16 (index into sources; 0xffff: none), name length uint16, name
+//	  uint16 (index into sources; 0xffff: none; bit 15 set: other files
+//	  routed the name too, so a reader whose source changed must read every
+//	  file), name length uint16, name
 //
 // The hash of a name h is FNV-1a (64-bit) of its lower-case bytes; its tag
 // is uint32(h)|1 and its first slot (h>>32) & (slots-1). A record's check
@@ -74,6 +76,7 @@ const (
 	indexSourceSize = 40
 	recordHeadSize  = 16
 	noSource        = 0xffff
+	multiSource     = 0x8000 // a flag of a record's source: other files routed the name too
 	// MaxIndexSources is the most status files an index names; a
 	// resolver over more writes no index (the NSS module then scans).
 	MaxIndexSources = 4096
@@ -232,6 +235,8 @@ func encodeBody(snap *index, src []source) *encoded {
 		p, ok := pos[r.e.src]
 		if !ok {
 			p = noSource
+		} else if r.e.multi {
+			p |= multiSource
 		}
 		binary.LittleEndian.PutUint16(b[12:], p)
 		binary.LittleEndian.PutUint16(b[14:], uint16(len(r.name)))
@@ -384,6 +389,7 @@ func sameOrder(order []uint32, src []source) bool {
 // programs that want the same answers (obvpnctl lookup) and for tests.
 type Index struct {
 	data           []byte
+	nentries       int
 	nslots         uint32
 	slotsOff       uint64
 	recOff, recLen uint64
@@ -448,7 +454,7 @@ func ParseIndex(b []byte) (*Index, error) {
 	if slotsCheck(b[slotsOff:recOff]) != le.Uint64(b[72:]) {
 		return bad("slots checksum")
 	}
-	ix := &Index{data: b, nslots: nslots, slotsOff: slotsOff, recOff: recOff, recLen: recLen,
+	ix := &Index{data: b, nentries: int(nent), nslots: nslots, slotsOff: slotsOff, recOff: recOff, recLen: recLen,
 		written: time.Unix(0, int64(le.Uint64(b[64:])))}
 	for i := range int(nsrc) {
 		s := sec[i*indexSourceSize:]
@@ -467,6 +473,9 @@ func ParseIndex(b []byte) (*Index, error) {
 
 // Sources returns the status files the index was built from.
 func (ix *Index) Sources() []IndexSource { return slices.Clone(ix.sources) }
+
+// Len returns the number of names in the index.
+func (ix *Index) Len() int { return ix.nentries }
 
 // Written returns when the index was written.
 func (ix *Index) Written() time.Time { return ix.written }
@@ -518,6 +527,9 @@ func (ix *Index) lookup(name string) (netip.Addr, int, error) {
 			}
 			if string(r[recordHeadSize:]) == n {
 				src := int(le.Uint16(r[12:]))
+				if src != noSource {
+					src &^= multiSource
+				}
 				if src != noSource && src >= len(ix.sources) {
 					return netip.Addr{}, noSource, fmt.Errorf("%w: record at %d names source %d", ErrIndexFormat, off, src)
 				}

@@ -78,10 +78,15 @@ type index struct {
 // entry is what the index holds for one name: the address, the winning
 // route's Last Ref (Unix seconds, 0 if unknown) and the number of the
 // status file it came from (0: none, a learned entry of a file not seen).
+//
+// multi says that more than one status file (or learned entry) routed the
+// name when the winner was chosen: a reader that finds the winner's file
+// changed must then read every file, not only the changed ones.
 type entry struct {
-	a   v4
-	ref uint32
-	src uint32
+	a     v4
+	ref   uint32
+	src   uint32
+	multi bool
 }
 
 // source is one status file as the snapshot was built from it.
@@ -591,29 +596,30 @@ func removeFile(s []*fileState, f *fileState) []*fileState {
 func (r *Resolver) winner(n string) entry {
 	var best entry
 	var bestRef time.Time
-	found := false
+	candidates := 0
 	learned := r.learned[n]
 	for _, f := range r.owners[n] {
 		if _, ok := learned[f.path]; ok {
 			continue // overridden by what was learned since
 		}
 		rt := f.names[n]
-		if !found || rt.lastRef.After(bestRef) {
-			best, bestRef, found = entry{toV4(rt.addr), unixSeconds(rt.lastRef), f.num}, rt.lastRef, true
+		if candidates++; candidates == 1 || rt.lastRef.After(bestRef) {
+			best, bestRef = entry{a: toV4(rt.addr), ref: unixSeconds(rt.lastRef), src: f.num}, rt.lastRef
 		}
 	}
 	for src, l := range learned {
 		if !l.addr.IsValid() {
 			continue // forgotten
 		}
-		if !found || l.at.After(bestRef) {
+		if candidates++; candidates == 1 || l.at.After(bestRef) {
 			var num uint32
 			if f := r.files[src]; f != nil {
 				num = f.num
 			}
-			best, bestRef, found = entry{toV4(l.addr), unixSeconds(l.at), num}, l.at, true
+			best, bestRef = entry{a: toV4(l.addr), ref: unixSeconds(l.at), src: num}, l.at
 		}
 	}
+	best.multi = candidates > 1
 	return best
 }
 

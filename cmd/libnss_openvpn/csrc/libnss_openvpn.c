@@ -230,6 +230,7 @@ struct answer {
 	unsigned char addr[4];
 	int64_t ref; // Last Ref, Unix seconds; INT64_MIN: unknown
 	int src;     // index of the source, or NO_SOURCE
+	int multi;   // other files routed the name too
 };
 
 // probe looks q (lower case) up in the mapped index: 0 with the answer, -1
@@ -268,10 +269,15 @@ static int probe(const char *q, size_t qlen, struct answer *ans) {
 		if (l != qlen || memcmp(r + RECORD_HEAD, q, qlen) != 0) {
 			continue;
 		}
-		int src = le16(r + 12);
-		if (src != NO_SOURCE && (uint32_t)src >= ix.nsources) {
-			return -1;
+		int src = le16(r + 12), multi = 0;
+		if (src != NO_SOURCE) {
+			multi = (src & 0x8000) != 0;
+			src &= 0x7fff;
+			if ((uint32_t)src >= ix.nsources) {
+				return -1;
+			}
 		}
+		ans->multi = multi;
 		ans->found = 1;
 		memcpy(ans->addr, r, 4);
 		uint32_t ref = le32(r + 8);
@@ -808,6 +814,7 @@ static int lookup(const char *q, size_t qlen, unsigned char addr[4]) {
 	static const struct check zero_check;
 	struct check c = zero_check;
 	enum { FULL_SCAN, PARTIAL_SCAN, INDEX_ONLY } mode = FULL_SCAN;
+	int seed = 0; // whether the index's answer competes with the scan's
 
 	pthread_mutex_lock(&ix.mu);
 	int64_t now = now_ns();
@@ -832,9 +839,13 @@ static int lookup(const char *q, size_t qlen, unsigned char addr[4]) {
 				mode = INDEX_ONLY;
 				ix.checked = now;
 			} else if (hit.found && hit.src != NO_SOURCE && !source_seen(&c, hit.src)) {
-				mode = FULL_SCAN; // the answer's own file changed
+				// The answer's own file changed: if no other file
+				// routed the name, the changed files have the answer;
+				// else any file may.
+				mode = hit.multi ? FULL_SCAN : PARTIAL_SCAN;
 			} else {
 				mode = PARTIAL_SCAN;
+				seed = 1;
 			}
 		}
 	}
@@ -847,7 +858,7 @@ static int lookup(const char *q, size_t qlen, unsigned char addr[4]) {
 		return hit.found;
 	}
 	struct scan s = {.q = q, .qlen = qlen, .only = mode == PARTIAL_SCAN ? &c : NULL};
-	if (mode == PARTIAL_SCAN) {
+	if (seed) {
 		s.best = hit; // the unchanged files' answer, against the changed ones'
 	}
 	each_file(globs, scan_file, &s);
