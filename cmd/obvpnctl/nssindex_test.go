@@ -90,7 +90,9 @@ func TestNSSIndexWatch(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan int, 1)
 	var stderr syncBuffer
-	go func() { done <- nssIndex(ctx, []string{"--glob", glob, "--watch", "--poll", "10ms"}, &bytes.Buffer{}, &stderr) }()
+	go func() {
+		done <- nssIndex(ctx, []string{"--glob", glob, "--watch", "--poll", "10ms"}, &bytes.Buffer{}, &stderr)
+	}()
 	path := filepath.Join(dir, "nss.index")
 	// The writer's renames have no hook outside its process: poll the
 	// file, with a deadline.
