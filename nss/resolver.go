@@ -120,7 +120,9 @@ func (t *table[K]) get(k K) (entry, bool) {
 // each calls fn for every name of the table.
 func (t *table[K]) each(fn func(K, entry)) {
 	for k, e := range t.base {
-		if _, ok := t.overlay[k]; !ok {
+		if len(t.overlay) == 0 {
+			fn(k, e)
+		} else if _, ok := t.overlay[k]; !ok {
 			fn(k, e)
 		}
 	}
