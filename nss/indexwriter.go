@@ -48,6 +48,11 @@ type IndexWriter struct {
 
 	// Logger gets write failures (warn) and writes (debug). Nil discards.
 	Logger *slog.Logger
+
+	// Written, if not nil, is called after each write of the file (the
+	// first one too), from Run's goroutine, with the number of names
+	// written: what a test waits on instead of polling the file.
+	Written func(names int)
 }
 
 func (w *IndexWriter) path() string {
@@ -95,6 +100,9 @@ func (w *IndexWriter) Run(ctx context.Context) error {
 		return err
 	}
 	written, lastWrite, took := snap, time.Now(), time.Duration(0)
+	if w.Written != nil {
+		w.Written(int(enc.entries))
+	}
 	mine := inode(path)
 	defer func() {
 		if ino := inode(path); ino != 0 && ino == mine {
@@ -131,6 +139,9 @@ func (w *IndexWriter) Run(ctx context.Context) error {
 				mine = inode(path)
 				log.Debug("nss: index written", "path", path, "entries", enc.entries,
 					"sources", len(cur.sources), "took", time.Since(start))
+				if w.Written != nil {
+					w.Written(int(enc.entries))
+				}
 				continue
 			}
 			if laterC == nil {

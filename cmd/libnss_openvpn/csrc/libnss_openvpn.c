@@ -42,11 +42,12 @@
 #define MAX_NAME 1024     // longer names are not looked up
 #define MAX_SOURCES 4096  // as nss.MaxIndexSources
 #define MAX_STALE 32      // more changed files than this: scan them all
-#define LINE_BUF 8192     // longer status lines are skipped
+#define LINE_BUF 4096     // longer status lines are skipped (rows are a few hundred bytes)
 #define NO_SOURCE 0xffff
 #define HEADER_SIZE 88
 #define SOURCE_SIZE 40
 #define RECORD_HEAD 16
+#define BLOCK_SLOTS 512
 
 // ---- little-endian reads of the index ----
 
@@ -91,7 +92,8 @@ static struct {
 	int64_t checked; // when the sources were last all found fresh (monotonic ns), 0: not
 	int64_t looked;  // when path was last stat()ed
 	uint32_t nsources, nslots;
-	uint64_t slots_off, rec_off, rec_len, src_off;
+	uint64_t slots_off, rec_off, rec_len, src_off, blocks_off;
+	uint32_t bslots; // slots in a block
 } ix = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
 static void fork_prepare(void) { pthread_mutex_lock(&ix.mu); }
@@ -143,18 +145,20 @@ static int parse_header(const unsigned char *b, size_t len) {
 	if (nslots < 16 || (nslots & (nslots - 1)) != 0 || (uint64_t)nent * 2 > nslots) {
 		return -1;
 	}
-	if (slots_off != src_off + src_len || slots_off % 8 != 0 || rec_off != slots_off + (uint64_t)nslots * 8 ||
-	    rec_off > size || rec_len != size - rec_off) {
+	uint32_t bslots = nslots < BLOCK_SLOTS ? nslots : BLOCK_SLOTS;
+	if (le64(b + 72) != src_off + src_len || slots_off != src_off + src_len + (uint64_t)(nslots / bslots) * 8 ||
+	    slots_off % 8 != 0 || rec_off != slots_off + (uint64_t)nslots * 8 || rec_off > size || rec_len != size - rec_off) {
 		return -1;
 	}
+	// The header, the sources and the block checks; each block of slots
+	// is checked when a probe enters it.
 	uint64_t h = fnv1a(FNV_OFFSET, b, 84);
-	h = fnv1a(h, b + src_off, src_len);
+	h = fnv1a(h, b + src_off, slots_off - src_off);
 	if ((uint32_t)h != le32(b + 84)) {
 		return -1;
 	}
-	if (slots_check(b + slots_off, (size_t)nslots * 8) != le64(b + 72)) {
-		return -1;
-	}
+	ix.blocks_off = src_off + src_len;
+	ix.bslots = bslots;
 	for (uint32_t i = 0; i < nsrc; i++) {
 		const unsigned char *s = b + src_off + (uint64_t)i * SOURCE_SIZE;
 		if ((uint64_t)le32(s + 32) + le32(s + 36) > src_len) {
@@ -240,8 +244,17 @@ static int probe(const char *q, size_t qlen, struct answer *ans) {
 	uint32_t tag = (uint32_t)h | 1, mask = ix.nslots - 1;
 	const unsigned char *slots = ix.map + ix.slots_off, *recs = ix.map + ix.rec_off;
 	uint32_t i = (uint32_t)(h >> 32) & mask;
+	uint32_t checked = UINT32_MAX; // the block of slots last checked
 	ans->found = 0;
 	for (uint32_t n = 0; n < ix.nslots; n++, i = (i + 1) & mask) {
+		uint32_t blk = i / ix.bslots;
+		if (blk != checked) {
+			const unsigned char *bs = slots + (uint64_t)blk * ix.bslots * 8;
+			if (slots_check(bs, (size_t)ix.bslots * 8) != le64(ix.map + ix.blocks_off + (uint64_t)blk * 8)) {
+				return -1;
+			}
+			checked = blk;
+		}
 		const unsigned char *s = slots + (uint64_t)i * 8;
 		uint32_t t = le32(s);
 		if (t == 0) {
@@ -338,19 +351,16 @@ struct linux_dirent64 {
 	char d_name[];
 };
 
-static int each_in_pattern(const char *pat, file_fn fn, void *arg) {
-	const char *slash = strrchr(pat, '/');
-	char dir[PATH_MAX];
-	const char *base;
+// each_in_pattern walks one pattern, which it may change (it cuts the
+// directory off in place, to spare a copy on the caller's stack).
+static int each_in_pattern(char *pat, file_fn fn, void *arg) {
+	char *slash = strrchr(pat, '/');
+	const char *dir, *base;
 	if (slash == NULL) {
-		dir[0] = '.';
-		dir[1] = 0;
+		dir = ".";
 		base = pat;
 	} else {
 		size_t n = (size_t)(slash - pat);
-		if (n >= sizeof dir) {
-			return 0;
-		}
 		if (has_magic(pat, n)) {
 			// Wildcards in the directories: glob(3), which allocates.
 			glob_t g;
@@ -363,12 +373,13 @@ static int each_in_pattern(const char *pat, file_fn fn, void *arg) {
 			}
 			return rc;
 		}
-		memcpy(dir, pat, n);
-		dir[n == 0 ? 1 : n] = 0;
-		if (n == 0) {
-			dir[0] = '/';
-		}
 		base = slash + 1;
+		if (n == 0) {
+			dir = "/";
+		} else {
+			*slash = 0;
+			dir = pat;
+		}
 	}
 	if (*base == 0) {
 		return 0;
@@ -386,7 +397,7 @@ static int each_in_pattern(const char *pat, file_fn fn, void *arg) {
 		close(dfd);
 		return rc;
 	}
-	char buf[4096] __attribute__((aligned(8)));
+	char buf[2048] __attribute__((aligned(8)));
 	for (;;) {
 		long n = syscall(SYS_getdents64, dfd, buf, sizeof buf);
 		if (n <= 0) {
