@@ -69,14 +69,21 @@ func (r *Resolver) record(source, name string, addr netip.Addr) {
 }
 
 // expireLearned drops what was learned from source before its file's
-// modification time mtime (Unix nanoseconds), as the file now says.
-func (r *Resolver) expireLearned(source string, mtime int64, changed map[string]bool) {
+// modification time mtime (Unix nanoseconds), as the file now says. When
+// the file was read for the first time (first), what stays is noted as
+// changed too: its entries now name a file the index knows, whose
+// rewrite tells the NSS module that they may be out of date.
+func (r *Resolver) expireLearned(source string, mtime int64, first bool, changed map[string]bool) {
 	for n, m := range r.learned {
-		if l, ok := m[source]; ok && l.at.UnixNano() < mtime {
+		l, ok := m[source]
+		switch {
+		case ok && l.at.UnixNano() < mtime:
 			delete(m, source)
 			if len(m) == 0 {
 				delete(r.learned, n)
 			}
+			changed[n] = true
+		case ok && first:
 			changed[n] = true
 		}
 	}

@@ -37,7 +37,10 @@ var ErrNotFound = errors.New("nss: no such device connected")
 // time changed are read again; a file that is torn (being rewritten) or
 // unreadable keeps its last good entries until it reads whole, and a file
 // that is gone drops its entries. When two files name the same device, the
-// routing row with the latest "Last Ref" wins.
+// routing row with the latest "Last Ref" wins. [Resolver.Learn] and
+// [Resolver.Forget] put what OpenVPN's management interface reports in
+// front of a status file until that file is rewritten; [IndexWriter]
+// writes what the resolver knows for the NSS module.
 //
 // The zero Resolver reads [DefaultGlobs] and is safe for concurrent use.
 type Resolver struct {
@@ -549,9 +552,10 @@ func (r *Resolver) refreshFile(path string, changed map[string]bool) (bool, erro
 		// Rewritten while we read: try again on the next refresh.
 		return false, fmt.Errorf("nss: %s: %w (changed while read)", path, ErrIncomplete)
 	}
+	first := f.names == nil
 	r.setNames(f, names, changed)
 	f.id = id
-	r.expireLearned(path, id.mtime, changed)
+	r.expireLearned(path, id.mtime, first, changed)
 	return true, nil
 }
 

@@ -529,6 +529,44 @@ func TestPartlyStale(t *testing.T) {
 	is("server-1 gone", "-", "-", "10.0.3.1", "10.0.2.2", "10.0.2.30", "10.0.2.4", "-")
 }
 
+// TestLearned: a device the resolver learned (from the management
+// interface) before its status file says so resolves through the module,
+// from the index; once the file is rewritten without it, the module
+// scans that file and the device no longer resolves, as the resolver
+// says too.
+func TestLearned(t *testing.T) {
+	so := buildModule(t)
+	tool := buildTool(t, "nsstool")
+	dir := t.TempDir()
+	glob := filepath.Join(dir, "server-*.status")
+	status := filepath.Join(dir, "server-1.status")
+	rewrite(t, status, statusFile(2, route{devA, "10.240.0.3", 100}))
+	r := &nss.Resolver{Globs: []string{glob}, Interval: -1}
+	r.Learn(status, devB, netip.MustParseAddr("10.240.0.4"))
+	r.Forget(status, devA)
+	if err := r.WriteIndex(nss.IndexPathFor(r.Globs)); err != nil {
+		t.Fatal(err)
+	}
+	names := []string{devA + ".vpn", devB + ".vpn"}
+	if got := strings.Join(query(t, tool, so, envFor(dir), names), " "); got != "- 10.240.0.4" {
+		t.Errorf("learned: %s", got)
+	}
+	future := time.Now().Add(time.Second)
+	rewrite(t, status, statusFile(2, route{devA, "10.240.0.3", 100}))
+	if err := os.Chtimes(status, future, future); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(query(t, tool, so, envFor(dir), names), " "); got != "10.240.0.3 -" {
+		t.Errorf("after the status file was rewritten: %s", got)
+	}
+	for i, want := range []string{"10.240.0.3", "-"} {
+		a, err := r.Lookup(names[i])
+		if (err == nil) != (want != "-") || (err == nil && a.String() != want) {
+			t.Errorf("resolver %s: %v %v, want %s", names[i], a, err, want)
+		}
+	}
+}
+
 // TestCorruptIndex: an index cut short, or with bytes changed in its
 // header, sources, slots or records, gives the scan's answers; the module
 // does not crash.
