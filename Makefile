@@ -60,9 +60,26 @@ NSS_LIBDIR ?= $(shell d=/lib/$$(gcc -print-multiarch 2>/dev/null); [ -d "$$d" ] 
 NSSWITCH ?= /etc/nsswitch.conf
 NSS_SO ?= bin/libnss_openvpn.so.2
 
-.PHONY: nss install-nss uninstall-nss
+# The module is C (cmd/libnss_openvpn/csrc): it links only libc, and
+# exports only the three _nss_openvpn_gethostbyname*_r functions.
+NSS_CC ?= gcc
+NSS_CFLAGS ?= -O2 -Wall -Wextra
+NSS_SRC = cmd/libnss_openvpn/csrc/libnss_openvpn.c
+NSS_MAP = cmd/libnss_openvpn/csrc/exports.map
+
+.PHONY: nss install-nss uninstall-nss bench-nss
 nss:
-	$(GO) build -buildmode=c-shared -o $(NSS_SO) ./cmd/libnss_openvpn
+	@mkdir -p $(dir $(NSS_SO))
+	$(NSS_CC) $(NSS_CFLAGS) -shared -fPIC -fvisibility=hidden -Wl,-soname,libnss_openvpn.so.2 \
+		-Wl,--version-script=$(NSS_MAP) -Wl,-z,defs -Wl,-z,now -o $(NSS_SO) $(NSS_SRC)
+
+# bench-nss times the module against 4,000, 100,000 and 1,000,000 clients
+# (dlopen plus the first lookup, later lookups, a miss, a forked child);
+# with NSS_REFERENCE_SO naming the reference module (libnss-openvpn,
+# built outside this repository) it times that one in the same run.
+NSS_REFERENCE_SO ?=
+bench-nss:
+	NSS_REFERENCE_SO=$(NSS_REFERENCE_SO) $(GO) test -run '^$$' -bench . -benchtime 1x -count=1 ./cmd/libnss_openvpn
 
 install-nss: nss
 	install -m 0644 $(NSS_SO) $(NSS_LIBDIR)/libnss_openvpn.so.2

@@ -211,3 +211,35 @@ func BenchmarkParseStatus(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkWriteIndex: writing the index file of 1,000,000 devices (256
+// status files), as IndexWriter does: "names" after a change of names
+// (the table encoded anew), "identities" after status rewrites that kept
+// the names (the encoded table reused, only the file written).
+func BenchmarkWriteIndex(b *testing.B) {
+	dir := b.TempDir()
+	glob, _ := writeFleet(b, dir, 256, 1_000_000/256+1, "")
+	r := &Resolver{Globs: []string{glob}, Interval: 1 << 62}
+	if err := r.Refresh(); err != nil {
+		b.Fatal(err)
+	}
+	path := filepath.Join(dir, "nss.index")
+	b.Run("names", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := writeSnapshot(path, r.index.Load(), nil); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("identities", func(b *testing.B) {
+		enc, err := writeSnapshot(path, r.index.Load(), nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for b.Loop() {
+			if _, err := writeSnapshot(path, r.index.Load(), enc); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -84,4 +85,68 @@ func ExampleResolver() {
 	// true
 	// [10.240.0.3] <nil>
 	// 1 server-1.status 0123456789abcdef0123456789abcdef 10.240.0.3
+}
+
+// The index file that the NSS module reads: written once here; an
+// IndexWriter keeps it current in a server.
+func ExampleResolver_WriteIndex() {
+	dir, err := os.MkdirTemp("", "nss-example")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	status := filepath.Join(dir, "server-1.status")
+	if err := os.WriteFile(status, []byte(statusV2), 0o644); err != nil {
+		log.Fatal(err)
+	}
+	r := &nss.Resolver{Globs: []string{filepath.Join(dir, "server-*.status")}}
+	// A device that OpenVPN's management interface just reported, before
+	// the status file says so.
+	r.Learn(status, "FEDCBA9876543210FEDCBA9876543210", netip.MustParseAddr("10.240.0.4"))
+
+	path := nss.IndexPathFor(r.Globs) // nss.index next to the status files
+	if err := r.WriteIndex(path); err != nil {
+		log.Fatal(err)
+	}
+	ix, err := nss.ReadIndex(path)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(filepath.Base(path), ix.Len(), "names from", len(ix.Sources()), "file")
+	for _, name := range []string{"0123456789abcdef0123456789abcdef.vpn", "fedcba9876543210fedcba9876543210.vpn"} {
+		a, err := ix.Lookup(name)
+		fmt.Println(a, err)
+	}
+	fmt.Println("stale:", ix.Stale(r.Globs))
+	// Output:
+	// nss.index 2 names from 1 file
+	// 10.240.0.3 <nil>
+	// 10.240.0.4 <nil>
+	// stale: false
+}
+
+// An IndexWriter runs beside whatever resolves and learns devices, until
+// its context ends.
+func ExampleIndexWriter() {
+	dir, err := os.MkdirTemp("", "nss-example")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	if err := os.WriteFile(filepath.Join(dir, "server-1.status"), []byte(statusV2), 0o644); err != nil {
+		log.Fatal(err)
+	}
+	r := &nss.Resolver{Globs: []string{filepath.Join(dir, "server-*.status")}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	w := &nss.IndexWriter{Resolver: r} // Path: next to the status files
+	go func() { done <- w.Run(ctx) }()
+	// ... serve; the index follows the status files, Learn and Forget.
+	cancel()
+	fmt.Println(<-done)
+	_, err = os.Stat(filepath.Join(dir, "nss.index"))
+	fmt.Println(os.IsNotExist(err)) // removed when the writer stops
+	// Output:
+	// <nil>
+	// true
 }

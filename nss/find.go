@@ -23,7 +23,7 @@ func Find(globs []string, name string) (netip.Addr, error) {
 	if globs == nil {
 		globs = DefaultGlobs
 	}
-	cn := strings.ToLower(name)
+	cn := asciiLower(name)
 	if n := len(cn); n > 4 && cn[n-4:] == ".vpn" {
 		cn = cn[:n-4]
 	}
@@ -121,12 +121,13 @@ func scanRoutes(r io.Reader, cn string) (netip.Addr, time.Time, bool) {
 		default:
 			continue
 		}
-		// Only rows whose common name is the name are split and parsed.
-		if cols == nil || !bytes.EqualFold(field(row, sep[0], cols[colCommonName]), needle) {
+		// Only rows whose common name is the name are split and parsed
+		// (UNDEF is no name).
+		if cols == nil || !equalFoldASCII(field(row, sep[0], cols[colCommonName]), needle) {
 			continue
 		}
 		f := strings.Split(string(row), string(sep))
-		if !strings.EqualFold(cols.get(f, colCommonName), cn) {
+		if cn := cols.get(f, colCommonName); !equalFoldASCII([]byte(cn), needle) || cn == "UNDEF" {
 			continue
 		}
 		a := parseHost(cols.get(f, colVirtualAddress), true)
@@ -160,4 +161,24 @@ func field(row []byte, sep byte, i int) []byte {
 		return row[:j]
 	}
 	return row
+}
+
+// equalFoldASCII compares a and b, ignoring the case of ASCII letters only.
+func equalFoldASCII(a, b []byte) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		x, y := a[i], b[i]
+		if 'A' <= x && x <= 'Z' {
+			x += 'a' - 'A'
+		}
+		if 'A' <= y && y <= 'Z' {
+			y += 'a' - 'A'
+		}
+		if x != y {
+			return false
+		}
+	}
+	return true
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -36,7 +37,10 @@ var ErrNotFound = errors.New("nss: no such device connected")
 // time changed are read again; a file that is torn (being rewritten) or
 // unreadable keeps its last good entries until it reads whole, and a file
 // that is gone drops its entries. When two files name the same device, the
-// routing row with the latest "Last Ref" wins.
+// routing row with the latest "Last Ref" wins. [Resolver.Learn] and
+// [Resolver.Forget] put what OpenVPN's management interface reports in
+// front of a status file until that file is rewritten; [IndexWriter]
+// writes what the resolver knows for the NSS module.
 //
 // The zero Resolver reads [DefaultGlobs] and is safe for concurrent use.
 type Resolver struct {
@@ -50,48 +54,96 @@ type Resolver struct {
 
 	index     atomic.Pointer[index]
 	refreshed atomic.Int64 // unix nanoseconds of the last refresh
-	mu        sync.Mutex   // one refresh at a time; guards files and owners
+	mu        sync.Mutex   // one refresh at a time; guards what follows
 	files     map[string]*fileState
-	owners    map[string][]*fileState // name → the files that route it
+	owners    map[string][]*fileState            // name → the files that route it
+	learned   map[string]map[string]learnedEntry // name → source path → what was learned
+	lastNum   uint32                             // the last fileState.num given
 }
 
 // index is an immutable snapshot of the names: device UUIDs (32 hex
 // digits, the usual common names) as 16-byte keys held inside the table,
 // so that a lookup follows no pointer to compare keys, and other common
 // names as lower-case strings.
+//
+// It also carries what the writer of the index file needs: the identity of
+// every status file the names came from (sources), a generation number that
+// changes whenever the names do (gen), and a channel that is closed when a
+// newer snapshot replaces this one (next).
 type index struct {
-	uuids table[[16]byte]
-	names table[string]
+	uuids   table[[16]byte]
+	names   table[string]
+	gen     uint64
+	sources []source
+	next    chan struct{}
+}
+
+// entry is what the index holds for one name: the address, the winning
+// route's Last Ref (Unix seconds, 0 if unknown) and the number of the
+// status file it came from (0: none, a learned entry of a file not seen).
+//
+// multi says that more than one status file (or learned entry) routed the
+// name when the winner was chosen: a reader that finds the winner's file
+// changed must then read every file, not only the changed ones.
+type entry struct {
+	a     v4
+	ref   uint32
+	src   uint32
+	multi bool
+}
+
+// source is one status file as the snapshot was built from it.
+type source struct {
+	path string
+	id   fileID
+	num  uint32
 }
 
 // table is a large base map and a small overlay of what changed since the
-// base was built (a zero v4 in the overlay deletes the name). A refresh
+// base was built (an entry with a zero address in the overlay deletes the
+// name). A refresh
 // copies only the overlay; when the overlay has grown to an eighth of the
 // base (and at least minCompact names), it is merged into a new base. So a
 // lookup is two map reads, and the cost of a refresh follows what changed,
 // not the size of the fleet.
 type table[K comparable] struct {
-	base, overlay map[K]v4
+	base, overlay map[K]entry
 }
 
-func (t *table[K]) get(k K) (v4, bool) {
+func (t *table[K]) get(k K) (entry, bool) {
 	if len(t.overlay) > 0 {
-		if a, ok := t.overlay[k]; ok {
-			return a, a != 0
+		if e, ok := t.overlay[k]; ok {
+			return e, e.a != 0
 		}
 	}
-	a, ok := t.base[k]
-	return a, ok
+	e, ok := t.base[k]
+	return e, ok
 }
 
-// with returns the table with changes applied (a zero v4 deletes).
-func (t table[K]) with(changes map[K]v4) table[K] {
+// each calls fn for every name of the table.
+func (t *table[K]) each(fn func(K, entry)) {
+	for k, e := range t.base {
+		if len(t.overlay) == 0 {
+			fn(k, e)
+		} else if _, ok := t.overlay[k]; !ok {
+			fn(k, e)
+		}
+	}
+	for k, e := range t.overlay {
+		if e.a != 0 {
+			fn(k, e)
+		}
+	}
+}
+
+// with returns the table with changes applied (a zero address deletes).
+func (t table[K]) with(changes map[K]entry) table[K] {
 	if len(changes) == 0 {
 		return t
 	}
-	next := table[K]{base: t.base, overlay: make(map[K]v4, len(t.overlay)+len(changes))}
+	next := table[K]{base: t.base, overlay: make(map[K]entry, len(t.overlay)+len(changes))}
 	if next.base == nil {
-		next.base = map[K]v4{}
+		next.base = map[K]entry{}
 	}
 	for k, v := range t.overlay {
 		next.overlay[k] = v
@@ -99,27 +151,27 @@ func (t table[K]) with(changes map[K]v4) table[K] {
 	for k, v := range changes {
 		_, inBase := next.base[k]
 		switch {
-		case v != 0:
+		case v.a != 0:
 			next.overlay[k] = v
 		case inBase:
-			next.overlay[k] = 0 // deleted
+			next.overlay[k] = entry{} // deleted
 		default:
 			delete(next.overlay, k)
 		}
 	}
 	if len(next.overlay) >= max(minCompact, len(next.base)/8) {
-		base := make(map[K]v4, len(next.base)+len(next.overlay))
+		base := make(map[K]entry, len(next.base)+len(next.overlay))
 		for k, v := range next.base {
 			if _, ok := next.overlay[k]; !ok {
 				base[k] = v
 			}
 		}
 		for k, v := range next.overlay {
-			if v != 0 {
+			if v.a != 0 {
 				base[k] = v
 			}
 		}
-		next.base, next.overlay = base, map[K]v4{}
+		next.base, next.overlay = base, map[K]entry{}
 	}
 	return next
 }
@@ -172,6 +224,7 @@ const minCompact = 1 << 14
 // fileState is what the refresher knows of one file.
 type fileState struct {
 	path  string
+	num   uint32 // a number of its own, never reused, for the index's entries
 	id    fileID
 	names map[string]route // lowercased common name → its address
 }
@@ -222,16 +275,16 @@ func (r *Resolver) lookup(name string) (netip.Addr, bool) {
 		name = name[:n-4] // ".vpn" in any case
 	}
 	if k, ok := uuidKey(name); ok {
-		a, ok := idx.uuids.get(k)
-		return a.addr(), ok
+		e, ok := idx.uuids.get(k)
+		return e.a.addr(), ok
 	}
 	if name == "" {
 		return netip.Addr{}, false
 	}
 	if hasUpper(name) {
 		if len(name) > 128 {
-			a, ok := idx.names.get(strings.ToLower(name))
-			return a.addr(), ok
+			e, ok := idx.names.get(asciiLower(name))
+			return e.a.addr(), ok
 		}
 		var buf [128]byte
 		b := buf[:len(name)]
@@ -244,15 +297,31 @@ func (r *Resolver) lookup(name string) (netip.Addr, bool) {
 		}
 		// Map reads keyed by string(b) do not allocate.
 		if len(idx.names.overlay) > 0 {
-			if a, ok := idx.names.overlay[string(b)]; ok {
-				return a.addr(), a != 0
+			if e, ok := idx.names.overlay[string(b)]; ok {
+				return e.a.addr(), e.a != 0
 			}
 		}
-		a, ok := idx.names.base[string(b)]
-		return a.addr(), ok
+		e, ok := idx.names.base[string(b)]
+		return e.a.addr(), ok
 	}
-	a, ok := idx.names.get(name)
-	return a.addr(), ok
+	e, ok := idx.names.get(name)
+	return e.a.addr(), ok
+}
+
+// asciiLower lower-cases the ASCII letters of s and nothing else: names
+// compare case-insensitively in ASCII only, as DNS names do (RFC 4343), and
+// as the NSS module does.
+func asciiLower(s string) string {
+	if !hasUpper(s) {
+		return s
+	}
+	b := []byte(s)
+	for i, c := range b {
+		if 'A' <= c && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
 }
 
 func hasUpper(s string) bool {
@@ -359,11 +428,12 @@ func (r *Resolver) maybeRefresh() {
 	if interval == 0 {
 		interval = time.Second
 	}
-	if r.index.Load() != nil && time.Now().UnixNano()-r.refreshed.Load() < int64(interval) {
+	last := r.refreshed.Load()
+	if last != 0 && time.Now().UnixNano()-last < int64(interval) {
 		return
 	}
 	if !r.mu.TryLock() {
-		if r.index.Load() != nil {
+		if last != 0 {
 			return // another lookup refreshes; use what there is
 		}
 		r.mu.Lock() // the first lookup waits for the first index
@@ -383,17 +453,23 @@ func (r *Resolver) Refresh() error {
 
 var instanceRE = regexp.MustCompile(`^server-([0-9]+)\.status$`)
 
-func (r *Resolver) refreshLocked() error {
-	defer func() { r.refreshed.Store(time.Now().UnixNano()) }()
+func (r *Resolver) init() {
 	if r.files == nil {
 		r.files = make(map[string]*fileState)
 		r.owners = make(map[string][]*fileState)
+		r.learned = make(map[string]map[string]learnedEntry)
 	}
+}
+
+func (r *Resolver) refreshLocked() error {
+	defer func() { r.refreshed.Store(time.Now().UnixNano()) }()
+	r.init()
 	globs := r.globs()
 	seen := make(map[string]bool)
 	seenID := make(map[[2]uint64]bool)
 	var errs []error
 	changed := make(map[string]bool) // names whose winner may have changed
+	sourcesChanged := false
 	for _, g := range globs {
 		paths, err := filepath.Glob(g)
 		if err != nil {
@@ -416,47 +492,52 @@ func (r *Resolver) refreshLocked() error {
 			if f := r.files[p]; f != nil && f.id == id {
 				continue // unchanged: not even opened
 			}
-			if err := r.refreshFile(p, changed); err != nil {
+			ok, err := r.refreshFile(p, changed)
+			if err != nil {
 				errs = append(errs, err)
 			}
+			sourcesChanged = sourcesChanged || ok
 		}
 	}
 	for p, f := range r.files {
 		if !seen[p] {
 			r.setNames(f, nil, changed)
 			delete(r.files, p)
+			sourcesChanged = true
 		}
 	}
-	r.publish(changed)
+	r.publish(changed, sourcesChanged)
 	return errors.Join(errs...)
 }
 
-// refreshFile rereads one file if it changed.
-func (r *Resolver) refreshFile(path string, changed map[string]bool) error {
+// refreshFile rereads one file if it changed, and says whether it read it
+// whole (then the file's identity in the index changed).
+func (r *Resolver) refreshFile(path string, changed map[string]bool) (bool, error) {
 	f := r.files[path]
 	if f == nil {
-		f = &fileState{path: path}
+		r.lastNum++
+		f = &fileState{path: path, num: r.lastNum}
 		r.files[path] = f
 	}
 	file, err := os.Open(path)
 	if err != nil {
-		return fmt.Errorf("nss: %w", err)
+		return false, fmt.Errorf("nss: %w", err)
 	}
 	defer file.Close()
 	before, err := file.Stat()
 	if err != nil {
-		return fmt.Errorf("nss: %w", err)
+		return false, fmt.Errorf("nss: %w", err)
 	}
 	id := statID(before)
 	if id == f.id {
-		return nil
+		return false, nil
 	}
 	names := make(map[string]route, len(f.names))
 	_, err = parseStatus(file, func(rt Route) {
 		if !rt.Addr.IsValid() || rt.CommonName == "" {
 			return
 		}
-		cn := strings.ToLower(rt.CommonName) // rt's strings are the line's: copy
+		cn := asciiLower(rt.CommonName) // rt's strings are the line's: copy
 		if cn == rt.CommonName {
 			cn = strings.Clone(cn)
 		}
@@ -465,15 +546,17 @@ func (r *Resolver) refreshFile(path string, changed map[string]bool) error {
 		}
 	})
 	if err != nil {
-		return fmt.Errorf("nss: %s: %w", path, err)
+		return false, fmt.Errorf("nss: %s: %w", path, err)
 	}
 	if after, err := file.Stat(); err != nil || statID(after) != id {
 		// Rewritten while we read: try again on the next refresh.
-		return fmt.Errorf("nss: %s: %w (changed while read)", path, ErrIncomplete)
+		return false, fmt.Errorf("nss: %s: %w (changed while read)", path, ErrIncomplete)
 	}
+	first := f.names == nil
 	r.setNames(f, names, changed)
 	f.id = id
-	return nil
+	r.expireLearned(path, id.mtime, first, changed)
+	return true, nil
 }
 
 // setNames replaces a file's names, keeping owners up to date and noting
@@ -513,42 +596,94 @@ func removeFile(s []*fileState, f *fileState) []*fileState {
 	return s
 }
 
+// winner returns the entry that name n gets: among the files that route it
+// and what was learned of it, the latest Last Ref wins; a learned entry
+// replaces what its own file says.
+func (r *Resolver) winner(n string) entry {
+	var best entry
+	var bestRef time.Time
+	candidates := 0
+	learned := r.learned[n]
+	for _, f := range r.owners[n] {
+		if _, ok := learned[f.path]; ok {
+			continue // overridden by what was learned since
+		}
+		rt := f.names[n]
+		if candidates++; candidates == 1 || rt.lastRef.After(bestRef) {
+			best, bestRef = entry{a: toV4(rt.addr), ref: unixSeconds(rt.lastRef), src: f.num}, rt.lastRef
+		}
+	}
+	for src, l := range learned {
+		if !l.addr.IsValid() {
+			continue // forgotten
+		}
+		if candidates++; candidates == 1 || l.at.After(bestRef) {
+			var num uint32
+			if f := r.files[src]; f != nil {
+				num = f.num
+			}
+			best, bestRef = entry{a: toV4(l.addr), ref: unixSeconds(l.at), src: num}, l.at
+		}
+	}
+	best.multi = candidates > 1
+	return best
+}
+
+func unixSeconds(t time.Time) uint32 {
+	s := t.Unix()
+	if t.IsZero() || s <= 0 {
+		return 0
+	}
+	if s > 1<<32-1 {
+		return 1<<32 - 1
+	}
+	return uint32(s)
+}
+
 // publish builds the next snapshot from the current one, with the changed
-// names' winners.
-func (r *Resolver) publish(changed map[string]bool) {
+// names' winners and, when the files changed, their identities. It closes
+// the replaced snapshot's next channel.
+func (r *Resolver) publish(changed map[string]bool, sourcesChanged bool) {
 	cur := r.index.Load()
-	if cur != nil && len(changed) == 0 {
+	if cur != nil && len(changed) == 0 && !sourcesChanged {
 		return // the snapshot is still right
 	}
 	var next index
 	if cur != nil {
 		next = *cur
 	}
-	uuids, names := map[[16]byte]v4{}, map[string]v4{}
-	for n := range changed {
-		var best *route
-		for _, f := range r.owners[n] {
-			if rt, ok := f.names[n]; ok && (best == nil || rt.lastRef.After(best.lastRef)) {
-				best = &rt
+	if len(changed) > 0 {
+		uuids, names := map[[16]byte]entry{}, map[string]entry{}
+		for n := range changed {
+			e := r.winner(n) // zero: deleted
+			if k, ok := uuidKey(n); ok {
+				uuids[k] = e
+			} else {
+				names[n] = e
 			}
 		}
-		var a v4 // zero: deleted
-		if best != nil {
-			a = toV4(best.addr)
-		}
-		if k, ok := uuidKey(n); ok {
-			uuids[k] = a
-		} else {
-			names[n] = a
-		}
+		next.uuids = next.uuids.with(uuids)
+		next.names = next.names.with(names)
+		next.gen++
 	}
-	next.uuids = next.uuids.with(uuids)
-	next.names = next.names.with(names)
 	if next.uuids.base == nil {
-		next.uuids.base = map[[16]byte]v4{}
+		next.uuids.base = map[[16]byte]entry{}
 	}
 	if next.names.base == nil {
-		next.names.base = map[string]v4{}
+		next.names.base = map[string]entry{}
 	}
+	if sourcesChanged || cur == nil {
+		next.sources = make([]source, 0, len(r.files))
+		for _, f := range r.files {
+			if f.names != nil { // read whole at least once
+				next.sources = append(next.sources, source{f.path, f.id, f.num})
+			}
+		}
+		slices.SortFunc(next.sources, func(a, b source) int { return strings.Compare(a.path, b.path) })
+	}
+	next.next = make(chan struct{})
 	r.index.Store(&next)
+	if cur != nil {
+		close(cur.next)
+	}
 }

@@ -9,9 +9,13 @@
 // routing rows, old timestamps, protocol prefixes) are handled.
 //
 // [Resolver] answers "<uuid>.vpn" names from an index over many status
-// files, kept up to date by reading only the files that changed; [Find]
-// answers one name by a scan, for short-lived processes. The glibc NSS
-// module cmd/libnss_openvpn exposes both to every program on the host.
+// files, kept up to date by reading only the files that changed, plus
+// what [Resolver.Learn] and [Resolver.Forget] record from OpenVPN's
+// management interface before the files say it; [Find] answers one name
+// by a scan. [Resolver.WriteIndex] and [IndexWriter] write what a
+// resolver knows to an index file (see index.go for its format), which
+// the glibc NSS module cmd/libnss_openvpn, a small C library, maps to
+// answer every program on the host; [ReadIndex] reads it back.
 //
 // The package is not a DNS server and resolves IPv4 addresses only, as
 // the routing table gives them; it reads files and nothing else: it

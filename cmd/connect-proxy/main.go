@@ -12,11 +12,19 @@
 //	VPN_SERVICE_ID                          this server's service instance id
 //	VPN_FORWARD_PROXY_PORT                  the peers' proxy port (default: VPN_CONNECT_PROXY_PORT)
 //	VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS  how long to wait before looking for a device here again (10)
-//	NSS_OPENVPN_STATUS_GLOB                 OpenVPN's status files (default: $VPN_RUN_DIR/server-*.status)
+//	NSS_OPENVPN_STATUS_GLOB                 OpenVPN's status files (default: $VPN_RUN_DIR/server-*.status;
+//	                                        several patterns separated by ":")
+//	VPN_NSS_INDEX                           the NSS module's index file to keep current, or "off"
+//	                                        (default: NSS_OPENVPN_INDEX, else nss.index next to the status files)
 //	VPN_VERBOSE_LOGS                        debug logs
 //
 // The flag -listen overrides the listen address (":<VPN_CONNECT_PROXY_PORT>",
-// every interface). Requests that are not CONNECT are served too: GET /ping
+// every interface), and -nss-index overrides VPN_NSS_INDEX. While it
+// runs, the proxy keeps the index file of the NSS module
+// (cmd/libnss_openvpn) current from the status files it reads, and
+// removes it when it stops; turn that off ("off") where open-balena-vpn
+// runs on the same host, since that one writes the index with the
+// devices it learns from OpenVPN's management interface. Requests that are not CONNECT are served too: GET /ping
 // answers "OK" and GET /metrics the proxy's Prometheus metrics.
 //
 // SIGTERM or SIGINT stops it: it stops listening, waits up to 10 s for the
@@ -37,6 +45,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -55,7 +64,7 @@ const drainTimeout = 10 * time.Second
 
 func main() {
 	level := new(slog.LevelVar)
-	log := slog.New(tint.NewHandler(os.Stderr, &tint.Options{Level: level, TimeFormat: time.DateTime}))
+	log := slog.New(tint.NewTextHandler(os.Stderr, &tint.Options{Level: level, TimeFormat: time.DateTime}))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	sigs := make(chan os.Signal, 4)
@@ -90,11 +99,12 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 	fs := flag.NewFlagSet("connect-proxy", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	listen := fs.String("listen", "", `listen address (default ":<VPN_CONNECT_PROXY_PORT>")`)
+	indexFlag := fs.String("nss-index", "", `the NSS index file to keep current, or "off" (default: VPN_NSS_INDEX, NSS_OPENVPN_INDEX, else nss.index next to the status files)`)
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintln(stderr, "usage: connect-proxy [-listen address]")
+		fmt.Fprintln(stderr, "usage: connect-proxy [-listen address] [-nss-index path|off]")
 		return 2
 	}
 	cfg, err := vpn.LoadConnectProxyConfig()
@@ -110,6 +120,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 		addr = ":" + strconv.Itoa(cfg.Proxy.Port)
 	}
 
+	resolver := &nss.Resolver{Globs: strings.Split(cfg.StatusGlob, ":")}
 	api := &balena.Client{
 		BaseURL:    cfg.Balena.BaseURL(),
 		ServiceKey: cfg.Balena.ServiceAPIKey,
@@ -129,7 +140,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 		Authorizer:  api,
 		Online:      api,
 		Locator:     api,
-		Resolver:    &nss.Resolver{Globs: []string{cfg.StatusGlob}},
+		Resolver:    resolver,
 		ServiceID:   cfg.ServiceID,
 		ForwardPort: cfg.Proxy.ForwardPort,
 		RetryDelay:  cfg.StatusFileWriteInterval,
@@ -149,6 +160,8 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 	if ready != nil {
 		ready(l.Addr())
 	}
+	stopIndex := keepIndex(ctx, resolver, nssIndexPath(*indexFlag, resolver.Globs), log)
+	defer stopIndex()
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(l) }()
 	select {
@@ -168,4 +181,42 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 	}
 	log.Info("connect-proxy stopped")
 	return 0
+}
+
+// nssIndexPath returns the index file to write: the flag, else
+// VPN_NSS_INDEX, else NSS_OPENVPN_INDEX (where the NSS module looks),
+// else nss.IndexPathFor(globs); "off" means none.
+func nssIndexPath(flagPath string, globs []string) string {
+	for _, p := range []string{flagPath, os.Getenv("VPN_NSS_INDEX"), os.Getenv("NSS_OPENVPN_INDEX")} {
+		if p != "" {
+			return p
+		}
+	}
+	return nss.IndexPathFor(globs)
+}
+
+// keepIndex runs an nss.IndexWriter for resolver until ctx ends or the
+// returned function is called, which waits for it (and so for the index
+// file's removal). A path of "off" runs nothing; a writer that cannot
+// write is logged and leaves the proxy running: the NSS module then reads
+// the status files itself.
+func keepIndex(ctx context.Context, resolver *nss.Resolver, path string, log *slog.Logger) func() {
+	if path == "off" {
+		log.Info("connect-proxy: no NSS index (off)")
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		w := &nss.IndexWriter{Resolver: resolver, Path: path, Logger: log}
+		log.Info("connect-proxy: keeping the NSS index current", "path", path)
+		if err := w.Run(ctx); err != nil {
+			log.Warn("connect-proxy: no NSS index", "path", path, "err", err)
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
 }

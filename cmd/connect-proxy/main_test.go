@@ -21,6 +21,7 @@ import (
 
 	"github.com/matryer/is"
 
+	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
 )
 
@@ -61,7 +62,7 @@ func setenv(t *testing.T, env map[string]string) {
 	for _, k := range []string{"VPN_CONNECT_PROXY_PORT", "BALENA_API_HOST", "BALENA_API_INTERNAL_HOST",
 		"VPN_SERVICE_API_KEY", "VPN_GUEST_API_KEY", "VPN_SERVICE_ID", "VPN_FORWARD_PROXY_PORT",
 		"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS", "NSS_OPENVPN_STATUS_GLOB", "VPN_RUN_DIR",
-		"VPN_VERBOSE_LOGS", "DEFAULT_VERBOSE_LOGS"} {
+		"VPN_VERBOSE_LOGS", "DEFAULT_VERBOSE_LOGS", "VPN_NSS_INDEX", "NSS_OPENVPN_INDEX"} {
 		t.Setenv(k, env[k])
 	}
 }
@@ -120,6 +121,21 @@ func TestProxy(t *testing.T) {
 		t.Fatalf("exited with %d:\n%s", code, logs.String())
 	}
 
+	// The NSS index next to the status files, kept while the proxy runs;
+	// its writer's renames have no hook outside it: poll, with a deadline.
+	index := filepath.Join(dir, "nss.index")
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if ix, err := nss.ReadIndex(index); err == nil {
+			a, err := ix.Lookup(uuid + ".vpn")
+			is.NoErr(err)
+			is.Equal(a.String(), "127.0.0.1")
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no NSS index")
+		}
+	}
+
 	c, err := net.Dial("tcp", addr)
 	is.NoErr(err)
 	defer c.Close()
@@ -158,6 +174,8 @@ func TestProxy(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("connect-proxy did not stop")
 	}
+	_, err = os.Stat(index)
+	is.True(os.IsNotExist(err)) // removed when the proxy stopped
 	s := logs.String()
 	is.True(strings.Contains(s, "tunnel open"))
 	is.True(strings.Contains(s, "connect-proxy stopped"))
@@ -186,5 +204,23 @@ func TestConfigErrors(t *testing.T) {
 				t.Fatalf("exit %d, %q; want 2 and a line naming %s", code, stderr.String(), tt.want)
 			}
 		})
+	}
+}
+
+func TestNSSIndexPath(t *testing.T) {
+	t.Setenv("VPN_NSS_INDEX", "")
+	t.Setenv("NSS_OPENVPN_INDEX", "")
+	globs := []string{"/srv/vpn/server-*.status"}
+	for _, tt := range []struct{ flag, vpnEnv, nssEnv, want string }{
+		{"", "", "", "/srv/vpn/nss.index"},
+		{"", "", "/x/nss.index", "/x/nss.index"},
+		{"", "off", "/x/nss.index", "off"},
+		{"/y.index", "off", "", "/y.index"},
+	} {
+		t.Setenv("VPN_NSS_INDEX", tt.vpnEnv)
+		t.Setenv("NSS_OPENVPN_INDEX", tt.nssEnv)
+		if got := nssIndexPath(tt.flag, globs); got != tt.want {
+			t.Errorf("%+v: %s", tt, got)
+		}
 	}
 }

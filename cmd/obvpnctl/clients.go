@@ -31,7 +31,7 @@ func runClients(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("clients", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	asJSON := fs.Bool("json", false, "print a JSON array")
-	resolver := resolverFlags(fs)
+	resolver, _ := resolverFlags(fs)
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: obvpnctl clients [--json] [--glob PATTERN]")
 		fmt.Fprintln(stderr, "\nLists every client connected to the OpenVPN instances, from their status files.")

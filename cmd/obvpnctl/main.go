@@ -24,9 +24,10 @@ type command struct {
 
 // commands is the table of subcommands; each lives in a file of its own.
 var commands = map[string]command{
-	"plan":    {"print the address and port plan of the configured deployment", runPlan},
-	"lookup":  {"print the VPN address of a connected device", runLookup},
-	"clients": {"list the clients connected to the OpenVPN instances", runClients},
+	"plan":      {"print the address and port plan of the configured deployment", runPlan},
+	"lookup":    {"print the VPN address of a connected device", runLookup},
+	"clients":   {"list the clients connected to the OpenVPN instances", runClients},
+	"nss-index": {"write the NSS module's index of the status files (--watch: keep it current)", runNSSIndex},
 }
 
 func main() {
