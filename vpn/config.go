@@ -41,6 +41,14 @@ type Config struct {
 	// time.
 	Verbose bool
 
+	// NSSIndex is the index file of the NSS module that the server keeps
+	// current from what it knows of its devices (VPN_NSS_INDEX, else
+	// NSS_OPENVPN_INDEX): the status files, and the addresses learned from
+	// the management interface before the next status write. Empty means
+	// nss.index in the run directory, where the NSS module looks for the
+	// status files there; "off" writes none.
+	NSSIndex string
+
 	// TrustProxy says whose X-Forwarded-For the HTTP endpoints believe
 	// (TRUST_PROXY). The zero value trusts nobody.
 	TrustProxy TrustProxy

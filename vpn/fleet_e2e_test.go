@@ -26,6 +26,7 @@ type fleetDevice struct {
 	name   string
 	dev    *vpntest.Device
 	api    balenatest.Device
+	opts   vpntest.ClientOptions
 	client *vpntest.Process
 }
 
@@ -78,6 +79,7 @@ func testFleet(t *testing.T, profile vpntest.Profile) {
 	}
 	reachAll("connected")
 	checkUnprivileged(t, ws)
+	measureReachable(t, ctx, ws, profile)
 
 	// Isolation: A and B route the whole VPN range, and each other's link,
 	// into their tunnels; the world forwards IPv4; still neither reaches
@@ -94,6 +96,9 @@ func testFleet(t *testing.T, profile vpntest.Profile) {
 		if got, err := fetchFrom(ctx, a.dev, target+":80"); err == nil {
 			t.Errorf("device A reached device B at %s through the VPN: %q", target, got)
 		}
+	}
+	if rules := isolationRules(t, world); rules != 2 {
+		t.Errorf("%d isolation rules while running, want 2 (tun1 and tun2)", rules)
 	}
 	// The world itself still reaches B's link (the host is allowed).
 	if got, err := fetchFrom(ctx, world, b.dev.Addr.String()+":80"); err != nil || got != "hello from B" {
@@ -169,6 +174,110 @@ func testFleet(t *testing.T, profile vpntest.Profile) {
 			t.Errorf("device %s still online after the stop", d.name)
 		}
 	}
+	if rules := isolationRules(t, world); rules != 0 {
+		t.Errorf("%d isolation rules left after the stop", rules)
+	}
+}
+
+// isolationRules counts the policy rules in n that refuse packets from a
+// tun device.
+func isolationRules(t *testing.T, n *vpntest.Netns) int {
+	t.Helper()
+	out, err := n.Command("ip", "-4", "rule", "show").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip rule show: %v: %s", err, out)
+	}
+	count := 0
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, "iif tun") && strings.Contains(l, "prohibit") {
+			count++
+		}
+	}
+	return count
+}
+
+// TestFleetIsolationOff is TestFleet's control: with
+// VPN_DEVICE_ISOLATION=off, in the same world that forwards IPv4, a device
+// that routes the VPN range into its tunnel does reach the other device,
+// so the isolation check above is one that can fail.
+func TestFleetIsolationOff(t *testing.T) {
+	vpntest.Require(t, "openvpn", "haproxy", "ip")
+	ws := startWorldServer(t, map[string]string{"VPN_DEVICE_ISOLATION": "off", "VPN_INSTANCE_COUNT": "1"})
+	if out, err := ws.world.Command("sysctl", "-q", "-w", "net.ipv4.ip_forward=1").CombinedOutput(); err != nil {
+		t.Fatalf("ip_forward in the world: %v: %s", err, out)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	devs := startFleetDevices(t, ctx, ws, vpntest.Minimal, "A", "B")
+	for _, d := range devs {
+		if _, err := d.client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
+			t.Fatal(err)
+		}
+		routeIntoTunnel(t, d, vpntest.Minimal, "10.240.0.0/16")
+	}
+	if rules := isolationRules(t, ws.world); rules != 0 {
+		t.Errorf("%d isolation rules with VPN_DEVICE_ISOLATION=off", rules)
+	}
+	resolver := &nss.Resolver{Globs: []string{filepath.Join(ws.run, "server-*.status")}, Interval: -1}
+	bVPN := rateLookup(t, ctx, resolver, devs[1].api.UUID)
+	if got, err := fetchFrom(ctx, devs[0].dev, bVPN.String()+":80"); err != nil || got != "hello from B" {
+		t.Errorf("without isolation, A did not reach B at %s: %q, %v", bVPN, got, err)
+	}
+}
+
+// measureReachable connects one more device, C, and measures how soon
+// the CONNECT proxy reaches it, and how soon it stops reaching it once
+// its client has exited, with the default status interval of 10 s: the
+// addresses come from the management interface, not from the next status
+// file. "Up" is from the moment the API says C is online (the state
+// reporter sends at most a pass a second, so that comes up to 1 s after
+// the client's initialization, which it also logs) to the first answer
+// from C; "down" from the client's exit to the first CONNECT that does
+// not reach C (that CONNECT itself answers only after the proxy's retry
+// delay, the status interval, when the API still says C is online). The
+// figures are logged; the test requires them to be well under the
+// interval.
+func measureReachable(t *testing.T, ctx context.Context, ws *worldServer, profile vpntest.Profile) {
+	t.Helper()
+	c := startFleetDevices(t, ctx, ws, profile, "C")[0]
+	if _, err := c.client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
+		t.Fatal(err)
+	}
+	initialized := time.Now()
+	poll := func(what string, cond func() bool) {
+		for !cond() {
+			if ctx.Err() != nil {
+				t.Fatalf("device C: %s: not in time", what)
+			}
+			time.Sleep(2 * time.Millisecond) // polling an outside answer: no event to wait on
+		}
+	}
+	poll("online in the API", func() bool { d, _ := ws.api.Device(c.api.UUID); return d.ConnectedToVPN })
+	online := time.Now()
+	reached := func() bool {
+		b, err := viaConnect(ctx, ws.world, "127.0.0.1:3128", c.api.UUID+".balena:80", ws.api.ServiceKey)
+		return err == nil && string(b) == "hello from C"
+	}
+	poll("reached", reached)
+	up := time.Since(online)
+	c.client.Stop()
+	exited := time.Now()
+	var failedAt time.Time
+	poll("unreachable", func() bool {
+		at := time.Now()
+		if reached() {
+			return false
+		}
+		failedAt = at
+		return true
+	})
+	down := failedAt.Sub(exited)
+	t.Logf("%s: device C online in the API %v after its client's initialization; reached through the proxy %v after that; "+
+		"no more reached from %v after its client exited (status interval %v)", profile,
+		online.Sub(initialized).Round(time.Millisecond), up.Round(time.Millisecond), down.Round(time.Millisecond), ws.cfg.OpenVPN.StatusInterval)
+	if limit := ws.cfg.OpenVPN.StatusInterval / 2; up > limit || down > limit {
+		t.Errorf("reached %v after online, unreached %v after exit: not from the management interface (status interval %v)", up, down, ws.cfg.OpenVPN.StatusInterval)
+	}
 }
 
 // startFleetDevices adds a device to the API for each name, with a web
@@ -177,9 +286,9 @@ func testFleet(t *testing.T, profile vpntest.Profile) {
 func startFleetDevices(t *testing.T, ctx context.Context, ws *worldServer, profile vpntest.Profile, names ...string) []*fleetDevice {
 	t.Helper()
 	var devs []*fleetDevice
-	for i, name := range names {
+	for _, name := range names {
 		d := &fleetDevice{name: name, dev: vpntest.NewDevice(t, ws.world)}
-		d.api = ws.api.AddDevice(balenatest.Device{UUID: fmt.Sprintf("%032x", 0xf1ee7+i), Key: "key-" + name})
+		d.api = ws.api.AddDevice(balenatest.Device{UUID: fmt.Sprintf("%032x", 0xf1ee7+int(name[0])), Key: "key-" + name})
 		l, err := d.dev.Listen("tcp", "0.0.0.0:80")
 		if err != nil {
 			t.Fatal(err)
@@ -189,9 +298,10 @@ func startFleetDevices(t *testing.T, ctx context.Context, ws *worldServer, profi
 		})}
 		go hs.Serve(l)
 		t.Cleanup(func() { hs.Close() })
-		d.client = vpntest.StartClient(t, vpntest.ClientOptions{Profile: profile, Netns: d.dev.Netns,
+		d.opts = vpntest.ClientOptions{Profile: profile, Netns: d.dev.Netns,
 			Remote: d.dev.WorldAddr.String() + ":1194", CA: ws.pki.CAFile,
-			Username: d.api.UUID, Password: d.api.Key, Tunnel: true})
+			Username: d.api.UUID, Password: d.api.Key, Tunnel: true}
+		d.client = vpntest.StartClient(t, d.opts)
 		devs = append(devs, d)
 	}
 	return devs
@@ -267,10 +377,23 @@ func checkUnprivileged(t *testing.T, ws *worldServer) {
 
 // waitReconnected waits until every device's client has completed a new
 // initialization after the line marks[i] of its output.
+//
+// A balenaOS client that comes back on another instance is pushed another
+// address, and must reopen its tun device, which it can no longer do
+// once it runs as its unprivileged user: it exits ("Cannot open TUN/TAP
+// dev /dev/net/tun: Permission denied"), and balenaOS's openvpn.service
+// (Restart=always, RestartSec=10s) starts it again. The kit has no
+// systemd: this restarts such a client at once, as the unit would.
 func waitReconnected(t *testing.T, ctx context.Context, devs []*fleetDevice, marks []int) {
 	t.Helper()
 	for i, d := range devs {
-		if _, err := d.client.WaitFrom(ctx, marks[i], "Initialization Sequence Completed"); err != nil {
+		_, err := d.client.WaitFrom(ctx, marks[i], "Initialization Sequence Completed")
+		if err != nil && ctx.Err() == nil && d.opts.Profile != vpntest.Minimal {
+			t.Logf("device %s's client exited (%v); restarting it, as balenaOS's openvpn.service does", d.name, err)
+			d.client = vpntest.StartClient(t, d.opts)
+			_, err = d.client.WaitFor(ctx, "Initialization Sequence Completed")
+		}
+		if err != nil {
 			t.Fatalf("device %s did not reconnect: %v", d.name, err)
 		}
 	}

@@ -146,6 +146,8 @@ type environment struct {
 	ProxyPort   string `env:"VPN_CONNECT_PROXY_PORT" envDefault:"0"`
 	ForwardPort string `env:"VPN_FORWARD_PROXY_PORT"`
 	StatusGlob  string `env:"NSS_OPENVPN_STATUS_GLOB"`
+	NSSIndex    string `env:"VPN_NSS_INDEX"`
+	NSSIndexOld string `env:"NSS_OPENVPN_INDEX"`
 
 	HAProxy         string `env:"VPN_HAPROXY" envDefault:"managed"`
 	VPNPort         string `env:"VPN_PORT" envDefault:"443"`
@@ -221,6 +223,14 @@ func (l Loader) Config() (*Config, error) {
 		Timeout:          p.duration("DEFAULT_SIGTERM_TIMEOUT", e.SigtermTimeout, time.Second, 1),
 	}
 	c.RunDir = p.absPath("VPN_RUN_DIR", e.RunDir)
+	switch {
+	case e.NSSIndex == "off":
+		c.NSSIndex = "off"
+	case e.NSSIndex != "":
+		c.NSSIndex = p.absPath("VPN_NSS_INDEX", e.NSSIndex)
+	case e.NSSIndexOld != "":
+		c.NSSIndex = p.absPath("NSS_OPENVPN_INDEX", e.NSSIndexOld)
+	}
 	c.Verbose = p.verbose(e)
 	c.TrustProxy = p.trustProxy("TRUST_PROXY", e.TrustProxy)
 	p.portClash(e, c)

@@ -169,8 +169,13 @@ func (s *Server) Run(ctx context.Context) error {
 	conns := &Connections{}
 	s.service = &Service{API: api, Addr: addr, Logger: s.Logger}
 	reporter := &Reporter{API: api, ServiceID: s.service.ID, BatchSize: cfg.Balena.StateBatchSize, Logger: s.Logger}
+	// One view of where the devices are, for the proxy and the NSS index:
+	// the status files, and what the management interface says before
+	// the next status write.
+	resolver := &nss.Resolver{Globs: []string{filepath.Join(cfg.runDir(), "server-*.status")}}
 	sessions := &Sessions{Auth: auth, Connections: conns, State: reporter, DelayOnAuthFail: cfg.Auth.DelayOnFail,
-		Metrics: metrics, Script: cfg.Auth.Mode == AuthScript, Logger: s.Logger}
+		Metrics: metrics, Script: cfg.Auth.Mode == AuthScript, Logger: s.Logger,
+		Addresses: resolver, StatusFile: func(id int) string { return cfg.Paths(id).Status }}
 	limiters := make([]*Limiter, n+1)
 	if cfg.Bandwidth.Down != 0 && cfg.Bandwidth.Up != 0 {
 		cmdf := s.Command
@@ -285,6 +290,17 @@ func (s *Server) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); hreg.run(runCtx) }()
 	}
+	if cfg.NSSIndex != "off" {
+		w := &nss.IndexWriter{Resolver: resolver, Path: cfg.NSSIndex, Logger: s.Logger}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// A failure leaves the NSS module to scan the status files.
+			if err := w.Run(runCtx); err != nil {
+				s.log().Warn("no NSS index", "err", err)
+			}
+		}()
+	}
 	wg.Add(2)
 	go func() { defer wg.Done(); _ = s.service.Run(runCtx) }()
 	go func() { defer wg.Done(); _ = reporter.Run(runCtx) }()
@@ -345,7 +361,7 @@ func (s *Server) Run(ctx context.Context) error {
 				Authorizer:  api,
 				Online:      api,
 				Locator:     api,
-				Resolver:    &nss.Resolver{Globs: []string{filepath.Join(cfg.runDir(), "server-*.status")}},
+				Resolver:    resolver,
 				DialContext: s.Dial,
 				ServiceID:   s.service.ID(),
 				ForwardPort: cfg.Proxy.ForwardPort,

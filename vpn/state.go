@@ -167,7 +167,10 @@ func (r *Reporter) Run(ctx context.Context) error {
 			return ctx.Err()
 		case <-timer.C:
 		}
-		if r.Pending() == 0 {
+		// A wake-up left from changes that the last pass already sent
+		// finds nothing pending: wait for the next, without a pass (and
+		// the interval after it) for nothing.
+		for r.Pending() == 0 {
 			select {
 			case <-ctx.Done():
 				return ctx.Err()
