@@ -567,6 +567,40 @@ func TestLearned(t *testing.T) {
 	}
 }
 
+// TestTwoSpellings: the default globs name each file twice (/run and
+// /var/run, a link to it); such globs answer as one.
+func TestTwoSpellings(t *testing.T) {
+	so := buildModule(t)
+	tool := buildTool(t, "nsstool")
+	dir := t.TempDir()
+	link := filepath.Join(t.TempDir(), "run")
+	if err := os.Symlink(dir, link); err != nil {
+		t.Fatal(err)
+	}
+	globs := []string{filepath.Join(dir, "server-*.status"), filepath.Join(link, "server-*.status")}
+	env := append(os.Environ(), "NSS_OPENVPN_STATUS_GLOB="+strings.Join(globs, ":"), "NSS_OPENVPN_INDEX=")
+	status := filepath.Join(dir, "server-1.status")
+	rewrite(t, status, statusFile(2, route{devA, "10.240.0.3", 100}))
+	names := []string{devA + ".vpn", devB + ".vpn"}
+	check := func(stage, want string) {
+		t.Helper()
+		if got := strings.Join(query(t, tool, so, env, names), " "); got != want {
+			t.Errorf("%s: %s, want %s", stage, got, want)
+		}
+	}
+	check("no index", "10.240.0.3 -")
+	r := &nss.Resolver{Globs: globs}
+	if err := r.WriteIndex(nss.IndexPathFor(globs)); err != nil {
+		t.Fatal(err)
+	}
+	if ix, err := nss.ReadIndex(nss.IndexPathFor(globs)); err != nil || len(ix.Sources()) != 1 || ix.Stale(globs) {
+		t.Fatalf("index: %v", err)
+	}
+	check("index", "10.240.0.3 -")
+	rewrite(t, status, statusFile(2, route{devB, "10.240.0.4", 100}))
+	check("stale", "- 10.240.0.4")
+}
+
 // TestCorruptIndex: an index cut short, or with bytes changed in its
 // header, sources, slots or records, gives the scan's answers; the module
 // does not crash.

@@ -351,9 +351,23 @@ struct linux_dirent64 {
 	char d_name[];
 };
 
+// walked remembers the directories already walked, with their pattern:
+// /var/run is usually /run, and the default globs name both; a directory
+// walked with the same pattern is not walked again.
+struct walked {
+	struct {
+		dev_t dev;
+		ino_t ino;
+		const char *base; // into the globs string
+		size_t len;
+	} dirs[8];
+	int n;
+};
+
 // each_in_pattern walks one pattern, which it may change (it cuts the
-// directory off in place, to spare a copy on the caller's stack).
-static int each_in_pattern(char *pat, file_fn fn, void *arg) {
+// directory off in place, to spare a copy on the caller's stack); orig is
+// where the pattern is in the globs string.
+static int each_in_pattern(char *pat, const char *orig, struct walked *w, file_fn fn, void *arg) {
 	char *slash = strrchr(pat, '/');
 	const char *dir, *base;
 	if (slash == NULL) {
@@ -387,6 +401,25 @@ static int each_in_pattern(char *pat, file_fn fn, void *arg) {
 	int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (dfd < 0) {
 		return 0;
+	}
+	struct stat dst;
+	if (fstat(dfd, &dst) == 0) {
+		const char *obase = orig + (base - pat);
+		size_t blen = strlen(base);
+		for (int k = 0; k < w->n; k++) {
+			if (w->dirs[k].dev == dst.st_dev && w->dirs[k].ino == dst.st_ino && w->dirs[k].len == blen &&
+			    memcmp(w->dirs[k].base, obase, blen) == 0) {
+				close(dfd);
+				return 0; // walked already
+			}
+		}
+		if (w->n < 8) {
+			w->dirs[w->n].dev = dst.st_dev;
+			w->dirs[w->n].ino = dst.st_ino;
+			w->dirs[w->n].base = obase;
+			w->dirs[w->n].len = blen;
+			w->n++;
+		}
 	}
 	int rc = 0;
 	if (!has_magic(base, strlen(base))) {
@@ -423,13 +456,14 @@ static int each_in_pattern(char *pat, file_fn fn, void *arg) {
 
 static int each_file(const char *globs, file_fn fn, void *arg) {
 	char pat[PATH_MAX];
+	struct walked w = {.n = 0};
 	for (const char *p = globs; *p;) {
 		const char *e = strchr(p, ':');
 		size_t n = e ? (size_t)(e - p) : strlen(p);
 		if (n > 0 && n < sizeof pat) {
 			memcpy(pat, p, n);
 			pat[n] = 0;
-			int rc = each_in_pattern(pat, fn, arg);
+			int rc = each_in_pattern(pat, p, &w, fn, arg);
 			if (rc != 0) {
 				return rc;
 			}
