@@ -48,6 +48,7 @@
 #define SOURCE_SIZE 40
 #define RECORD_HEAD 16
 #define BLOCK_SLOTS 512
+#define MAX_BLOCKS 65536 // 2^25 slots, 16 million names
 
 // ---- little-endian reads of the index ----
 
@@ -94,6 +95,9 @@ static struct {
 	uint32_t nsources, nslots;
 	uint64_t slots_off, rec_off, rec_len, src_off, blocks_off;
 	uint32_t bslots; // slots in a block
+	// The blocks of slots found intact in this mapping (the first
+	// MAX_BLOCKS; later ones are checked at every probe).
+	uint64_t verified[MAX_BLOCKS / 64];
 } ix = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
 static void fork_prepare(void) { pthread_mutex_lock(&ix.mu); }
@@ -113,6 +117,7 @@ static void unmap(void) {
 	ix.map = NULL;
 	ix.len = 0;
 	ix.checked = 0;
+	memset(ix.verified, 0, sizeof ix.verified);
 }
 
 // slots_check is nss.slotsCheck: four lanes of (h ^ word) * prime.
@@ -248,12 +253,16 @@ static int probe(const char *q, size_t qlen, struct answer *ans) {
 	ans->found = 0;
 	for (uint32_t n = 0; n < ix.nslots; n++, i = (i + 1) & mask) {
 		uint32_t blk = i / ix.bslots;
-		if (blk != checked) {
+		int known = blk < MAX_BLOCKS && (ix.verified[blk / 64] >> (blk % 64) & 1);
+		if (blk != checked && !known) {
 			const unsigned char *bs = slots + (uint64_t)blk * ix.bslots * 8;
 			if (slots_check(bs, (size_t)ix.bslots * 8) != le64(ix.map + ix.blocks_off + (uint64_t)blk * 8)) {
 				return -1;
 			}
 			checked = blk;
+			if (blk < MAX_BLOCKS) {
+				ix.verified[blk / 64] |= 1ULL << (blk % 64);
+			}
 		}
 		const unsigned char *s = slots + (uint64_t)i * 8;
 		uint32_t t = le32(s);
