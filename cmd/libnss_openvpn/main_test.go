@@ -138,8 +138,8 @@ func writeIndex(t testing.TB, glob string) *nss.Resolver {
 	return r
 }
 
-// querier runs "nsstool <so> query" with env and returns a function that
-// asks it for the names.
+// query runs "nsstool <so> query" with env and returns its answers to
+// names.
 func query(t testing.TB, tool, so string, env []string, names []string) []string {
 	t.Helper()
 	cmd := exec.Command(tool, so, "query")
@@ -147,7 +147,11 @@ func query(t testing.TB, tool, so string, env []string, names []string) []string
 	cmd.Stdin = strings.NewReader(strings.Join(names, "\n") + "\n")
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("nsstool query: %v", err)
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		t.Fatalf("nsstool query: %v\n%s", err, stderr)
 	}
 	got := strings.Split(strings.TrimSuffix(string(out), "\n"), "\n")
 	if len(got) != len(names) {
@@ -567,6 +571,40 @@ func TestLearned(t *testing.T) {
 	}
 }
 
+// TestTwoSpellings: the default globs name each file twice (/run and
+// /var/run, a link to it); such globs answer as one.
+func TestTwoSpellings(t *testing.T) {
+	so := buildModule(t)
+	tool := buildTool(t, "nsstool")
+	dir := t.TempDir()
+	link := filepath.Join(t.TempDir(), "run")
+	if err := os.Symlink(dir, link); err != nil {
+		t.Fatal(err)
+	}
+	globs := []string{filepath.Join(dir, "server-*.status"), filepath.Join(link, "server-*.status")}
+	env := append(os.Environ(), "NSS_OPENVPN_STATUS_GLOB="+strings.Join(globs, ":"), "NSS_OPENVPN_INDEX=")
+	status := filepath.Join(dir, "server-1.status")
+	rewrite(t, status, statusFile(2, route{devA, "10.240.0.3", 100}))
+	names := []string{devA + ".vpn", devB + ".vpn"}
+	check := func(stage, want string) {
+		t.Helper()
+		if got := strings.Join(query(t, tool, so, env, names), " "); got != want {
+			t.Errorf("%s: %s, want %s", stage, got, want)
+		}
+	}
+	check("no index", "10.240.0.3 -")
+	r := &nss.Resolver{Globs: globs}
+	if err := r.WriteIndex(nss.IndexPathFor(globs)); err != nil {
+		t.Fatal(err)
+	}
+	if ix, err := nss.ReadIndex(nss.IndexPathFor(globs)); err != nil || len(ix.Sources()) != 1 || ix.Stale(globs) {
+		t.Fatalf("index: %v", err)
+	}
+	check("index", "10.240.0.3 -")
+	rewrite(t, status, statusFile(2, route{devB, "10.240.0.4", 100}))
+	check("stale", "- 10.240.0.4")
+}
+
 // TestCorruptIndex: an index cut short, or with bytes changed in its
 // header, sources, slots or records, gives the scan's answers; the module
 // does not crash.
@@ -617,6 +655,47 @@ func TestCorruptIndex(t *testing.T) {
 		if _, err := nss.ParseIndex([]byte(content)); err != nil && got != scan {
 			t.Errorf("%s: Go refuses the index (%v) but the module answered %s", what, err, got)
 		}
+	}
+}
+
+// TestSanitized runs the module built with AddressSanitizer and
+// UndefinedBehaviorSanitizer over the generated corpus, with no index, a
+// good one, and corrupted or cut ones: no read out of bounds, no
+// undefined behaviour, whatever the files say.
+func TestSanitized(t *testing.T) {
+	gcc := need(t, "gcc")
+	dir := t.TempDir()
+	so, tool := filepath.Join(dir, "libnss_openvpn.so.2"), filepath.Join(dir, "nsstool")
+	san := []string{"-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"}
+	for _, c := range [][]string{
+		append(san, "-shared", "-fPIC", "-o", so, "csrc/libnss_openvpn.c"),
+		append(san, "-o", tool, "testdata/nsstool.c", "-ldl", "-pthread"),
+	} {
+		if out, err := exec.Command(gcc, c...).CombinedOutput(); err != nil {
+			t.Fatalf("gcc %v: %v\n%s", c, err, out)
+		}
+	}
+	status := t.TempDir()
+	names := corpus(t, status, 3)[:2000]
+	query(t, tool, so, envFor(status), names)
+	writeIndex(t, filepath.Join(status, "server-*.status"))
+	path := filepath.Join(status, "nss.index")
+	good := mustRead(t, path)
+	query(t, tool, so, envFor(status), names)
+	rng := rand.New(rand.NewPCG(5, 5))
+	for i := range 20 {
+		b := []byte(good)
+		if i%4 == 0 {
+			b = b[:rng.IntN(len(b))]
+		} else {
+			for range 1 + rng.IntN(4) {
+				b[rng.IntN(len(b))] = byte(rng.IntN(256))
+			}
+		}
+		if err := os.WriteFile(path, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		query(t, tool, so, envFor(status), names[:200])
 	}
 }
 

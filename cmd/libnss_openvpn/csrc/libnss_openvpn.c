@@ -48,6 +48,7 @@
 #define SOURCE_SIZE 40
 #define RECORD_HEAD 16
 #define BLOCK_SLOTS 512
+#define MAX_BLOCKS 65536 // 2^25 slots, 16 million names
 
 // ---- little-endian reads of the index ----
 
@@ -94,6 +95,9 @@ static struct {
 	uint32_t nsources, nslots;
 	uint64_t slots_off, rec_off, rec_len, src_off, blocks_off;
 	uint32_t bslots; // slots in a block
+	// The blocks of slots found intact in this mapping (the first
+	// MAX_BLOCKS; later ones are checked at every probe).
+	uint64_t verified[MAX_BLOCKS / 64];
 } ix = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
 static void fork_prepare(void) { pthread_mutex_lock(&ix.mu); }
@@ -113,6 +117,7 @@ static void unmap(void) {
 	ix.map = NULL;
 	ix.len = 0;
 	ix.checked = 0;
+	memset(ix.verified, 0, sizeof ix.verified);
 }
 
 // slots_check is nss.slotsCheck: four lanes of (h ^ word) * prime.
@@ -248,12 +253,16 @@ static int probe(const char *q, size_t qlen, struct answer *ans) {
 	ans->found = 0;
 	for (uint32_t n = 0; n < ix.nslots; n++, i = (i + 1) & mask) {
 		uint32_t blk = i / ix.bslots;
-		if (blk != checked) {
+		int known = blk < MAX_BLOCKS && (ix.verified[blk / 64] >> (blk % 64) & 1);
+		if (blk != checked && !known) {
 			const unsigned char *bs = slots + (uint64_t)blk * ix.bslots * 8;
 			if (slots_check(bs, (size_t)ix.bslots * 8) != le64(ix.map + ix.blocks_off + (uint64_t)blk * 8)) {
 				return -1;
 			}
 			checked = blk;
+			if (blk < MAX_BLOCKS) {
+				ix.verified[blk / 64] |= 1ULL << (blk % 64);
+			}
 		}
 		const unsigned char *s = slots + (uint64_t)i * 8;
 		uint32_t t = le32(s);
@@ -351,9 +360,23 @@ struct linux_dirent64 {
 	char d_name[];
 };
 
+// walked remembers the directories already walked, with their pattern:
+// /var/run is usually /run, and the default globs name both; a directory
+// walked with the same pattern is not walked again.
+struct walked {
+	struct {
+		dev_t dev;
+		ino_t ino;
+		const char *base; // into the globs string
+		size_t len;
+	} dirs[8];
+	int n;
+};
+
 // each_in_pattern walks one pattern, which it may change (it cuts the
-// directory off in place, to spare a copy on the caller's stack).
-static int each_in_pattern(char *pat, file_fn fn, void *arg) {
+// directory off in place, to spare a copy on the caller's stack); orig is
+// where the pattern is in the globs string.
+static int each_in_pattern(char *pat, const char *orig, struct walked *w, file_fn fn, void *arg) {
 	char *slash = strrchr(pat, '/');
 	const char *dir, *base;
 	if (slash == NULL) {
@@ -387,6 +410,25 @@ static int each_in_pattern(char *pat, file_fn fn, void *arg) {
 	int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (dfd < 0) {
 		return 0;
+	}
+	struct stat dst;
+	if (fstat(dfd, &dst) == 0) {
+		const char *obase = orig + (base - pat);
+		size_t blen = strlen(base);
+		for (int k = 0; k < w->n; k++) {
+			if (w->dirs[k].dev == dst.st_dev && w->dirs[k].ino == dst.st_ino && w->dirs[k].len == blen &&
+			    memcmp(w->dirs[k].base, obase, blen) == 0) {
+				close(dfd);
+				return 0; // walked already
+			}
+		}
+		if (w->n < 8) {
+			w->dirs[w->n].dev = dst.st_dev;
+			w->dirs[w->n].ino = dst.st_ino;
+			w->dirs[w->n].base = obase;
+			w->dirs[w->n].len = blen;
+			w->n++;
+		}
 	}
 	int rc = 0;
 	if (!has_magic(base, strlen(base))) {
@@ -423,13 +465,14 @@ static int each_in_pattern(char *pat, file_fn fn, void *arg) {
 
 static int each_file(const char *globs, file_fn fn, void *arg) {
 	char pat[PATH_MAX];
+	struct walked w = {.n = 0};
 	for (const char *p = globs; *p;) {
 		const char *e = strchr(p, ':');
 		size_t n = e ? (size_t)(e - p) : strlen(p);
 		if (n > 0 && n < sizeof pat) {
 			memcpy(pat, p, n);
 			pat[n] = 0;
-			int rc = each_in_pattern(pat, fn, arg);
+			int rc = each_in_pattern(pat, p, &w, fn, arg);
 			if (rc != 0) {
 				return rc;
 			}
