@@ -260,6 +260,18 @@ func measureReachable(t *testing.T, ctx context.Context, ws *worldServer, profil
 	}
 	poll("reached", reached)
 	up := time.Since(online)
+	// The NSS module's index, which the server keeps in its run
+	// directory, has it too.
+	indexed := func() bool {
+		ix, err := nss.ReadIndex(filepath.Join(ws.run, "nss.index"))
+		if err != nil {
+			return false
+		}
+		_, err = ix.Lookup(c.api.UUID + ".vpn")
+		return err == nil
+	}
+	poll("in the NSS index", indexed)
+	inIndex := time.Since(online)
 	c.client.Stop()
 	exited := time.Now()
 	var failedAt time.Time
@@ -272,10 +284,13 @@ func measureReachable(t *testing.T, ctx context.Context, ws *worldServer, profil
 		return true
 	})
 	down := failedAt.Sub(exited)
+	poll("out of the NSS index", func() bool { return !indexed() })
+	outOfIndex := time.Since(exited)
 	t.Logf("%s: device C online in the API %v after its client's initialization; reached through the proxy %v after that; "+
-		"no more reached from %v after its client exited (status interval %v)", profile,
-		online.Sub(initialized).Round(time.Millisecond), up.Round(time.Millisecond), down.Round(time.Millisecond), ws.cfg.OpenVPN.StatusInterval)
-	if limit := ws.cfg.OpenVPN.StatusInterval / 2; up > limit || down > limit {
+		"in the NSS index %v after that; no more reached from %v after its client exited, out of the index %v after (status interval %v)", profile,
+		online.Sub(initialized).Round(time.Millisecond), up.Round(time.Millisecond), inIndex.Round(time.Millisecond),
+		down.Round(time.Millisecond), outOfIndex.Round(time.Millisecond), ws.cfg.OpenVPN.StatusInterval)
+	if limit := ws.cfg.OpenVPN.StatusInterval / 2; up > limit || down > limit || inIndex > limit || outOfIndex > limit {
 		t.Errorf("reached %v after online, unreached %v after exit: not from the management interface (status interval %v)", up, down, ws.cfg.OpenVPN.StatusInterval)
 	}
 }

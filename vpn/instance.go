@@ -30,7 +30,9 @@ type EventHandler func(ctx context.Context, c *openvpnmgmt.Client, ev openvpnmgm
 // Instance runs one OpenVPN server process of the plan and its management
 // session, and restarts them when they fail. [Instance.Run] writes the
 // instance's configuration and the certificates (mode 0600) into the run
-// directory, stops an orphan named by the pid file, starts openvpn, waits
+// directory, isolates the devices of its future tun device (an ip rule,
+// Config.OpenVPN.Isolation, deleted when Run returns), stops an orphan
+// named by the pid file, starts openvpn, waits
 // for its management port, connects, enables byte counts, releases the
 // hold and hands every event to Handler; when openvpn exits it is started
 // again after a backoff, and when only the management connection drops it

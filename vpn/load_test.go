@@ -66,6 +66,13 @@ func TestLoadConfigDefaults(t *testing.T) {
 	is.Equal(c.OpenVPN.KeepaliveTimeout, 60*time.Second)
 	is.Equal(c.OpenVPN.DataCiphers, DefaultDataCiphers)
 	is.Equal(c.OpenVPN.BytecountInterval, time.Duration(0))
+	is.Equal(c.OpenVPN.Compression, CompressionMigrate)
+	is.Equal(c.OpenVPN.User, "nobody")
+	is.Equal(c.OpenVPN.Group, "nogroup")
+	is.Equal(c.OpenVPN.Providers, "")
+	is.Equal(c.OpenVPN.ExplicitExitNotify, 0)
+	is.Equal(c.OpenVPN.Isolation, IsolationOn)
+	is.Equal(c.NSSIndex, "")
 	is.Equal(string(c.OpenVPN.CACert), testCert)
 	is.Equal(string(c.OpenVPN.ServerKey), testKey)
 	is.True(c.OpenVPN.DH == nil) // dh none
@@ -254,6 +261,20 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"api port zero", []string{"VPN_API_PORT", "0"}, `VPN_API_PORT="0": out of range 1…65535`},
 		{"udp with two instances", []string{"VPN_OPENVPN_PROTO", "udp4"},
 			`VPN_OPENVPN_PROTO="udp4": a udp protocol allows one instance, and VPN_INSTANCE_COUNT gives 2`},
+		{"unknown compression", []string{"VPN_COMPRESSION", "lz4"},
+			`VPN_COMPRESSION="lz4": want one of migrate, lzo, off`},
+		{"unknown user", []string{"VPN_OPENVPN_USER", "no-such-user-obvpn"},
+			`VPN_OPENVPN_USER="no-such-user-obvpn": not on this host: user: unknown user no-such-user-obvpn`},
+		{"user with a space", []string{"VPN_OPENVPN_GROUP", "no group"},
+			`VPN_OPENVPN_GROUP="no group": want a user or group name`},
+		{"providers quoted", []string{"VPN_OPENSSL_PROVIDERS", `"legacy"`},
+			`VPN_OPENSSL_PROVIDERS="\"legacy\"": want provider names separated by spaces`},
+		{"exit notify out of range", []string{"VPN_UDP_SERVER_EXPLICIT_EXIT_NOTIFY", "3"},
+			`VPN_UDP_SERVER_EXPLICIT_EXIT_NOTIFY="3": out of range 0…2`},
+		{"unknown isolation", []string{"VPN_DEVICE_ISOLATION", "nftables"},
+			`VPN_DEVICE_ISOLATION="nftables": want one of on, off`},
+		{"index path relative", []string{"VPN_NSS_INDEX", "nss.index"},
+			`VPN_NSS_INDEX="nss.index": want an absolute path`},
 		{"unknown proto", []string{"VPN_OPENVPN_PROTO", "sctp"},
 			`VPN_OPENVPN_PROTO="sctp": want tcp4-server, tcp6-server, tcp-server, udp4, udp6 or udp`},
 		{"status interval zero", []string{"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS", "0"},

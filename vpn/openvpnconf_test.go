@@ -105,3 +105,46 @@ func TestCheckHooks(t *testing.T) {
 		t.Error("a missing hook: no error")
 	}
 }
+
+// TestOpenVPNServerConfigZeroValues: a Config built by hand, with the
+// OpenVPN settings left zero, renders what their documentation says:
+// compress migrate, nobody and nogroup, no providers; and the other
+// modes render their lines.
+func TestOpenVPNServerConfigZeroValues(t *testing.T) {
+	c := &Config{}
+	c.Plan.Base = netip.MustParsePrefix("10.240.0.0/16")
+	c.Plan.Bits = 24
+	c.Plan.Instances = 1
+	in, err := c.Plan.Instance(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf, err := c.OpenVPNServerConfig(in, ScriptHooks{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"\ncompress migrate\n", "\nuser nobody\n", "\ngroup nogroup\n", "\npersist-tun\n", "\nmute 20\n"} {
+		if !strings.Contains(conf, want) {
+			t.Errorf("zero OpenVPNConfig: no %q in\n%s", strings.TrimSpace(want), conf)
+		}
+	}
+	for _, unwanted := range []string{"allow-compression", "providers", "explicit-exit-notify"} {
+		if strings.Contains(conf, unwanted) {
+			t.Errorf("zero OpenVPNConfig: %q in\n%s", unwanted, conf)
+		}
+	}
+	c.OpenVPN = OpenVPNConfig{Compression: CompressionLZO, User: "daemon", Group: "daemon", Providers: "legacy default",
+		Proto: "udp4", ExplicitExitNotify: 1}
+	conf, _ = c.OpenVPNServerConfig(in, ScriptHooks{})
+	for _, want := range []string{"\ncompress lzo\nallow-compression asym\n", "\nuser daemon\ngroup daemon\n",
+		"\nproviders legacy default\n", "\nexplicit-exit-notify 1\n"} {
+		if !strings.Contains(conf, want) {
+			t.Errorf("no %q in\n%s", strings.TrimSpace(want), conf)
+		}
+	}
+	c.OpenVPN = OpenVPNConfig{Compression: CompressionOff, ExplicitExitNotify: 1} // tcp: no exit notify
+	conf, _ = c.OpenVPNServerConfig(in, ScriptHooks{})
+	if strings.Contains(conf, "compress") || strings.Contains(conf, "explicit-exit-notify") {
+		t.Errorf("compression off over tcp:\n%s", conf)
+	}
+}
