@@ -239,6 +239,12 @@ func TestFleetIsolationOff(t *testing.T) {
 // interval.
 func measureReachable(t *testing.T, ctx context.Context, ws *worldServer, profile vpntest.Profile) {
 	t.Helper()
+	// The state reporter makes at most a pass a second (SPEC §4), and the
+	// proxy asks the API whether C is online: C comes after a second of
+	// quiet, as after any quiet second in the field, so that the figure is
+	// not the pass interval. (Not a synchronisation: a condition of the
+	// measurement.)
+	time.Sleep(1100 * time.Millisecond)
 	c := startFleetDevices(t, ctx, ws, profile, "C")[0]
 	if _, err := c.client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
 		t.Fatal(err)
@@ -260,6 +266,7 @@ func measureReachable(t *testing.T, ctx context.Context, ws *worldServer, profil
 	}
 	poll("reached", reached)
 	up := time.Since(online)
+	fromInit := time.Since(initialized)
 	// The NSS module's index, which the server keeps in its run
 	// directory, has it too.
 	indexed := func() bool {
@@ -274,23 +281,26 @@ func measureReachable(t *testing.T, ctx context.Context, ws *worldServer, profil
 	inIndex := time.Since(online)
 	c.client.Stop()
 	exited := time.Now()
+	poll("out of the NSS index", func() bool { return !indexed() })
+	outOfIndex := time.Since(exited)
 	var failedAt time.Time
+	var answeredIn time.Duration
 	poll("unreachable", func() bool {
 		at := time.Now()
 		if reached() {
 			return false
 		}
-		failedAt = at
+		failedAt, answeredIn = at, time.Since(at)
 		return true
 	})
 	down := failedAt.Sub(exited)
-	poll("out of the NSS index", func() bool { return !indexed() })
-	outOfIndex := time.Since(exited)
-	t.Logf("%s: device C online in the API %v after its client's initialization; reached through the proxy %v after that; "+
-		"in the NSS index %v after that; no more reached from %v after its client exited, out of the index %v after (status interval %v)", profile,
-		online.Sub(initialized).Round(time.Millisecond), up.Round(time.Millisecond), inIndex.Round(time.Millisecond),
-		down.Round(time.Millisecond), outOfIndex.Round(time.Millisecond), ws.cfg.OpenVPN.StatusInterval)
-	if limit := ws.cfg.OpenVPN.StatusInterval / 2; up > limit || down > limit || inIndex > limit || outOfIndex > limit {
+	t.Logf("%s: device C reached through the proxy %v after its client's initialization (the server's CLIENT:ESTABLISHED is about 1 ms before it); "+
+		"online in the API %v after the initialization; reached %v after that; "+
+		"in the NSS index %v after that; out of the index %v after its client exited, and a CONNECT started %v after the exit no more reached it "+
+		"(answered after %v) (status interval %v)", profile,
+		fromInit.Round(time.Millisecond), online.Sub(initialized).Round(time.Millisecond), up.Round(time.Millisecond), inIndex.Round(time.Millisecond),
+		outOfIndex.Round(time.Millisecond), down.Round(time.Millisecond), answeredIn.Round(time.Millisecond), ws.cfg.OpenVPN.StatusInterval)
+	if limit := ws.cfg.OpenVPN.StatusInterval / 2; fromInit > limit || down > limit || inIndex > limit || outOfIndex > limit {
 		t.Errorf("reached %v after online, unreached %v after exit: not from the management interface (status interval %v)", up, down, ws.cfg.OpenVPN.StatusInterval)
 	}
 }

@@ -631,6 +631,29 @@ func StartClient(tb testing.TB, opts ClientOptions) *Process {
 	return own(tb, p, err)
 }
 
+// searchable lets others search dir and every directory above it (adds
+// o+x where it is missing; nothing else changes).
+func searchable(dir string) error {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	for p := abs; ; p = filepath.Dir(p) {
+		fi, err := os.Stat(p)
+		if err != nil {
+			return err
+		}
+		if fi.Mode().Perm()&0o001 == 0 {
+			if err := os.Chmod(p, fi.Mode().Perm()|0o001); err != nil {
+				return err
+			}
+		}
+		if p == filepath.Dir(p) {
+			return nil
+		}
+	}
+}
+
 // clientConfig returns the lines of opts.Profile's configuration, with
 // the credentials in the file cred.
 func clientConfig(opts ClientOptions, cred string) ([]string, error) {
@@ -681,7 +704,22 @@ func LaunchClient(dir string, opts ClientOptions) (*Process, error) {
 		return nil, fmt.Errorf("vpntest: %w", err)
 	}
 	cred := filepath.Join(dir, "credentials")
-	if err := os.WriteFile(cred, []byte(opts.Username+"\n"+opts.Password+"\n"), 0o600); err != nil {
+	mode := os.FileMode(0o600)
+	if opts.Profile == BalenaOS || opts.Profile == "" {
+		// balenaOS's prepare-openvpn writes /var/volatile/vpnfile with the
+		// default umask, so that openvpn, once it runs as its own user,
+		// reads it again when it reconnects after the server ended its
+		// session (a drain, a kill): readable by others, in directories
+		// they can search.
+		mode = 0o644
+		if err := searchable(dir); err != nil {
+			return nil, err
+		}
+	}
+	if err := os.WriteFile(cred, []byte(opts.Username+"\n"+opts.Password+"\n"), mode); err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(cred, mode); err != nil { // whatever the umask
 		return nil, err
 	}
 	conf, err := clientConfig(opts, cred)
