@@ -58,9 +58,13 @@ type options struct {
 // openvpn client and its web service, and what the last check found.
 type device struct {
 	balenatest.Device
-	ns     *vpntest.Device
-	client *vpntest.Process
-	web    *http.Server
+	ns   *vpntest.Device
+	opts vpntest.ClientOptions // its openvpn client's
+	dir  string                // its client's files
+	web  *http.Server
+
+	mu   sync.Mutex
+	proc *vpntest.Process // its openvpn client, restarted when it exits
 
 	host     *host // the host that the API says holds it
 	instance int
@@ -84,8 +88,21 @@ type fleet struct {
 	balancerSocket string
 	devices        []*device
 	relays         []net.Listener
-	wg             sync.WaitGroup // the web services and the relays
+	wg             sync.WaitGroup // the web services, the relays and the devices' supervisors
+	closing        chan struct{}  // closed when close begins
 	mu             sync.Mutex     // the devices' check results, while check runs
+}
+
+func (d *device) client() *vpntest.Process {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.proc
+}
+
+func (d *device) setClient(p *vpntest.Process) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.proc = p
 }
 
 // demo brings the fleet up, checks every device through every host's
@@ -100,7 +117,7 @@ func demo(ctx context.Context, o options) (err error) {
 	if o.hosts == 0 {
 		o.hosts = 1
 	}
-	f := &fleet{o: o}
+	f := &fleet{o: o, closing: make(chan struct{})}
 	defer func() {
 		// A second signal cuts the drain short.
 		hurry, stop := signalContext()
@@ -329,7 +346,7 @@ func (f *fleet) addDevice(r record) error {
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return err
 	}
-	d.client, err = vpntest.LaunchClient(dir, vpntest.ClientOptions{
+	d.opts = vpntest.ClientOptions{
 		Profile:  f.profileOf(len(f.devices) - 1),
 		Netns:    d.ns.Netns,
 		Remote:   fmt.Sprintf("%s:%d", d.ns.WorldAddr, vpnPort),
@@ -340,8 +357,55 @@ func (f *fleet) addDevice(r record) error {
 		// default back-off of up to 5 minutes), and restart rather than
 		// exit when the server is silent.
 		Extra: []string{"connect-retry 1 2", "pull-filter ignore ping-exit", "ping-restart 20"},
-	})
-	return err
+	}
+	d.dir = dir
+	client, err := vpntest.LaunchClient(dir, d.opts)
+	if err != nil {
+		return err
+	}
+	d.setClient(client)
+	f.wg.Add(1)
+	go func() { defer f.wg.Done(); f.supervise(d) }()
+	return nil
+}
+
+// clientRestartDelay is how long a device waits before it starts its
+// openvpn again once it exited: balenaOS's openvpn.service says
+// RestartSec=10s; the demo is quicker.
+const clientRestartDelay = time.Second
+
+// supervise starts d's openvpn again whenever it exits, until the fleet
+// closes, as balenaOS's openvpn.service (Restart=always) does. A balenaOS
+// client that comes back on another instance or host is pushed another
+// address and must reopen its tun device, which it cannot do as its
+// unprivileged user: it exits, and the unit starts it again.
+func (f *fleet) supervise(d *device) {
+	for {
+		select {
+		case <-d.client().Exited():
+		case <-f.closing:
+			return
+		}
+		f.o.log.Info("a device's openvpn exited; starting it again, as balenaOS's openvpn.service does",
+			"uuid", d.UUID, "last line", tail(d.client(), 1))
+		select {
+		case <-time.After(clientRestartDelay):
+		case <-f.closing:
+			return
+		}
+		client, err := vpntest.LaunchClient(d.dir, d.opts)
+		if err != nil {
+			f.o.log.Error("could not start a device's openvpn again", "uuid", d.UUID, "err", err)
+			return
+		}
+		d.setClient(client)
+		select {
+		case <-f.closing: // close may have missed it
+			client.Stop()
+			return
+		default:
+		}
+	}
 }
 
 // waitOnline waits until the API says that every device is online on a
@@ -379,7 +443,7 @@ func (f *fleet) waitOnline(ctx context.Context) error {
 			}
 			for _, d := range f.devices {
 				if !f.online(d) {
-					f.o.log.Error("device not online", "uuid", d.UUID, "last client lines", tail(d.client, 5))
+					f.o.log.Error("device not online", "uuid", d.UUID, "last client lines", tail(d.client(), 5))
 				}
 			}
 			return fmt.Errorf("%d of %d devices online: %w", last, len(f.devices), ctx.Err())
@@ -699,9 +763,10 @@ func (f *fleet) close(hurry context.Context) error {
 	if f.balancer != nil {
 		f.balancer.Stop()
 	}
+	close(f.closing) // no client is started again
 	for _, d := range f.devices {
-		if d.client != nil {
-			d.client.Stop()
+		if c := d.client(); c != nil {
+			c.Stop()
 		}
 		if d.web != nil {
 			d.web.Close()
