@@ -229,8 +229,7 @@ func TestForwardHalfClose(t *testing.T) {
 func TestForwardLoop(t *testing.T) {
 	is := is.New(t)
 	svc := startService(t, echo)
-	var p *pair
-	p = newPair(t, func(p *pair) {
+	p := newPair(t, func(p *pair) {
 		route := func(to *string) func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return func(ctx context.Context, network, addr string) (net.Conn, error) {
 				if strings.HasPrefix(addr, "192.0.2.1:") {

@@ -30,9 +30,6 @@ type tunnel struct {
 	idle *time.Timer // checks whether the tunnel is idle; nil after finish
 }
 
-// errIdle closes idle tunnels.
-var errIdle = errors.New("connectproxy: tunnel idle")
-
 // reserve takes a place for a tunnel, unless the handler is closed or
 // full. Until stop is called, a kill (a Shutdown out of time) calls
 // cancel.

@@ -44,7 +44,7 @@ func run() int {
 	if cfg.Verbose {
 		level.Set(slog.LevelDebug)
 	}
-	log := slog.New(tint.NewHandler(os.Stderr, &tint.Options{Level: level, TimeFormat: time.DateTime}))
+	log := slog.New(tint.NewTextHandler(os.Stderr, &tint.Options{Level: level, TimeFormat: time.DateTime}))
 
 	srv := &vpn.Server{Config: cfg, Logger: log}
 	if cfg.Auth.Mode == vpn.AuthScript {

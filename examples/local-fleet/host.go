@@ -42,7 +42,7 @@ func serveHost() int {
 		fmt.Fprintf(os.Stderr, "local-fleet host: %v\n", err)
 		return 2
 	}
-	var h slog.Handler = tint.NewHandler(os.Stderr, &tint.Options{Level: slog.LevelInfo, TimeFormat: time.TimeOnly, NoColor: true})
+	var h slog.Handler = tint.NewTextHandler(os.Stderr, &tint.Options{Level: slog.LevelInfo, TimeFormat: time.TimeOnly, NoColor: true})
 	if !cfg.Verbose {
 		h = quietOpenVPN{h}
 	}

@@ -88,7 +88,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "local-fleet: %v\n", err)
 		return 1
 	}
-	o.log = slog.New(tint.NewHandler(stderr, &tint.Options{Level: slog.LevelInfo, TimeFormat: time.TimeOnly}))
+	o.log = slog.New(tint.NewTextHandler(stderr, &tint.Options{Level: slog.LevelInfo, TimeFormat: time.TimeOnly}))
 	o.out = stdout
 
 	// The first Ctrl-C drains and cleans up; a second one cuts the drain
