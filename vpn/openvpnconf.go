@@ -65,16 +65,8 @@ func (c *Config) runDir() string {
 func (c *Config) OpenVPNServerConfig(in subnet.Instance, hooks ScriptHooks) (string, error) {
 	o := c.OpenVPN
 	paths := c.Paths(in.ID)
-	var b strings.Builder
-	line := func(args ...string) {
-		for i, a := range args {
-			if i > 0 {
-				b.WriteByte(' ')
-			}
-			b.WriteString(quoteConfigArg(a))
-		}
-		b.WriteByte('\n')
-	}
+	var b confWriter
+	line := b.line
 	secs := func(d, def time.Duration) string {
 		if d <= 0 {
 			d = def
@@ -158,39 +150,69 @@ func (c *Config) OpenVPNServerConfig(in subnet.Instance, hooks ScriptHooks) (str
 	line("push", "sndbuf 0")
 	line("push", "rcvbuf 0")
 
+	b.fieldLines(o, proto)
+	return b.String(), nil
+}
+
+// confWriter builds a configuration file, a line at a time.
+type confWriter struct{ strings.Builder }
+
+// line writes one line of arguments, each quoted as OpenVPN's lexer
+// needs it.
+func (b *confWriter) line(args ...string) {
+	for i, a := range args {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(quoteConfigArg(a))
+	}
+	b.WriteByte('\n')
+}
+
+// fieldLines writes what the clients in the field and the host need of
+// the server beyond SPEC §2's settings: compression framing that
+// balenaOS's comp-lzo clients and modern ones both talk to, the
+// unprivileged account, the reference's providers, exit notification and
+// log settings.
+func (b *confWriter) fieldLines(o OpenVPNConfig, proto string) {
 	switch o.Compression {
 	case CompressionLZO:
-		line("compress", "lzo")
-		line("allow-compression", "asym")
+		b.line("compress", "lzo")
+		b.line("allow-compression", "asym")
 	case CompressionOff:
 	default: // CompressionMigrate
-		line("compress", "migrate")
+		b.line("compress", "migrate")
 	}
 	// Drop root once the tun device, the ports and the files are open;
 	// persist-key and persist-tun keep what a SIGUSR1 restart could no
 	// longer open without it.
-	user, group := o.User, o.Group
+	user, group := o.account()
+	b.line("user", user)
+	b.line("group", group)
+	b.line("persist-key")
+	b.line("persist-tun")
+	if o.Providers != "" {
+		b.line(append([]string{"providers"}, strings.Fields(o.Providers)...)...)
+	}
+	if strings.HasPrefix(proto, "udp") && o.ExplicitExitNotify > 0 {
+		b.line("explicit-exit-notify", strconv.Itoa(o.ExplicitExitNotify))
+	}
+	// The log goes through the management interface and the logger, which
+	// stamp it; mute repeats as the reference does.
+	b.line("mute", "20")
+	b.line("suppress-timestamps")
+}
+
+// account returns the user and group OpenVPN drops to, defaults applied.
+func (o OpenVPNConfig) account() (user, group string) {
+	user, group = o.User, o.Group
 	if user == "" {
 		user = "nobody"
 	}
 	if group == "" {
 		group = "nogroup"
 	}
-	line("user", user)
-	line("group", group)
-	line("persist-key")
-	line("persist-tun")
-	if o.Providers != "" {
-		line(append([]string{"providers"}, strings.Fields(o.Providers)...)...)
-	}
-	if strings.HasPrefix(proto, "udp") && o.ExplicitExitNotify > 0 {
-		line("explicit-exit-notify", strconv.Itoa(o.ExplicitExitNotify))
-	}
-	// The log goes through the management interface and the logger, which
-	// stamp it; mute repeats as the reference does.
-	line("mute", "20")
-	line("suppress-timestamps")
-	return b.String(), nil
+	return user, group
 }
 
 // CheckHooks reports a script-mode hook that the account OpenVPN drops

@@ -138,10 +138,7 @@ func (s *Server) Run(ctx context.Context) error {
 		return fmt.Errorf("vpn: %w", err)
 	}
 	if cfg.Auth.Mode == AuthScript {
-		user := cfg.OpenVPN.User
-		if user == "" {
-			user = "nobody"
-		}
+		user, _ := cfg.OpenVPN.account()
 		if err := s.Hooks.CheckHooks(user); err != nil {
 			return err
 		}
@@ -291,15 +288,8 @@ func (s *Server) Run(ctx context.Context) error {
 		go func() { defer wg.Done(); hreg.run(runCtx) }()
 	}
 	if cfg.NSSIndex != "off" {
-		w := &nss.IndexWriter{Resolver: resolver, Path: cfg.NSSIndex, Logger: s.Logger}
 		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			// A failure leaves the NSS module to scan the status files.
-			if err := w.Run(runCtx); err != nil {
-				s.log().Warn("no NSS index", "err", err)
-			}
-		}()
+		go func() { defer wg.Done(); s.keepNSSIndex(runCtx, resolver) }()
 	}
 	wg.Add(2)
 	go func() { defer wg.Done(); _ = s.service.Run(runCtx) }()
@@ -422,6 +412,16 @@ func (s *Server) Run(ctx context.Context) error {
 		return runErr
 	}
 	return nil
+}
+
+// keepNSSIndex keeps the NSS module's index current from resolver until
+// ctx ends (Config.NSSIndex). A failure leaves the NSS module to scan the
+// status files.
+func (s *Server) keepNSSIndex(ctx context.Context, resolver *nss.Resolver) {
+	w := &nss.IndexWriter{Resolver: resolver, Path: s.Config.NSSIndex, Logger: s.Logger}
+	if err := w.Run(ctx); err != nil {
+		s.log().Warn("no NSS index", "err", err)
+	}
 }
 
 // internalAPIAddr is where the internal API listens for port.
