@@ -19,10 +19,10 @@ type DeviceAuthenticator interface {
 	Authenticate(ctx context.Context, uuid, apiKey string) (bool, error)
 }
 
-// StateSetter receives the devices that go online or offline; *Reporter
-// implements it.
+// StateSetter learns each new session of a device, and the end of its
+// last one; *Reporter implements it.
 type StateSetter interface {
-	Set(uuid string, connected bool)
+	Set(uuid string, s DeviceState)
 }
 
 // InternalAPI is the HTTP API that OpenVPN's scripts (cmd/vpn-auth,
@@ -183,17 +183,10 @@ func (a *InternalAPI) serveClients(w http.ResponseWriter, r *http.Request, insta
 	}
 	if r.Method == http.MethodPost {
 		io.WriteString(w, "OK")
-		if conns.Connect(ev.CommonName) == 0 {
-			if a.Metrics != nil {
-				a.Metrics.OnlineDevices.Inc()
-			}
-			if a.State != nil {
-				a.State.Set(ev.CommonName, true)
-			}
-		}
+		connectSession(conns, a.Metrics, a.State, ev.CommonName, instance)
 		return
 	}
-	before := conns.Disconnect(ev.CommonName)
+	before := disconnectSession(conns, a.Metrics, a.State, ev.CommonName, instance)
 	if before >= 1 && a.Sessions != nil {
 		// A session ended, whether or not the device stays online.
 		a.Sessions.ScriptDisconnect(instance, ev.CommonName, uint64(ev.BytesReceived), uint64(ev.BytesSent),
@@ -206,12 +199,6 @@ func (a *InternalAPI) serveClients(w http.ResponseWriter, r *http.Request, insta
 			"uuid", ev.CommonName, "instance", instance, "sessions_before", before)
 		http.Error(w, "Bad Request", http.StatusBadRequest)
 		return
-	}
-	if a.Metrics != nil {
-		a.Metrics.OnlineDevices.Dec()
-	}
-	if a.State != nil {
-		a.State.Set(ev.CommonName, false)
 	}
 	io.WriteString(w, "OK")
 }

@@ -2,6 +2,7 @@ package vpn
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -24,14 +25,14 @@ type recordedState struct {
 	log []string
 }
 
-func (s *recordedState) Set(uuid string, connected bool) {
+func (s *recordedState) Set(uuid string, st DeviceState) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if connected {
-		s.log = append(s.log, "+"+uuid)
-	} else {
-		s.log = append(s.log, "-"+uuid)
+	sign := "-"
+	if st.Connected {
+		sign = "+"
 	}
+	s.log = append(s.log, fmt.Sprintf("%s%s@%d", sign, uuid, st.Instance))
 }
 
 func (s *recordedState) snapshot() []string {
@@ -106,7 +107,9 @@ func TestInternalAPIClients(t *testing.T) {
 	// Out of order: the disconnect first, then the connect.
 	is.Equal(del("1", `{"common_name":"`+b+`"}`), 400)
 	is.Equal(post("1", `{"common_name":"`+b+`"}`), 200)
-	is.Equal(state.log, []string{"+" + uuidA, "-" + uuidA}) // b never went online
+	// Each session is learned, with its instance, and the last one's end;
+	// b never went online.
+	is.Equal(state.log, []string{"+" + uuidA + "@1", "+" + uuidA + "@2", "-" + uuidA + "@2"})
 
 	is.Equal(post("1", `{}`), 400)
 	is.Equal(post("1", `{"common_name":"../x"}`), 400)

@@ -90,10 +90,10 @@ func TestReporterOutageWithBalenatest(t *testing.T) {
 		u := uuids[rng.IntN(len(uuids))]
 		if rng.IntN(3) > 0 || conns.Count(u) <= 0 {
 			if conns.Connect(u) == 0 {
-				r.Set(u, true)
+				r.Set(u, vpn.DeviceState{Connected: true})
 			}
 		} else if conns.Disconnect(u) == 1 {
-			r.Set(u, false)
+			r.Set(u, vpn.DeviceState{Connected: false})
 		}
 	}
 	// The outage lasts while the reporter retries many times.

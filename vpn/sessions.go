@@ -211,14 +211,7 @@ func (s *Sessions) onEstablished(id int, ev *openvpnmgmt.ClientEvent) {
 	if s.Script {
 		return // the client-connect hook counts it
 	}
-	if s.counts().Connect(cn) == 0 {
-		if s.Metrics != nil {
-			s.Metrics.OnlineDevices.Inc()
-		}
-		if s.State != nil {
-			s.State.Set(cn, true)
-		}
-	}
+	connectSession(s.counts(), s.Metrics, s.State, cn, id)
 }
 
 func (s *Sessions) onByteCount(id int, ev *openvpnmgmt.ByteCountClientEvent) {
@@ -320,14 +313,7 @@ func (s *Sessions) onDisconnect(id int, ev *openvpnmgmt.ClientEvent) {
 		d = time.Duration(secs) * time.Second
 	}
 	s.ended(e, rx, tx, rxErr == nil && txErr == nil, d)
-	if s.counts().Disconnect(e.cn) == 1 {
-		if s.Metrics != nil {
-			s.Metrics.OnlineDevices.Dec()
-		}
-		if s.State != nil {
-			s.State.Set(e.cn, false)
-		}
-	}
+	disconnectSession(s.counts(), s.Metrics, s.State, e.cn, id)
 }
 
 // unname drops client id cid from the names' index. s.mu is held.

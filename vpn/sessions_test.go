@@ -66,12 +66,12 @@ func TestSessions(t *testing.T) {
 		">CLIENT:DISCONNECT,9", ">CLIENT:ENV,common_name=never-established", ">CLIENT:ENV,END",
 	)
 	waitFor(t, func() bool { return value(m.RxBytes) == 150 })
-	is.Equal(state.snapshot(), []string{"+" + dev}) // still online: one session left
+	is.Equal(state.snapshot(), []string{"+" + dev + "@1", "+" + dev + "@1"}) // still online: one session left
 	is.Equal(value(m.OnlineDevices), 1.0)
 	is.Equal(value(m.Devices), 2.0)
 	is.Equal(value(m.TxBytes), 70.0)
 	s.Forget(1) // the instance died: its last session is gone
-	is.Equal(state.snapshot(), []string{"+" + dev, "-" + dev})
+	is.Equal(state.snapshot(), []string{"+" + dev + "@1", "+" + dev + "@1", "-" + dev + "@1"})
 	is.Equal(value(m.OnlineDevices), 0.0)
 	var hm dto.Metric
 	is.NoErr(m.SessionDuration.Write(&hm))
@@ -135,13 +135,13 @@ func TestSessionsScriptMode(t *testing.T) {
 	is.Equal(call("POST", `{"common_name":"`+dev+`"}`), 200) // client-connect hook
 	established(2)
 	h(context.Background(), nil, &openvpnmgmt.ByteCountClientEvent{CID: 2, Received: 100, Sent: 50})
-	is.Equal(state.snapshot(), []string{"+" + dev})
+	is.Equal(state.snapshot(), []string{"+" + dev + "@1"})
 	is.Equal(conns.Count(dev), 1)
 	is.Equal(value(m.OnlineDevices), 1.0)
 	is.Equal(value(m.Devices), 1.0)
 
 	is.Equal(call("DELETE", `{"common_name":"`+dev+`","bytes_received":"150","bytes_sent":"70","time_duration":"90"}`), 200)
-	is.Equal(state.snapshot(), []string{"+" + dev, "-" + dev})
+	is.Equal(state.snapshot(), []string{"+" + dev + "@1", "-" + dev + "@1"})
 	is.Equal(value(m.OnlineDevices), 0.0)
 	is.Equal(value(m.RxBytes), 150.0)
 	is.Equal(value(m.TxBytes), 70.0)
@@ -151,7 +151,7 @@ func TestSessionsScriptMode(t *testing.T) {
 	is.Equal(call("POST", `{"common_name":"`+dev+`"}`), 200)
 	established(3)
 	s.Forget(1)
-	is.Equal(state.snapshot(), []string{"+" + dev, "-" + dev, "+" + dev, "-" + dev})
+	is.Equal(state.snapshot(), []string{"+" + dev + "@1", "-" + dev + "@1", "+" + dev + "@1", "-" + dev + "@1"})
 	is.Equal(conns.Count(dev), 0)
 	is.Equal(value(m.OnlineDevices), 0.0)
 	var d, rate dto.Metric

@@ -75,6 +75,45 @@ func (c *Connections) add(uuid string, d int) int {
 	return before
 }
 
+// connectSession counts a new session of uuid on instance: the device goes
+// online in m when it had none, and st learns the session unless a
+// disconnect came before its connect (the count was below zero), as the
+// reference does.
+func connectSession(conns *Connections, m *Metrics, st StateSetter, uuid string, instance int) {
+	before := conns.Connect(uuid)
+	if before == 0 && m != nil {
+		m.OnlineDevices.Inc()
+	}
+	if before >= 0 && st != nil {
+		st.Set(uuid, DeviceState{Connected: true, Instance: instance})
+	}
+}
+
+// disconnectSession counts a session of uuid on instance as gone and returns
+// the count before it; the device goes offline, in m and st, when that was
+// its last session.
+func disconnectSession(conns *Connections, m *Metrics, st StateSetter, uuid string, instance int) (before int) {
+	before = conns.Disconnect(uuid)
+	if before != 1 {
+		return before
+	}
+	if m != nil {
+		m.OnlineDevices.Dec()
+	}
+	if st != nil {
+		st.Set(uuid, DeviceState{Connected: false, Instance: instance})
+	}
+	return before
+}
+
+// DeviceState is what the balena API should hold about one device: whether
+// it is connected to this VPN server, and on which of the server's OpenVPN
+// instances its newest session is.
+type DeviceState struct {
+	Connected bool
+	Instance  int
+}
+
 // Reporter tells the balena API which devices are online. Callers set each
 // device's target state with [Reporter.Set]; [Reporter.Run] sends, one pass
 // at a time, the devices whose target differs from what the API last
@@ -82,6 +121,16 @@ func (c *Connections) add(uuid string, d int) int {
 // BatchSize devices. A failed request leaves its devices pending for the
 // next pass, so nothing is lost while the API is down, and once it is back
 // the state it holds equals the last target of every device.
+//
+// Every new session is reported, even when the API already acknowledged the
+// device as connected here: the API keeps one service instance per device,
+// and a device that connected to another server in between was claimed by
+// it. When the device comes back while this server still counts its old
+// session (a device moving A → B → A before A has noticed it left), the
+// report of the new session reclaims it, so that B's later disconnect,
+// which the API ignores for a device it no longer holds for B, cannot leave
+// it offline. The reference tracks the instance for the same reason, but
+// reclaims only when the instance differs.
 //
 // The zero Reporter is not usable: API and ServiceID must be set before Run.
 type Reporter struct {
@@ -108,34 +157,48 @@ type Reporter struct {
 
 	once     sync.Once
 	mu       sync.Mutex
-	target   map[string]bool     // the state to report, by UUID
-	acked    map[string]bool     // the state the API acknowledged, by UUID
-	inflight map[string]struct{} // the UUIDs of the pass under way
-	wake     chan struct{}       // a signal that target changed; buffered, 1
-	passMu   sync.Mutex          // one pass at a time
+	seq      uint64                 // numbers the sessions, so that each new one is a new target
+	target   map[string]reportState // the state to report, by UUID
+	acked    map[string]reportState // the connected devices the API acknowledged, by UUID
+	inflight map[string]struct{}    // the UUIDs of the pass under way
+	wake     chan struct{}          // a signal that target changed; buffered, 1
+	passMu   sync.Mutex             // one pass at a time
+}
+
+// reportState is a target or acknowledged state; seq tells a new session
+// from an old one with the same state.
+type reportState struct {
+	DeviceState
+	seq uint64
 }
 
 func (r *Reporter) init() {
 	r.once.Do(func() {
-		r.target = make(map[string]bool)
-		r.acked = make(map[string]bool)
+		r.target = make(map[string]reportState)
+		r.acked = make(map[string]reportState)
 		r.inflight = make(map[string]struct{})
 		r.wake = make(chan struct{}, 1)
 	})
 }
 
-// Set records that uuid should be reported connected (or disconnected) and
-// wakes the reporter. It never blocks on the API.
-func (r *Reporter) Set(uuid string, connected bool) {
+// Set records the state the API should hold for uuid and wakes the
+// reporter. A connected state stands for a new session and is always
+// reported (see [Reporter]); a disconnected one is reported unless the API
+// already holds the device as disconnected. Set never blocks on the API.
+func (r *Reporter) Set(uuid string, s DeviceState) {
 	r.init()
 	r.mu.Lock()
-	_, sending := r.inflight[uuid]
-	if a, ok := r.acked[uuid]; ok && a == connected && !sending {
-		// Back to what the API holds: nothing to send. (While a pass
-		// sends the opposite, the API will hold that: keep the target.)
-		delete(r.target, uuid)
+	if s.Connected {
+		r.seq++
+		r.target[uuid] = reportState{s, r.seq}
+	} else if _, held := r.acked[uuid]; held {
+		r.target[uuid] = reportState{DeviceState: s}
+	} else if _, sending := r.inflight[uuid]; sending {
+		// The pass under way may make the API hold it connected.
+		r.target[uuid] = reportState{DeviceState: s}
 	} else {
-		r.target[uuid] = connected
+		// The API holds it disconnected: nothing to send.
+		delete(r.target, uuid)
 	}
 	r.mu.Unlock()
 	select {
@@ -232,12 +295,14 @@ func (r *Reporter) pass(ctx context.Context) error {
 	}
 	r.mu.Lock()
 	var up, down []string
-	for u, c := range r.target {
-		if c {
+	sent := make(map[string]reportState, len(r.target))
+	for u, t := range r.target {
+		if t.Connected {
 			up = append(up, u)
 		} else {
 			down = append(down, u)
 		}
+		sent[u] = t
 		r.inflight[u] = struct{}{}
 	}
 	r.mu.Unlock()
@@ -259,20 +324,26 @@ func (r *Reporter) pass(ctx context.Context) error {
 			if err := r.API.ReportState(ctx, id, b, group.connected); err != nil {
 				return err
 			}
-			r.ack(b, group.connected)
+			r.ack(b, sent)
 		}
 	}
 	return nil
 }
 
-// ack records that the API holds connected for uuids; a device whose
-// target changed since the pass read it stays pending.
-func (r *Reporter) ack(uuids []string, connected bool) {
+// ack records that the API holds what sent says for uuids; a device whose
+// target changed since the pass read it (a new session, or a disconnect)
+// stays pending.
+func (r *Reporter) ack(uuids []string, sent map[string]reportState) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, u := range uuids {
-		r.acked[u] = connected
-		if t, ok := r.target[u]; ok && t == connected {
+		s := sent[u]
+		if s.Connected {
+			r.acked[u] = s
+		} else {
+			delete(r.acked, u) // the API's default: keep the map as small as the fleet online
+		}
+		if t, ok := r.target[u]; ok && t == s {
 			delete(r.target, u)
 		}
 	}

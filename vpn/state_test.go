@@ -13,6 +13,9 @@ import (
 	"github.com/matryer/is"
 )
 
+// st is a session's state on instance 1, connected or not.
+func st(connected bool) DeviceState { return DeviceState{Connected: connected, Instance: 1} }
+
 func TestConnections(t *testing.T) {
 	is := is.New(t)
 	var c Connections
@@ -85,24 +88,38 @@ func TestReporterBatches(t *testing.T) {
 	api := newFakeStateAPI()
 	r := &Reporter{API: api, ServiceID: func() int64 { return 7 }, BatchSize: 100}
 	for i := range 250 {
-		r.Set(fmt.Sprintf("%032x", i), true)
+		r.Set(fmt.Sprintf("%032x", i), st(true))
 	}
 	for i := range 30 {
-		r.Set(fmt.Sprintf("%032x", 1000+i), false)
+		r.Set(fmt.Sprintf("%032x", 1000+i), st(true))
 	}
-	is.Equal(r.Pending(), 280)
+	is.NoErr(r.Flush(context.Background()))
+	for i := range 30 {
+		r.Set(fmt.Sprintf("%032x", 1000+i), st(false))
+	}
+	is.Equal(r.Pending(), 30)
 	is.NoErr(r.Flush(context.Background()))
 	is.Equal(r.Pending(), 0)
-	is.Equal(api.sizes, []int{100, 100, 50, 30}) // ceil(250/100) connects, one disconnect
+	is.Equal(api.sizes, []int{100, 100, 80, 30}) // ceil(280/100) connects, one disconnect
 	is.Equal(len(api.onlineSet()), 250)
 
-	// Setting what the API already holds sends nothing.
-	r.Set(fmt.Sprintf("%032x", 1), true)
+	// A disconnect of a device the API holds as disconnected sends nothing.
+	r.Set(fmt.Sprintf("%032x", 1000), st(false))
+	r.Set(fmt.Sprintf("%032x", 9999), st(false))
 	is.Equal(r.Pending(), 0)
-	// A flip and a flip back before the pass sends nothing either.
-	r.Set(fmt.Sprintf("%032x", 2), false)
-	r.Set(fmt.Sprintf("%032x", 2), true)
+	// A connect and a disconnect before the pass sends nothing either.
+	r.Set(fmt.Sprintf("%032x", 3000), st(true))
+	r.Set(fmt.Sprintf("%032x", 3000), st(false))
 	is.Equal(r.Pending(), 0)
+	// A new session of a device the API holds as connected is reported
+	// again: another server may have claimed the device in between.
+	r.Set(fmt.Sprintf("%032x", 1), st(true))
+	r.Set(fmt.Sprintf("%032x", 2), st(false))
+	r.Set(fmt.Sprintf("%032x", 2), DeviceState{Connected: true, Instance: 2})
+	is.Equal(r.Pending(), 2)
+	is.NoErr(r.Flush(context.Background()))
+	is.Equal(api.sizes[4:], []int{2})
+	is.Equal(len(api.onlineSet()), 250)
 }
 
 func TestReporterNotRegistered(t *testing.T) {
@@ -111,7 +128,7 @@ func TestReporterNotRegistered(t *testing.T) {
 	var id int64
 	var mu sync.Mutex
 	r := &Reporter{API: api, ServiceID: func() int64 { mu.Lock(); defer mu.Unlock(); return id }}
-	r.Set("aa", true)
+	r.Set("aa", st(true))
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	is.True(r.Flush(ctx) != nil) // cannot report without a service id
@@ -156,10 +173,10 @@ func TestReporterOutage(t *testing.T) {
 		u := devices[rng.IntN(len(devices))]
 		if rng.IntN(3) > 0 || conns.Count(u) <= 0 {
 			if conns.Connect(u) == 0 {
-				r.Set(u, true)
+				r.Set(u, st(true))
 			}
 		} else if conns.Disconnect(u) == 1 {
-			r.Set(u, false)
+			r.Set(u, st(false))
 		}
 	}
 	// Let the outage be seen several times, then end it.
@@ -215,20 +232,27 @@ func TestReporterChangeWhileSending(t *testing.T) {
 			api := blockingStateAPI{newFakeStateAPI(), make(chan []string, 1), make(chan struct{})}
 			r := &Reporter{API: api, ServiceID: func() int64 { return 7 }}
 			ctx := context.Background()
-			// The API acknowledges the device in state !first.
-			r.Set("a", !first)
+			// The API acknowledges the device in state !first (a
+			// disconnected device was connected before).
 			done := make(chan error, 1)
-			go func() { done <- r.Flush(ctx) }()
-			<-api.started
-			api.release <- struct{}{}
-			is.NoErr(<-done)
+			prelude := []bool{true}
+			if first {
+				prelude = append(prelude, false)
+			}
+			for _, c := range prelude {
+				r.Set("a", st(c))
+				go func() { done <- r.Flush(ctx) }()
+				<-api.started
+				api.release <- struct{}{}
+				is.NoErr(<-done)
+			}
 
 			// Now first is sent, and while it is in flight the device
 			// goes back to !first.
-			r.Set("a", first)
+			r.Set("a", st(first))
 			go func() { done <- r.Flush(ctx) }()
 			is.Equal(<-api.started, []string{"a"})
-			r.Set("a", !first)
+			r.Set("a", st(!first))
 			is.Equal(r.Pending(), 1)
 			api.release <- struct{}{}
 			<-api.started // the second pass sends !first again
@@ -248,10 +272,10 @@ func TestReporterRunWakesOnSet(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
-	r.Set("ab", true)
+	r.Set("ab", st(true))
 	<-api.calls
 	waitFor(t, func() bool { return r.Pending() == 0 })
-	r.Set("ab", false)
+	r.Set("ab", st(false))
 	<-api.calls
 	waitFor(t, func() bool { return r.Pending() == 0 })
 	cancel()
