@@ -22,9 +22,10 @@ import (
 //     client-deny after DelayOnAuthFail, without holding up others; a
 //     denied REAUTH also gets client-kill, since denying it only drops the
 //     new key. A missing username or password is a denial.
-//   - ESTABLISHED counts a session for its common name, and a device's
-//     first session reports it online; DISCONNECT of an established
-//     session uncounts it, and its last reports it offline.
+//   - ESTABLISHED counts a session for its common name and reports it to
+//     State (every session, so that a device that came back from another
+//     server is claimed again: see [Reporter]); DISCONNECT of an
+//     established session uncounts it, and its last reports it offline.
 //
 // The zero value needs Auth.
 type Sessions struct {
