@@ -81,7 +81,9 @@ func (f ResolverFunc) Lookup(name string) (netip.Addr, error) { return f(name) }
 //     or ".vpn", with an optional port (80 by default): 400 without a
 //     target, 403 for another one.
 //  2. The caller's key is the password of a Basic Proxy-Authorization
-//     header (the user name is ignored); without one, the key is "".
+//     header (the user name is ignored), or the whole credentials when
+//     they hold no colon, as a reference peer forwards them; without a
+//     header, the key is "".
 //  3. The Authorizer must allow (uuid, port, key), else 407. Its answers
 //     are cached for 5 s per (uuid, port, key); errors are never cached
 //     and are answered 500.
@@ -291,7 +293,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.establish(w, r, t, dev, early, via, log)
 }
 
-// proxyKey returns the password of a Basic Proxy-Authorization header, or
+// proxyKey returns the caller's key from a Basic Proxy-Authorization
+// header: the password of "user:password", or, when the decoded
+// credentials hold no colon, all of them. The second form is what a
+// reference server sends when it forwards a CONNECT to a peer
+// (base64(<key>), SPEC §6c), so that keyed requests keep their key during a
+// rolling migration. Without a header, or with a malformed one, the key is
 // "".
 func proxyKey(hdr http.Header) string {
 	v := hdr.Get("Proxy-Authorization")
@@ -303,11 +310,10 @@ func proxyKey(hdr http.Header) string {
 	if err != nil {
 		return ""
 	}
-	_, pass, ok := strings.Cut(string(b), ":")
-	if !ok {
-		return ""
+	if _, pass, ok := strings.Cut(string(b), ":"); ok {
+		return pass
 	}
-	return pass
+	return string(b)
 }
 
 // reach connects to the device: here, or through the peer VPN server that

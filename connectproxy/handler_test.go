@@ -2,7 +2,9 @@ package connectproxy
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -64,7 +66,9 @@ func TestStatusCodes(t *testing.T) {
 			"HTTP/1.0 407 Proxy Authorization Required"},
 		{"private port, the guest key", nil, target(devUUID, svc.port), []string{"Proxy-Authorization: " + basic("u", balenatest.DefaultGuestKey)},
 			"HTTP/1.0 407 Proxy Authorization Required"},
-		{"key without a colon is no key", nil, target(devUUID, svc.port), []string{"Proxy-Authorization: Basic " + "b3BlcmF0b3ItU0VDUkVU"},
+		{"key without a colon is the key, as a reference peer sends it", nil, target(devUUID, svc.port), []string{"Proxy-Authorization: Basic " + "b3BlcmF0b3ItU0VDUkVU"},
+			"HTTP/1.0 200 Connection Established"},
+		{"a wrong key without a colon", nil, target(devUUID, svc.port), []string{"Proxy-Authorization: Basic " + base64.StdEncoding.EncodeToString([]byte("wrong-SECRET"))},
 			"HTTP/1.0 407 Proxy Authorization Required"},
 		{"not a device", nil, "example.com:443", nil, "HTTP/1.0 403 Forbidden"},
 		{"port out of range", nil, devUUID + ".balena:65536", nil, "HTTP/1.0 403 Forbidden"},
@@ -589,7 +593,7 @@ func TestProxyKey(t *testing.T) {
 		{"basic " + basic("u", "k")[6:], "k"},
 		{"Basic !!!", ""},
 		{"Bearer k", ""},
-		{"Basic " + "aw==", ""}, // "k": no colon, no password
+		{"Basic " + "aw==", "k"}, // "k": no colon, the key itself, as a reference peer forwards it
 		{"", ""},
 	} {
 		h := http.Header{}
@@ -598,6 +602,36 @@ func TestProxyKey(t *testing.T) {
 		}
 		if got := proxyKey(h); got != tt.want {
 			t.Errorf("proxyKey(%q) = %q, want %q", tt.header, got, tt.want)
+		}
+	}
+}
+
+// TestReferencePeer: a reference server that forwards a CONNECT to this one
+// sends the caller's key as Basic base64(<key>), without a "user:" part,
+// and its signature in Forwarded; the key opens the port it grants. A
+// device named in upper case is the same device: the API is asked, and
+// the resolver searched, in lower case.
+func TestReferencePeer(t *testing.T) {
+	w := newWorld(t, nil)
+	svc := startService(t, echo)
+	w.addDevice(devUUID, svc.port)
+	target := devUUID + ".balena:" + fmt.Sprint(svc.port)
+	refKey := "Proxy-Authorization: Basic " + base64.StdEncoding.EncodeToString([]byte(opKey))
+	a := connect(t, w.addr, target, refKey, "Forwarded: by=open-balena-vpn(99)")
+	if a.status != http.StatusOK {
+		t.Fatalf("a reference peer's forward: %s", a.line)
+	}
+	a.roundTrip(t, "hello from a reference peer")
+
+	upper := strings.ToUpper(devUUID) + ".balena:" + fmt.Sprint(svc.port)
+	b := connect(t, w.addr, upper, "Proxy-Authorization: "+basic("balena", opKey))
+	if b.status != http.StatusOK {
+		t.Fatalf("CONNECT %s: %s", upper, b.line)
+	}
+	b.roundTrip(t, "HELLO")
+	for _, c := range w.api.AccessChecks() {
+		if c.UUID != devUUID {
+			t.Errorf("canAccess asked for %q, want %q", c.UUID, devUUID)
 		}
 	}
 }

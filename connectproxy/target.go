@@ -4,13 +4,16 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 )
 
 // Target is the destination of a CONNECT request: a port on a device,
 // named "<uuid>.balena:<port>" (also ".resin", deprecated, and ".vpn").
 type Target struct {
-	// UUID is the device's UUID as the caller wrote it: hexadecimal
-	// digits, in any case.
+	// UUID is the device's UUID in lower case, however the caller wrote
+	// it: a device's name is the same device in any letter case, and the
+	// balena API, the status files and the NSS index know it in lower
+	// case.
 	UUID string
 	// TLD is "balena", "resin" or "vpn".
 	TLD string
@@ -65,7 +68,7 @@ func ParseTarget(s string) (Target, error) {
 	default:
 		return bad("want <uuid>.balena[:<port>]")
 	}
-	t := Target{UUID: uuid, TLD: tld, Port: DefaultPort}
+	t := Target{UUID: strings.ToLower(uuid), TLD: tld, Port: DefaultPort}
 	if hasPort {
 		if port == "" {
 			return bad("empty port")

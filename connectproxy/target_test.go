@@ -15,7 +15,7 @@ func TestParseTarget(t *testing.T) {
 		err  bool
 	}{
 		{"0123abcd.balena:22", Target{"0123abcd", "balena", 22}, false},
-		{"0123ABCD.balena", Target{"0123ABCD", "balena", 80}, false},
+		{"0123ABCD.balena", Target{"0123abcd", "balena", 80}, false}, // one device in any case
 		{"abc.resin:8080", Target{"abc", "resin", 8080}, false},
 		{"abc.vpn:65535", Target{"abc", "vpn", 65535}, false},
 		{"abc.vpn:00022", Target{"abc", "vpn", 22}, false},
@@ -69,7 +69,7 @@ func slowParseTarget(s string) (Target, bool) {
 		}
 		port = int(n)
 	}
-	return Target{UUID: m[1], TLD: m[2], Port: uint16(port)}, true
+	return Target{UUID: strings.ToLower(m[1]), TLD: m[2], Port: uint16(port)}, true
 }
 
 func FuzzParseTarget(f *testing.F) {

@@ -154,7 +154,7 @@ func (r *resolver) Lookup(name string) (netip.Addr, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.calls++
-	if a, ok := r.names[strings.ToLower(name)]; ok {
+	if a, ok := r.names[name]; ok { // strict: the handler asks in lower case
 		return a, nil
 	}
 	return netip.Addr{}, errors.New("not connected here")

@@ -30,7 +30,7 @@ type StateSetter interface {
 //
 //	GET    /ping                          200 "OK", from anywhere
 //	POST   /api/v1/auth/                  {"username","password"}: 200 allowed, 400 missing, 401 denied
-//	POST   /api/v2/<instance>/clients/    {"common_name"}: the device connected
+//	POST   /api/v2/<instance>/clients/    {"common_name"}: the device connected (also without the final slash, as everywhere)
 //	DELETE /api/v2/<instance>/clients/    {"common_name","bytes_received","bytes_sent","time_duration"}
 //
 // Every endpoint but /ping answers 401 to callers whose connection does
@@ -96,11 +96,14 @@ func (a *InternalAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "Unauthorized", http.StatusUnauthorized)
 		return
 	}
+	// Each path is answered with and without its trailing slash: the
+	// reference's hooks send it, upstream's client hooks do not.
+	p := strings.TrimSuffix(r.URL.Path, "/")
 	switch {
-	case r.URL.Path == "/api/v1/auth/":
+	case p == "/api/v1/auth":
 		a.serveAuth(w, r)
-	case strings.HasPrefix(r.URL.Path, "/api/v2/") && strings.HasSuffix(r.URL.Path, "/clients/"):
-		id, err := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(r.URL.Path, "/api/v2/"), "/clients/"))
+	case strings.HasPrefix(p, "/api/v2/") && strings.HasSuffix(p, "/clients"):
+		id, err := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(p, "/api/v2/"), "/clients"))
 		if err != nil || id < 1 || (a.Instances > 0 && id > a.Instances) {
 			http.NotFound(w, r)
 			return

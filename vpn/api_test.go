@@ -118,6 +118,15 @@ func TestInternalAPIClients(t *testing.T) {
 	is.Equal(post("0", `{"common_name":"`+uuidA+`"}`), 404)
 	is.Equal(post("x", `{"common_name":"`+uuidA+`"}`), 404)
 	is.Equal(do(api, "[::1]:5000", "PUT", "/api/v2/1/clients/", `{}`).Code, 405)
+	// A device in any letter case is one device, reported in lower case.
+	state.log = nil
+	is.Equal(post("1", `{"common_name":"`+strings.ToUpper(uuidA)+`"}`), 200)
+	is.Equal(del("1", `{"common_name":"`+uuidA+`"}`), 200)
+	is.Equal(state.log, []string{"+" + uuidA + "@1", "-" + uuidA + "@1"})
+	// Upstream's client hooks leave the trailing slash out.
+	is.Equal(do(api, "[::1]:5000", "POST", "/api/v2/1/clients", `{"common_name":"`+uuidA+`"}`).Code, 200)
+	is.Equal(do(api, "[::1]:5000", "DELETE", "/api/v2/1/clients", `{"common_name":"`+uuidA+`"}`).Code, 200)
+	is.Equal(do(api, "[::1]:5000", "POST", "/api/v2/1/clientsx", `{"common_name":"`+uuidA+`"}`).Code, 404)
 	is.Equal(do(api, "[::1]:5000", "GET", "/nothing", ``).Code, 404)
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 )
@@ -103,6 +104,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (
 	if !IsUUID(uuid) || apiKey == "" {
 		return false, ErrBadCredentials
 	}
+	uuid = strings.ToLower(uuid) // one device, one cache entry, in any case
 	h := sha256.New()
 	h.Write([]byte(uuid))
 	h.Write([]byte{0})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -263,4 +264,18 @@ func TestIsUUID(t *testing.T) {
 			t.Errorf("IsUUID(%q) = %v, want %v", s, got, want)
 		}
 	}
+}
+
+// TestAuthenticatorLetterCase: a device's UUID in any case is one device:
+// one cache entry, and the API is asked in lower case.
+func TestAuthenticatorLetterCase(t *testing.T) {
+	is := is.New(t)
+	api := &fakeAuthAPI{answers: map[string]func() (bool, error){uuidA: func() (bool, error) { return true, nil }}}
+	a := &Authenticator{API: api, CacheTimeout: time.Minute}
+	for _, u := range []string{strings.ToUpper(uuidA), uuidA, "0123456789ABCdef0123456789abcdef"} {
+		ok, err := a.Authenticate(context.Background(), u, "k")
+		is.NoErr(err)
+		is.True(ok) // asked as uuidA, which the fake allows
+	}
+	is.Equal(api.calls.Load(), int64(1))
 }

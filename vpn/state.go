@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 )
@@ -16,7 +17,8 @@ type StateAPI interface {
 	ReportState(ctx context.Context, serviceID int64, uuids []string, connected bool) error
 }
 
-// Connections counts the open VPN sessions of each device. A device is
+// Connections counts the open VPN sessions of each device, a device's UUID
+// in any letter case being the same device. A device is
 // online while it has at least one: a device connected twice and
 // disconnected once stays online. A disconnect that arrives before its
 // connect takes the count below zero, and the late connect brings it back to
@@ -39,11 +41,11 @@ func (c *Connections) Disconnect(uuid string) (before int) {
 	return c.add(uuid, -1)
 }
 
-// Count returns the open sessions of uuid.
+// Count returns the open sessions of uuid, in any letter case.
 func (c *Connections) Count(uuid string) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.counts[uuid]
+	return c.counts[strings.ToLower(uuid)]
 }
 
 // Online returns the devices with at least one session, sorted.
@@ -61,6 +63,7 @@ func (c *Connections) Online() []string {
 }
 
 func (c *Connections) add(uuid string, d int) int {
+	uuid = strings.ToLower(uuid)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.counts == nil {
@@ -80,6 +83,7 @@ func (c *Connections) add(uuid string, d int) int {
 // disconnect came before its connect (the count was below zero), as the
 // reference does.
 func connectSession(conns *Connections, m *Metrics, st StateSetter, uuid string, instance int) {
+	uuid = strings.ToLower(uuid) // one device in any case
 	before := conns.Connect(uuid)
 	if before == 0 && m != nil {
 		m.OnlineDevices.Inc()
@@ -93,6 +97,7 @@ func connectSession(conns *Connections, m *Metrics, st StateSetter, uuid string,
 // the count before it; the device goes offline, in m and st, when that was
 // its last session.
 func disconnectSession(conns *Connections, m *Metrics, st StateSetter, uuid string, instance int) (before int) {
+	uuid = strings.ToLower(uuid)
 	before = conns.Disconnect(uuid)
 	if before != 1 {
 		return before

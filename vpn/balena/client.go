@@ -92,11 +92,13 @@ func ValidUUID(uuid string) bool {
 	return true
 }
 
-func checkUUID(uuid string) error {
+// checkUUID returns uuid in lower case, the one spelling of a device's
+// UUID that the API is sent, or an error wrapping [ErrInvalidUUID].
+func checkUUID(uuid string) (string, error) {
 	if !ValidUUID(uuid) {
-		return fmt.Errorf("%w: %q", ErrInvalidUUID, uuid)
+		return "", fmt.Errorf("%w: %q", ErrInvalidUUID, uuid)
 	}
-	return nil
+	return strings.ToLower(uuid), nil
 }
 
 // APIError is an answer of the API with a status that the call does not

@@ -38,7 +38,12 @@ func fakeAPI(t *testing.T, status int, body string) (*balena.Client, *[]seen) {
 	return c, &got
 }
 
-const uuid = "0123456789abcdef0123456789ABCDEF"
+// uuid is written in both cases: the client sends every UUID in lower
+// case (lower), one device in any case.
+const (
+	uuid  = "0123456789abcdef0123456789ABCDEF"
+	lower = "0123456789abcdef0123456789abcdef"
+)
 
 // TestWire checks the exact request of every endpoint: method, path and
 // query, bearer and body.
@@ -57,9 +62,9 @@ func TestWire(t *testing.T) {
 				return errors.New("denied")
 			}
 			return err
-		}, seen{"GET", "/services/vpn/auth/" + uuid, "Bearer devkey", "", ""}},
+		}, seen{"GET", "/services/vpn/auth/" + lower, "Bearer devkey", "", ""}},
 		{"client-connect", 200, "", func(c *balena.Client) error {
-			return c.ReportState(ctx, 7, []string{"aa", "bb"}, true)
+			return c.ReportState(ctx, 7, []string{"aa", "BB"}, true)
 		}, seen{"POST", "/services/vpn/client-connect", "Bearer svc", "application/json", `{"serviceId":7,"uuids":["aa","bb"],"connected":true}`}},
 		{"client-disconnect", 200, "", func(c *balena.Client) error {
 			return c.ReportState(ctx, 7, []string{"aa"}, false)
@@ -84,12 +89,12 @@ func TestWire(t *testing.T) {
 				return errors.New("wrong answer")
 			}
 			return err
-		}, seen{"POST", "/v7/device(uuid=@uuid)/canAccess?@uuid='" + uuid + "'", "Bearer userkey", "application/json",
+		}, seen{"POST", "/v7/device(uuid=@uuid)/canAccess?@uuid='" + lower + "'", "Bearer userkey", "application/json",
 			`{"action":{"or":["tunnel-any","tunnel-22222"]}}`}},
 		{"canAccess with the guest key", 200, `{"d":[{"id":5}]}`, func(c *balena.Client) error {
 			_, _, err := c.CanAccess(ctx, uuid, 80, "")
 			return err
-		}, seen{"POST", "/v7/device(uuid=@uuid)/canAccess?@uuid='" + uuid + "'", "Bearer guest", "application/json",
+		}, seen{"POST", "/v7/device(uuid=@uuid)/canAccess?@uuid='" + lower + "'", "Bearer guest", "application/json",
 			`{"action":{"or":["tunnel-any","tunnel-80"]}}`}},
 		{"device online", 200, `{"d":[{"id":5}]}`, func(c *balena.Client) error {
 			ok, err := c.DeviceOnline(ctx, 5)
@@ -104,7 +109,7 @@ func TestWire(t *testing.T) {
 				return errors.New("wrong answer")
 			}
 			return err
-		}, seen{"GET", "/v7/service_instance?$select=id,ip_address&$filter=manages__device/any(d:d/uuid%20eq%20'" + uuid + "'%20and%20d/is_connected_to_vpn)",
+		}, seen{"GET", "/v7/service_instance?$select=id,ip_address&$filter=manages__device/any(d:d/uuid%20eq%20'" + lower + "'%20and%20d/is_connected_to_vpn)",
 			"Bearer userkey", "", ""}},
 	}
 	for _, tt := range tests {

@@ -16,7 +16,8 @@ import (
 // denied and the answer must not be cached. An empty apiKey is denied
 // without asking.
 func (c *Client) DeviceAuth(ctx context.Context, uuid, apiKey string) (bool, error) {
-	if err := checkUUID(uuid); err != nil {
+	uuid, err := checkUUID(uuid)
+	if err != nil {
 		return false, err
 	}
 	if apiKey == "" {
@@ -46,7 +47,8 @@ func (c *Client) DeviceAuth(ctx context.Context, uuid, apiKey string) (bool, err
 // API does not accept the key). Other answers are an [*APIError]. The
 // query changes nothing, so it is retried like a GET.
 func (c *Client) CanAccess(ctx context.Context, uuid string, port uint16, key string) (deviceID int64, ok bool, err error) {
-	if err := checkUUID(uuid); err != nil {
+	uuid, err = checkUUID(uuid)
+	if err != nil {
 		return 0, false, err
 	}
 	if key == "" {
@@ -124,7 +126,8 @@ func (c *Client) DeviceOnline(ctx context.Context, deviceID int64) (bool, error)
 // which means that it cannot tell with this key. An instance registered
 // without an address has the zero addr. Other answers are an [*APIError].
 func (c *Client) LocateDevice(ctx context.Context, uuid, key string) (serviceID int64, addr netip.Addr, known bool, err error) {
-	if err := checkUUID(uuid); err != nil {
+	uuid, err = checkUUID(uuid)
+	if err != nil {
 		return 0, netip.Addr{}, false, err
 	}
 	if key == "" {

@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
+	"strings"
 )
 
 // ReportState tells the API that the devices uuids connected to
@@ -21,9 +23,7 @@ func (c *Client) ReportState(ctx context.Context, serviceID int64, uuids []strin
 	if connected {
 		path = "/services/vpn/client-connect"
 	}
-	if uuids == nil {
-		uuids = []string{}
-	}
+	uuids = lowerAll(uuids)
 	body := struct {
 		ServiceID int64    `json:"serviceId"`
 		UUIDs     []string `json:"uuids"`
@@ -92,4 +92,22 @@ func (c *Client) Heartbeat(ctx context.Context, id int64) error {
 		return apiError(req, status, b)
 	}
 	return nil
+}
+
+// lowerAll returns uuids in lower case, never nil: the slice itself when
+// it needs no change.
+func lowerAll(uuids []string) []string {
+	if uuids == nil {
+		return []string{}
+	}
+	for i, u := range uuids {
+		if strings.ToLower(u) != u {
+			out := slices.Clone(uuids)
+			for j := i; j < len(out); j++ {
+				out[j] = strings.ToLower(out[j])
+			}
+			return out
+		}
+	}
+	return uuids
 }
