@@ -96,8 +96,9 @@ type OpenVPNConfig struct {
 	DataCiphers string
 
 	// BytecountInterval is how often OpenVPN reports each client's byte
-	// counts on the management interface (VPN_BYTECOUNT_INTERVAL). Zero
-	// turns reporting off.
+	// counts on the management interface (VPN_BYTECOUNT_INTERVAL, 60 s by
+	// default, as the reference container sets it). Zero turns reporting
+	// off: bytes and bitrates are then counted when a session ends.
 	BytecountInterval time.Duration
 
 	// CACert, ServerCert and ServerKey are PEM data for OpenVPN's ca, cert

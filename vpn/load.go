@@ -114,7 +114,7 @@ type environment struct {
 	KeepaliveFreq     string `env:"VPN_KEEPALIVE_FREQUENCY" envDefault:"10"`
 	KeepaliveTimeout  string `env:"VPN_KEEPALIVE_TIMEOUT" envDefault:"60"`
 	DataCiphers       string `env:"VPN_DATA_CIPHERS" envDefault:"AES-128-GCM:AES-192-GCM:AES-256-GCM:AES-128-CBC:AES-192-CBC:AES-256-CBC"`
-	BytecountInterval string `env:"VPN_BYTECOUNT_INTERVAL" envDefault:"0"`
+	BytecountInterval string `env:"VPN_BYTECOUNT_INTERVAL" envDefault:"60"`
 	CACert            string `env:"VPN_OPENVPN_CA_CRT"`
 	CACertFile        string `env:"VPN_OPENVPN_CA_CRT_FILE"`
 	ServerCert        string `env:"VPN_OPENVPN_SERVER_CRT"`

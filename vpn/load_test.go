@@ -65,7 +65,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 	is.Equal(c.OpenVPN.KeepaliveFrequency, 10*time.Second)
 	is.Equal(c.OpenVPN.KeepaliveTimeout, 60*time.Second)
 	is.Equal(c.OpenVPN.DataCiphers, DefaultDataCiphers)
-	is.Equal(c.OpenVPN.BytecountInterval, time.Duration(0))
+	is.Equal(c.OpenVPN.BytecountInterval, 60*time.Second) // the reference container's
 	is.Equal(c.OpenVPN.Compression, CompressionMigrate)
 	is.Equal(c.OpenVPN.User, "nobody")
 	is.Equal(c.OpenVPN.Group, "nogroup")

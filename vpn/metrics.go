@@ -3,6 +3,7 @@ package vpn
 import (
 	"io"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,6 +22,76 @@ type Metrics struct {
 	SessionDuration prometheus.Histogram // vpn_session_duration, seconds
 	SessionRxRate   prometheus.Histogram // vpn_session_avg_rx_bitrate, bits/s
 	SessionTxRate   prometheus.Histogram // vpn_session_avg_tx_bitrate, bits/s
+
+	rates deviceRates // the rates measured since the last scrape, by device
+}
+
+// deviceRates collects each device's bitrates between two scrapes. At a
+// scrape, every device measured since the one before is observed once, with
+// the mean of its rates, in the bitrate histograms: as the reference does,
+// so that long-lived sessions show while they live. The reference then
+// resets its histograms; these stay cumulative, as Prometheus histograms
+// must for rate() and for several scrapers, and
+// histogram_quantile(q, rate(vpn_session_avg_rx_bitrate_bucket[i])) gives
+// the reference's per-interval view. A device's entry lives until the next
+// scrape, so the map holds at most one entry per device of the fleet.
+type deviceRates struct {
+	mu sync.Mutex
+	by map[string]*rateSum
+}
+
+type rateSum struct {
+	rx, tx float64 // sums of the rates, bits/s
+	n      int
+}
+
+// DeviceRate records that device uuid moved rx and tx bits per second on
+// average over a stretch of its session (between two BYTECOUNT_CLI, or up
+// to its end). The next scrape observes each device's mean rate once.
+func (m *Metrics) DeviceRate(uuid string, rx, tx float64) {
+	r := &m.rates
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.by == nil {
+		r.by = make(map[string]*rateSum)
+	}
+	s := r.by[uuid]
+	if s == nil {
+		s = &rateSum{}
+		r.by[uuid] = s
+	}
+	s.rx += rx
+	s.tx += tx
+	s.n++
+}
+
+// observeRates moves the rates recorded since the last scrape into the
+// histograms, one observation per device.
+func (m *Metrics) observeRates() {
+	r := &m.rates
+	r.mu.Lock()
+	by := r.by
+	r.by = nil
+	r.mu.Unlock()
+	for _, s := range by {
+		m.SessionRxRate.Observe(s.rx / float64(s.n))
+		m.SessionTxRate.Observe(s.tx / float64(s.n))
+	}
+}
+
+// rateCollector is the bitrate histograms as one collector that observes
+// the pending rates when it is scraped.
+type rateCollector struct{ m *Metrics }
+
+func (c rateCollector) Describe(ch chan<- *prometheus.Desc) {
+	c.m.SessionRxRate.Describe(ch)
+	c.m.SessionTxRate.Describe(ch)
+}
+
+func (c rateCollector) Collect(ch chan<- prometheus.Metric) {
+	c.m.observeRates()
+	c.m.SessionRxRate.Collect(ch)
+	c.m.SessionTxRate.Collect(ch)
 }
 
 // SessionDurationBuckets are the buckets of vpn_session_duration: 1 min,
@@ -52,13 +123,13 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 		SessionDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "vpn_session_duration",
 			Help: "Duration of VPN sessions, in seconds.", Buckets: SessionDurationBuckets}),
 		SessionRxRate: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "vpn_session_avg_rx_bitrate",
-			Help: "Average receive bitrate of VPN sessions, in bits per second.", Buckets: BitrateBuckets}),
+			Help: "Mean receive bitrate of each device between two scrapes, in bits per second.", Buckets: BitrateBuckets}),
 		SessionTxRate: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "vpn_session_avg_tx_bitrate",
-			Help: "Average transmit bitrate of VPN sessions, in bits per second.", Buckets: BitrateBuckets}),
+			Help: "Mean transmit bitrate of each device between two scrapes, in bits per second.", Buckets: BitrateBuckets}),
 	}
 	if reg != nil {
 		for _, c := range []prometheus.Collector{m.OnlineDevices, m.Devices, m.AuthFailures, m.RxBytes, m.TxBytes,
-			m.SessionDuration, m.SessionRxRate, m.SessionTxRate} {
+			m.SessionDuration, rateCollector{m}} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
@@ -67,15 +138,12 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 	return m, nil
 }
 
-// SessionEnded records a finished session: its duration and its average
-// bitrates. Byte counts are counted as they arrive (BYTECOUNT_CLI) or, with
-// byte counting off, by the caller from the disconnect's totals.
-func (m *Metrics) SessionEnded(d time.Duration, rxBytes, txBytes uint64) {
+// SessionEnded records the duration of a finished session. Its bitrates
+// are recorded as it goes, with [Metrics.DeviceRate]; byte counts are
+// counted as they arrive (BYTECOUNT_CLI) or, with byte counting off, from
+// the disconnect's totals.
+func (m *Metrics) SessionEnded(d time.Duration) {
 	m.SessionDuration.Observe(d.Seconds())
-	if s := d.Seconds(); s > 0 {
-		m.SessionRxRate.Observe(float64(rxBytes) * 8 / s)
-		m.SessionTxRate.Observe(float64(txBytes) * 8 / s)
-	}
 }
 
 // MetricsHandler serves the metrics of g in Prometheus' text format at

@@ -25,7 +25,8 @@ func TestMetrics(t *testing.T) {
 	m.Devices.Add(3)
 	m.AuthFailures.Inc()
 	m.RxBytes.Add(1000)
-	m.SessionEnded(90*time.Second, 90*1024/8*10, 0) // 10 kbit/s in, nothing out
+	m.SessionEnded(90 * time.Second)
+	m.DeviceRate(uuidA, 10*1024, 0) // 10 kbit/s in, nothing out, observed at the scrape
 
 	srv := httptest.NewServer(MetricsHandler(reg, time.Second))
 	defer srv.Close()

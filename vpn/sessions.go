@@ -101,8 +101,9 @@ type established struct {
 	cn    string
 	addr  netip.Addr // the virtual address, once known
 	since time.Time
-	rx    uint64 // bytes at the last BYTECOUNT_CLI, for the deltas
-	tx    uint64
+	rx    uint64    // bytes at the last BYTECOUNT_CLI, for the deltas
+	tx    uint64    //
+	at    time.Time // when rx and tx were counted; since before the first
 }
 
 // Handler returns the event handler of instance id.
@@ -194,11 +195,12 @@ func (s *Sessions) onEstablished(id int, ev *openvpnmgmt.ClientEvent) {
 	if s.established == nil {
 		s.established = make(map[sessionKey]established)
 	}
+	now := time.Now()
 	addr, _ := netip.ParseAddr(ev.Env.Value("ifconfig_pool_remote_ip"))
 	if !addr.Is4() {
 		addr = netip.Addr{}
 	}
-	s.established[sessionKey{id, ev.CID}] = established{cn: cn, addr: addr, since: time.Now()}
+	s.established[sessionKey{id, ev.CID}] = established{cn: cn, addr: addr, since: now, at: now}
 	if s.byName == nil {
 		s.byName = make(map[nameKey][]uint64)
 	}
@@ -216,18 +218,35 @@ func (s *Sessions) onEstablished(id int, ev *openvpnmgmt.ClientEvent) {
 }
 
 func (s *Sessions) onByteCount(id int, ev *openvpnmgmt.ByteCountClientEvent) {
+	now := time.Now()
 	s.mu.Lock()
 	e, ok := s.established[sessionKey{id, ev.CID}]
 	if ok {
 		next := e // e keeps the counts before, for the deltas below
-		next.rx, next.tx = ev.Received, ev.Sent
+		next.rx, next.tx, next.at = ev.Received, ev.Sent, now
 		s.established[sessionKey{id, ev.CID}] = next
 	}
 	s.mu.Unlock()
 	if ok && s.Metrics != nil && ev.Received >= e.rx && ev.Sent >= e.tx {
 		s.Metrics.RxBytes.Add(float64(ev.Received - e.rx))
 		s.Metrics.TxBytes.Add(float64(ev.Sent - e.tx))
+		s.rate(e, ev.Received, ev.Sent, now)
 	}
+}
+
+// minRateSpan is the shortest stretch of a session whose mean rate is
+// recorded: the few bytes of a session's last fraction of a second say
+// nothing of its rate.
+const minRateSpan = time.Second
+
+// rate records session e's mean bitrates from its last counts to rx and tx
+// at now.
+func (s *Sessions) rate(e established, rx, tx uint64, now time.Time) {
+	span := now.Sub(e.at).Seconds()
+	if span < minRateSpan.Seconds() {
+		return
+	}
+	s.Metrics.DeviceRate(strings.ToLower(e.cn), float64(rx-e.rx)*8/span, float64(tx-e.tx)*8/span)
 }
 
 // publishAddr tells Addresses where cn is on instance id now: the address
@@ -335,9 +354,9 @@ func (s *Sessions) unname(id int, cn string, cid uint64) {
 }
 
 // ended counts the end of session e in the metrics: rx and tx are its
-// byte totals when known; without them (the session went with its
-// instance) the last byte counts stand for them, and without those the
-// bitrates are not observed. A negative d means "since it began".
+// byte totals when known, and the stretch since its last counts gives a
+// last rate; without them (the session went with its instance) the last
+// byte counts stand for them. A negative d means "since it began".
 func (s *Sessions) ended(e established, rx, tx uint64, known bool, d time.Duration) {
 	if s.Metrics == nil {
 		return
@@ -348,15 +367,14 @@ func (s *Sessions) ended(e established, rx, tx uint64, known bool, d time.Durati
 	if rx >= e.rx && tx >= e.tx {
 		s.Metrics.RxBytes.Add(float64(rx - e.rx))
 		s.Metrics.TxBytes.Add(float64(tx - e.tx))
+		if known {
+			s.rate(e, rx, tx, time.Now()) // the stretch since the last counts
+		}
 	}
 	if d < 0 {
 		d = time.Since(e.since)
 	}
-	if !known && rx == 0 && tx == 0 {
-		s.Metrics.SessionDuration.Observe(d.Seconds()) // bytes unknown
-		return
-	}
-	s.Metrics.SessionEnded(d, rx, tx)
+	s.Metrics.SessionEnded(d)
 }
 
 // ScriptDisconnect ends the oldest established session of commonName on

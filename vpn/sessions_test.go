@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/matryer/is"
@@ -158,7 +159,73 @@ func TestSessionsScriptMode(t *testing.T) {
 	is.NoErr(m.SessionDuration.Write(&d))
 	is.NoErr(m.SessionRxRate.Write(&rate))
 	is.Equal(d.GetHistogram().GetSampleCount(), uint64(2))
-	is.Equal(rate.GetHistogram().GetSampleCount(), uint64(1)) // no bitrate of 0 for the forgotten one
+	is.Equal(rate.GetHistogram().GetSampleCount(), uint64(0)) // rates are observed at a scrape (TestSessionsBitrates)
+}
+
+// TestSessionsBitrates: each online device's mean bitrate is observed
+// once per scrape while its session lives, from the byte counts OpenVPN
+// sends every VPN_BYTECOUNT_INTERVAL, and the stretch up to its end once
+// more; a scrape with no new counts observes nothing, and a session that
+// went with its instance gives no rate.
+func TestSessionsBitrates(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		is := is.New(t)
+		reg := prometheus.NewRegistry()
+		m, err := NewMetrics(reg)
+		is.NoErr(err)
+		s := &Sessions{Metrics: m}
+		h := s.Handler(1)
+		ev := func(e openvpnmgmt.Event) { h(context.Background(), nil, e) }
+		const a, b = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+		for i, cn := range []string{a, b} {
+			ev(&openvpnmgmt.ClientEvent{Kind: openvpnmgmt.ClientEstablished, CID: uint64(i + 1),
+				Env: openvpnmgmt.Env{{Name: "common_name", Value: cn}}})
+		}
+		// scrape gathers the metrics, as Prometheus does, and returns the
+		// count and sum of the rx bitrate histogram.
+		scrape := func() (count uint64, sum float64) {
+			t.Helper()
+			mfs, err := reg.Gather()
+			is.NoErr(err)
+			for _, mf := range mfs {
+				if mf.GetName() == "vpn_session_avg_rx_bitrate" {
+					h := mf.GetMetric()[0].GetHistogram()
+					return h.GetSampleCount(), h.GetSampleSum()
+				}
+			}
+			t.Fatal("no vpn_session_avg_rx_bitrate")
+			return 0, 0
+		}
+		const minute = 60 * time.Second
+		time.Sleep(minute)
+		ev(&openvpnmgmt.ByteCountClientEvent{CID: 1, Received: 60 * 1000 / 8, Sent: 0})    // a: 1000 bit/s
+		ev(&openvpnmgmt.ByteCountClientEvent{CID: 2, Received: 60 * 50000 / 8, Sent: 600}) // b: 50 kbit/s
+		n, sum := scrape()
+		is.Equal(n, uint64(2)) // each device once, while its session lives
+		is.Equal(sum, 51000.0)
+		n, _ = scrape()
+		is.Equal(n, uint64(2)) // nothing new: nothing observed
+
+		// Two counts of a before the next scrape: observed once, as
+		// their mean; b ends after half a minute at 2 kbit/s.
+		time.Sleep(minute)
+		ev(&openvpnmgmt.ByteCountClientEvent{CID: 1, Received: 60*1000/8 + 60*3000/8})
+		time.Sleep(30 * time.Second)
+		ev(&openvpnmgmt.ClientEvent{Kind: openvpnmgmt.ClientDisconnect, CID: 2, Env: openvpnmgmt.Env{
+			{Name: "common_name", Value: b}, {Name: "bytes_received", Value: fmt.Sprint(60*50000/8 + 90*2000/8)},
+			{Name: "bytes_sent", Value: "600"}, {Name: "time_duration", Value: "150"}}})
+		time.Sleep(30 * time.Second)
+		ev(&openvpnmgmt.ByteCountClientEvent{CID: 1, Received: 60*1000/8 + 60*3000/8 + 60*5000/8})
+		n, sum = scrape()
+		is.Equal(n, uint64(4))
+		is.Equal(sum, 51000.0+4000+2000) // a: mean(3000, 5000); b: its last stretch
+
+		// a's instance dies: its last counts stand, and no rate is made up.
+		s.Forget(1)
+		n, _ = scrape()
+		is.Equal(n, uint64(4))
+		is.Equal(value(m.RxBytes), float64(60*1000/8+60*3000/8+60*5000/8+60*50000/8+90*2000/8))
+	})
 }
 
 // addressLog is an AddressBook that records its calls.
