@@ -50,6 +50,7 @@ func TestServer(t *testing.T) {
 		"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS": "1",
 		"DELAY_ON_AUTH_FAIL":                     "0",
 		"DEFAULT_SIGTERM_TIMEOUT":                "10",
+		"VPN_BYTECOUNT_INTERVAL":                 "1",
 	}}.Config()
 	if err != nil {
 		t.Fatal(err)
@@ -164,18 +165,29 @@ func TestServer(t *testing.T) {
 	// clients share a common name, so each new session of one ends the
 	// other's, with its bytes: at least two sessions, one ended), one
 	// denial, the proxy's tunnel.
-	resp, err := hc.Get("http://127.0.0.1:8080/cluster_metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	metrics := map[string]float64{}
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		if name, v, ok := strings.Cut(sc.Text(), " "); ok && !strings.HasPrefix(name, "#") {
-			metrics[name], _ = strconv.ParseFloat(v, 64)
+	scrape := func() map[string]float64 {
+		resp, err := hc.Get("http://127.0.0.1:8080/cluster_metrics")
+		if err != nil {
+			t.Fatal(err)
 		}
+		defer resp.Body.Close()
+		metrics := map[string]float64{}
+		sc := bufio.NewScanner(resp.Body)
+		for sc.Scan() {
+			if name, v, ok := strings.Cut(sc.Text(), " "); ok && !strings.HasPrefix(name, "#") {
+				metrics[name], _ = strconv.ParseFloat(v, 64)
+			}
+		}
+		return metrics
 	}
-	resp.Body.Close()
+	metrics := scrape()
+	// Sessions that live show in the bitrate histograms at every scrape
+	// with new byte counts (one a second here), and in the byte counters.
+	seen, rx := metrics["vpn_session_avg_rx_bitrate_count"], metrics["vpn_rx_bytes_total"]
+	waitUntil(t, wctx, func() bool {
+		m := scrape()
+		return m["vpn_session_avg_rx_bitrate_count"] >= seen+2 && m["vpn_rx_bytes_total"] > rx
+	})
 	for name, ok := range map[string]func(float64) bool{
 		"vpn_online_devices":         func(v float64) bool { return v == 1 },
 		"vpn_devices_total":          func(v float64) bool { return v >= 2 },

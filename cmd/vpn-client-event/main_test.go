@@ -17,10 +17,10 @@ type states struct {
 	log []string
 }
 
-func (s *states) Set(uuid string, connected bool) {
+func (s *states) Set(uuid string, st vpn.DeviceState) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.log = append(s.log, map[bool]string{true: "+", false: "-"}[connected]+uuid)
+	s.log = append(s.log, map[bool]string{true: "+", false: "-"}[st.Connected]+uuid)
 }
 
 func TestVPNClientEvent(t *testing.T) {
