@@ -317,3 +317,25 @@ func TestPrepareTmpDir(t *testing.T) {
 	is.Equal(got, "")
 	is.True(err != nil)
 }
+
+// FuzzOpenControlFile: whatever name a caller sends, only OpenVPN's
+// control files directly in the directory are opened.
+func FuzzOpenControlFile(f *testing.F) {
+	dir := f.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "openvpn_acf_1.tmp"), nil, 0o600); err != nil {
+		f.Fatal(err)
+	}
+	for _, s := range []string{dir + "/openvpn_acf_1.tmp", dir + "/../openvpn_acf_1.tmp", "/etc/passwd", dir + "//openvpn_acf_1.tmp", "", dir} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		fh, err := openControlFile(dir, name)
+		if err != nil {
+			return
+		}
+		fh.Close()
+		if filepath.Dir(name) != dir || !strings.HasPrefix(filepath.Base(name), controlFilePrefix) || !strings.HasSuffix(name, controlFileSuffix) {
+			t.Fatalf("opened %q", name)
+		}
+	})
+}
