@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -30,14 +31,27 @@ type StateSetter interface {
 //
 //	GET    /ping                          200 "OK", from anywhere
 //	POST   /api/v1/auth/                  {"username","password"}: 200 allowed, 400 missing, 401 denied
-//	POST   /api/v2/<instance>/clients/    {"common_name"}: the device connected (also without the final slash, as everywhere)
+//	                                      {"username","password","auth_control_file"}: 202, decided later
+//	POST   /api/v2/<instance>/clients/    {"common_name"}: the device connected
 //	DELETE /api/v2/<instance>/clients/    {"common_name","bytes_received","bytes_sent","time_duration"}
+//
+// Each path is also answered without its final slash, as upstream's client
+// hooks call them.
 //
 // Every endpoint but /ping answers 401 to callers whose connection does
 // not come from loopback (127.0.0.0/8, ::1, or IPv4-mapped loopback); no
 // header changes that, X-Forwarded-For included. The server listens on
 // loopback only, so that remote callers get no answer at all. Denials are
 // answered after DelayOnAuthFail, which holds up only the denied caller.
+//
+// An auth request that names the auth_control_file of OpenVPN's deferred
+// authentication (cmd/vpn-auth in script mode) is answered 202 at once,
+// while the OpenVPN that waits for it goes on with its other clients; the
+// decision, taken by the same Auth, is written to that file: "1", or "0"
+// after DelayOnAuthFail. The file must be one that OpenVPN made in
+// ControlDir (else 400); without a ControlDir the request is answered as
+// the synchronous form, as a server without deferral does. [InternalAPI.Close]
+// ends the decisions in flight.
 type InternalAPI struct {
 	// Auth decides the /api/v1/auth/ requests. Nil denies every device.
 	Auth DeviceAuthenticator
@@ -71,11 +85,22 @@ type InternalAPI struct {
 	// and counts the denials (vpn_auth_failures_total).
 	Metrics *Metrics
 
+	// ControlDir is the directory in which OpenVPN makes the auth control
+	// files of deferred authentications: its tmp-dir
+	// ([ScriptHooks.ControlDir]). Empty answers deferred requests
+	// synchronously.
+	ControlDir string
+
 	// Logger receives authentication failures and out-of-order
 	// disconnects. Nil means discard. Keys are never logged.
 	Logger *slog.Logger
 
 	conns Connections
+
+	deferMu   sync.Mutex
+	deferCtx  context.Context // the deferred decisions'; ended by Close
+	deferStop context.CancelFunc
+	deferred  sync.WaitGroup
 }
 
 // maxAPIBody bounds a request body: the largest legitimate one is a few
@@ -121,8 +146,9 @@ func (a *InternalAPI) serveAuth(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var body struct {
-		Username *string `json:"username"`
-		Password *string `json:"password"`
+		Username    *string `json:"username"`
+		Password    *string `json:"password"`
+		ControlFile string  `json:"auth_control_file"`
 	}
 	if !decodeBody(w, r, &body) {
 		return
@@ -130,6 +156,10 @@ func (a *InternalAPI) serveAuth(w http.ResponseWriter, r *http.Request) {
 	if body.Username == nil || body.Password == nil || *body.Username == "" || *body.Password == "" {
 		a.logger().Info("auth: username or password missing", "client", clientAddr(r, a.TrustProxy))
 		http.Error(w, "Bad Request", http.StatusBadRequest)
+		return
+	}
+	if body.ControlFile != "" && a.ControlDir != "" {
+		a.serveDeferred(w, r, *body.Username, *body.Password, body.ControlFile)
 		return
 	}
 	var ok bool

@@ -34,6 +34,27 @@ func (c *APIClient) Auth(ctx context.Context, username, password string) error {
 	return c.send(ctx, http.MethodPost, "/api/v1/auth/", map[string]string{"username": username, "password": password})
 }
 
+// AuthDeferred asks as Auth does, and hands the API controlFile, the
+// auth_control_file of OpenVPN's deferred authentication, to write the
+// decision into ("1" or "0") once it has it. deferred is true when the API
+// took it (202): the hook then exits 2 and OpenVPN reads the file. When
+// the API answers at once instead (a server without deferral), deferred
+// is false and err is Auth's. When it refuses the file (400), AuthDeferred
+// asks again as Auth does.
+func (c *APIClient) AuthDeferred(ctx context.Context, username, password, controlFile string) (deferred bool, err error) {
+	body := map[string]string{"username": username, "password": password, "auth_control_file": controlFile}
+	status, err := c.do(ctx, http.MethodPost, "/api/v1/auth/", body)
+	switch {
+	case err != nil:
+		return false, err
+	case status == http.StatusAccepted:
+		return true, nil
+	case status == http.StatusBadRequest:
+		return false, c.Auth(ctx, username, password)
+	}
+	return false, answer(http.MethodPost, "/api/v1/auth/", status)
+}
+
 // ClientEvent is a client's connect or disconnect, as OpenVPN's
 // client-connect and client-disconnect scripts see it in their environment.
 type ClientEvent struct {
@@ -55,13 +76,33 @@ func (c *APIClient) Disconnected(ctx context.Context, instance int, ev ClientEve
 }
 
 func (c *APIClient) send(ctx context.Context, method, path string, body any) error {
-	b, err := json.Marshal(body)
+	status, err := c.do(ctx, method, path, body)
 	if err != nil {
 		return err
 	}
+	return answer(method, path, status)
+}
+
+// answer is the error for an answer's status: nil for 200.
+func answer(method, path string, status int) error {
+	switch {
+	case status == http.StatusOK:
+		return nil
+	case status == http.StatusUnauthorized && path == "/api/v1/auth/", status == http.StatusBadRequest:
+		return fmt.Errorf("%s %s: %d %s: %w", method, path, status, http.StatusText(status), ErrDenied)
+	}
+	return fmt.Errorf("%s %s: %d %s", method, path, status, http.StatusText(status))
+}
+
+// do sends a request and returns the answer's status.
+func (c *APIClient) do(ctx context.Context, method, path string, body any) (int, error) {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return 0, err
+	}
 	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(c.BaseURL, "/")+path, bytes.NewReader(b))
 	if err != nil {
-		return err
+		return 0, err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	hc := c.HTTPClient
@@ -70,15 +111,9 @@ func (c *APIClient) send(ctx context.Context, method, path string, body any) err
 	}
 	resp, err := hc.Do(req)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer resp.Body.Close()
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
-	switch {
-	case resp.StatusCode == http.StatusOK:
-		return nil
-	case resp.StatusCode == http.StatusUnauthorized && path == "/api/v1/auth/", resp.StatusCode == http.StatusBadRequest:
-		return fmt.Errorf("%s %s: %s: %w", method, path, resp.Status, ErrDenied)
-	}
-	return fmt.Errorf("%s %s: %s", method, path, resp.Status)
+	return resp.StatusCode, nil
 }

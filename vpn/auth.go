@@ -9,6 +9,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/obvpn/obvpn/vpn/balena"
 )
 
 // AuthAPI is the part of the balena API that says whether a device may
@@ -16,12 +18,19 @@ import (
 // bearer. The vpn/balena client implements it.
 //
 // DeviceAuth returns true for an allowed device (200) and false for a
-// denied one (401, 403): answers that may be cached. Anything else, a 503
-// included, is an error: the device is denied, and the answer is not
-// cached.
+// denied one (401, 403): answers that may be cached. Anything else is an
+// error: the device is denied, and the answer is not cached. A 503 is an
+// error that matches [ErrAPIBusy]: "busy, try later", an answer rather
+// than a fault, which is logged at info level and, like every denial,
+// answered after the DelayOnAuthFail of the caller.
 type AuthAPI interface {
 	DeviceAuth(ctx context.Context, uuid, apiKey string) (bool, error)
 }
+
+// ErrAPIBusy is the balena API's 503 to a device authentication
+// ([balena.ErrBusy]); an AuthAPI of another kind returns it, wrapped or
+// not, for the same answer.
+var ErrAPIBusy = balena.ErrBusy
 
 // ErrBadCredentials reports a username that is not a device UUID (hex
 // digits only) or an empty username or password. Such devices are denied
@@ -180,7 +189,11 @@ func (a *Authenticator) check(ctx context.Context, timeout time.Duration, k auth
 	}
 	if c.err != nil {
 		c.allowed = false
-		a.logger().Warn("device authentication failed", "uuid", uuid, "err", c.err)
+		if errors.Is(c.err, ErrAPIBusy) {
+			a.logger().Info("device authentication: the balena API is busy; device denied", "uuid", uuid)
+		} else {
+			a.logger().Warn("device authentication failed", "uuid", uuid, "err", c.err)
+		}
 	}
 	a.mu.Lock()
 	delete(a.inflight, k)

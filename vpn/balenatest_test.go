@@ -22,7 +22,7 @@ func TestAuthenticatorWithBalenatest(t *testing.T) {
 	is := is.New(t)
 	api := balenatest.NewServer(t)
 	d := api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "k1"})
-	a := &vpn.Authenticator{API: api.Client(), CacheTimeout: time.Minute}
+	a := &vpn.Authenticator{API: productionClient(api), CacheTimeout: time.Minute} // retries on, as in production
 	ctx := context.Background()
 
 	// 503: denied, and not cached.

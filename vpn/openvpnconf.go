@@ -22,6 +22,16 @@ type ScriptHooks struct {
 	// APIURL is the internal API's URL for this instance, such as
 	// "http://127.0.0.1:30001".
 	APIURL string
+	// ControlDir is OpenVPN's tmp-dir, where it makes the via-file
+	// credentials and the auth control files of deferred authentication
+	// (see [InternalAPI]); the server makes it under the run directory.
+	// Empty leaves OpenVPN's default.
+	ControlDir string
+	// Sync makes vpn-auth wait for each answer (-sync) instead of
+	// deferring it: OpenVPN then holds up all its clients while it
+	// checks one, as before OpenVPN 2.6's deferred authentication. For
+	// comparison, and for an OpenVPN that cannot defer.
+	Sync bool
 }
 
 // InstancePaths are the files of one instance in the run directory.
@@ -127,7 +137,14 @@ func (c *Config) OpenVPNServerConfig(in subnet.Instance, hooks ScriptHooks) (str
 			return "", fmt.Errorf("vpn: instance %d: script mode needs the vpn-auth and vpn-client-event paths and the internal API's URL", in.ID)
 		}
 		line("script-security", "2")
-		line("auth-user-pass-verify", hooks.Auth+" -api "+hooks.APIURL, "via-file")
+		if hooks.ControlDir != "" {
+			line("tmp-dir", hooks.ControlDir)
+		}
+		verify := hooks.Auth + " -api " + hooks.APIURL
+		if hooks.Sync {
+			verify += " -sync"
+		}
+		line("auth-user-pass-verify", verify, "via-file")
 		event := fmt.Sprintf("%s -api %s -instance %d", hooks.ClientEvent, hooks.APIURL, in.ID)
 		line("client-connect", event)
 		line("client-disconnect", event)

@@ -52,8 +52,9 @@ type Server struct {
 	API BalenaAPI
 
 	// Hooks name the script-mode executables (Config.Auth.Mode ==
-	// AuthScript). The APIURL of each instance is filled in by the
-	// server.
+	// AuthScript). The server fills in the APIURL of each instance and
+	// the ControlDir: openvpn-tmp in the run directory, or /tmp when
+	// OpenVPN's user cannot reach the run directory (logged).
 	Hooks ScriptHooks
 
 	// Command, Dial and Listen are how the server starts openvpn, reaches
@@ -137,11 +138,20 @@ func (s *Server) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("vpn: %w", err)
 	}
+	hooks := s.Hooks
 	if cfg.Auth.Mode == AuthScript {
-		user, _ := cfg.OpenVPN.account()
-		if err := s.Hooks.CheckHooks(user); err != nil {
+		user, group := cfg.OpenVPN.account()
+		if err := hooks.CheckHooks(user); err != nil {
 			return err
 		}
+		dir, err := prepareTmpDir(filepath.Join(cfg.runDir(), "openvpn-tmp"), "/tmp", user, group)
+		if dir == "" {
+			return err
+		}
+		if err != nil {
+			s.log().Warn("OpenVPN's temporary files and auth control files go to /tmp", "reason", err)
+		}
+		hooks.ControlDir = dir
 	}
 	api := s.API
 	if api == nil {
@@ -196,7 +206,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	internal := &InternalAPI{Auth: auth, Connections: conns, State: reporter, Instances: n,
 		DelayOnAuthFail: cfg.Auth.DelayOnFail, TrustProxy: cfg.TrustProxy, Sessions: sessions, Metrics: metrics,
-		Logger: s.Logger}
+		ControlDir: hooks.ControlDir, Logger: s.Logger}
 
 	listen := s.Listen
 	if listen == nil {
@@ -228,6 +238,7 @@ func (s *Server) Run(ctx context.Context) error {
 			_ = srv.Shutdown(sctx)
 		}
 		serving.Wait()
+		internal.Close() // the deferred authentications in flight
 	}()
 	apiURLs := make(map[int]string)
 	// The internal API is for OpenVPN's hooks and the operators of this
@@ -297,7 +308,7 @@ func (s *Server) Run(ctx context.Context) error {
 	var readyMu sync.Mutex
 	readySet := map[int]bool{}
 	for id := 1; id <= n; id++ {
-		hooks := s.Hooks
+		hooks := hooks
 		hooks.APIURL = apiURLs[id]
 		inst := &Instance{Config: cfg, ID: id, Hooks: hooks, Handler: sessions.Handler(id),
 			Command: s.Command, Dial: s.Dial, Logger: s.Logger,

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/obvpn/obvpn/vpn"
 )
@@ -52,8 +53,9 @@ func TestVPNAuth(t *testing.T) {
 		{"via-file missing", []string{"-api", srv.URL, filepath.Join(dir, "nope")}, nil, 1, "no such file"},
 		{"key in the user name is not printed", []string{"-api", srv.URL}, map[string]string{"username": "secret key", "password": "x"}, 1, "(malformed user name)"},
 		{"API down", []string{"-api", "http://127.0.0.1:1"}, map[string]string{"username": device, "password": "right-key"}, 1, "connection refused"},
-		{"no API", nil, nil, 2, "usage"},
-		{"too many arguments", []string{"-api", srv.URL, "a", "b"}, nil, 2, "usage"},
+		{"no API", nil, nil, 3, "usage"},
+		{"too many arguments", []string{"-api", srv.URL, "a", "b"}, nil, 3, "usage"},
+		{"bad flag", []string{"-api", srv.URL, "-nope"}, nil, 3, "not defined"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -66,6 +68,84 @@ func TestVPNAuth(t *testing.T) {
 			}
 			if strings.Contains(stderr.String(), "right-key") || strings.Contains(stderr.String(), "wrong-key") {
 				t.Errorf("stderr shows a key: %q", stderr.String())
+			}
+		})
+	}
+}
+
+// TestVPNAuthDeferred: with OpenVPN's auth_control_file, vpn-auth hands
+// the check to the internal API and exits 2 at once, and the API writes
+// the decision into the file; -sync, a server without deferral and a file
+// the server refuses get the synchronous answer (exit 0 or 1).
+func TestVPNAuthDeferred(t *testing.T) {
+	dir := t.TempDir()
+	api := &vpn.InternalAPI{Auth: allowOne{}, ControlDir: dir}
+	t.Cleanup(api.Close)
+	srv := httptest.NewServer(api)
+	t.Cleanup(srv.Close)
+	old := httptest.NewServer(&vpn.InternalAPI{Auth: allowOne{}})
+	t.Cleanup(old.Close)
+	n := 0
+	acf := func() string {
+		n++
+		f := filepath.Join(dir, fmt.Sprintf("openvpn_acf_%016x.tmp", n))
+		if err := os.WriteFile(f, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	creds := filepath.Join(t.TempDir(), "openvpn_up_1.tmp")
+	if err := os.WriteFile(creds, []byte(device+"\nright-key\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name     string
+		args     []string
+		user     string
+		key      string
+		acf      string
+		code     int
+		decision string // what the file holds in the end
+	}{
+		{"allowed", []string{"-api", srv.URL}, device, "right-key", acf(), 2, "1"},
+		{"denied", []string{"-api", srv.URL}, device, "wrong-key", acf(), 2, "0"},
+		{"via-file", []string{"-api", srv.URL, creds}, "", "", acf(), 2, "1"},
+		{"-sync", []string{"-api", srv.URL, "-sync"}, device, "right-key", acf(), 0, ""},
+		{"-sync denied", []string{"-api", srv.URL, "-sync"}, device, "wrong-key", acf(), 1, ""},
+		{"server without deferral", []string{"-api", old.URL}, device, "right-key", acf(), 0, ""},
+		{"server without deferral, denied", []string{"-api", old.URL}, device, "wrong-key", acf(), 1, ""},
+		{"file refused", []string{"-api", srv.URL}, device, "right-key", filepath.Join(t.TempDir(), "openvpn_acf_x.tmp"), 0, ""},
+		{"API down", []string{"-api", "http://127.0.0.1:1"}, device, "right-key", acf(), 1, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := map[string]string{"auth_control_file": tt.acf}
+			if tt.user != "" {
+				env["username"], env["password"] = tt.user, tt.key
+			}
+			var stderr bytes.Buffer
+			if code := run(tt.args, func(k string) string { return env[k] }, &stderr); code != tt.code {
+				t.Fatalf("exit %d, want %d; stderr %q", code, tt.code, stderr.String())
+			}
+			if strings.Contains(stderr.String(), "-key") {
+				t.Errorf("stderr shows a key: %q", stderr.String())
+			}
+			if tt.decision == "" {
+				if b, _ := os.ReadFile(tt.acf); len(b) != 0 {
+					t.Errorf("answered synchronously, yet the file holds %q", b)
+				}
+				return
+			}
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				b, _ := os.ReadFile(tt.acf)
+				if string(b) == tt.decision {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the control file holds %q, want %q", b, tt.decision)
+				}
+				time.Sleep(5 * time.Millisecond) // OpenVPN polls the file too
 			}
 		})
 	}

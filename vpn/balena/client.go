@@ -14,11 +14,16 @@
 //
 // Every call takes a context. Device UUIDs are checked to be hexadecimal
 // before they are put in a URL ([ErrInvalidUUID]), and keys are never
-// logged. Reads and idempotent calls (GETs, the canAccess query, the
-// heartbeat PATCH) are retried on connection errors, 429 and 5xx answers;
-// state reports and service registration are POSTs that are sent once, and
-// their callers retry them in their own loops. An answer with an unexpected
-// status is an [*APIError].
+// logged. Reads and idempotent calls (the proxy's queries, the heartbeat
+// PATCH) are retried on connection errors, 429 and 5xx answers, at most
+// RetryMax times: a Retry-After of at most [MaxRetryAfter] is waited out,
+// a longer one makes the answer final (the caller's own loop comes back
+// later), and a call takes at most [MaxRetryTime] in all, never longer
+// than its context allows. Device authentication is sent once: its 503
+// means "busy, try later" ([ErrBusy]), and the device, denied, reconnects
+// on its own. State reports and service registration are POSTs that are
+// sent once, and their callers retry them in their own loops. An answer
+// with an unexpected status is an [*APIError].
 package balena
 
 import (
@@ -29,7 +34,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -60,8 +67,9 @@ type Client struct {
 	HTTPClient *http.Client
 
 	// RetryMax is how many times a read or idempotent call is retried
-	// after a connection error, a 429 or a 5xx answer. Zero means 2;
-	// negative means never.
+	// after a connection error, a 429 or a 5xx answer, within
+	// MaxRetryTime and the call's context. Zero means 2; negative means
+	// never.
 	RetryMax int
 
 	// Logger receives the retries, at debug level. Nil means discard. Keys
@@ -101,8 +109,15 @@ func checkUUID(uuid string) (string, error) {
 	return strings.ToLower(uuid), nil
 }
 
+// ErrBusy is the API's 503 Service Unavailable: "busy, try later". It is
+// an answer, not a fault: a device whose authentication gets it is
+// denied, the answer is not cached, and it is not retried. An
+// [*APIError] with status 503 matches it with errors.Is.
+var ErrBusy = errors.New("balena: the API is busy (503 Service Unavailable)")
+
 // APIError is an answer of the API with a status that the call does not
-// expect. Callers branch on it with errors.As.
+// expect. Callers branch on it with errors.As, and on a 503 with
+// errors.Is(err, [ErrBusy]).
 type APIError struct {
 	// Method and Path are the request's method and its path with the
 	// query, as sent.
@@ -120,6 +135,23 @@ func (e *APIError) Error() string {
 	}
 	return msg
 }
+
+// Is reports whether e is a 503, for errors.Is(err, ErrBusy).
+func (e *APIError) Is(target error) bool {
+	return target == ErrBusy && e.StatusCode == http.StatusServiceUnavailable
+}
+
+// The bounds of the retries of a read or idempotent call.
+const (
+	// MaxRetryAfter is the longest Retry-After that a retried call
+	// waits out. An answer that asks for a longer wait is final: the
+	// call returns it at once.
+	MaxRetryAfter = 5 * time.Second
+
+	// MaxRetryTime bounds a retried call, its retries and the waits
+	// between them included.
+	MaxRetryTime = 30 * time.Second
+)
 
 const (
 	maxErrorBody  = 1 << 10
@@ -150,8 +182,8 @@ func (c *Client) init() {
 			RetryWaitMin: retryWaitMin,
 			RetryWaitMax: retryWaitMax,
 			RetryMax:     n,
-			CheckRetry:   retryablehttp.DefaultRetryPolicy,
-			Backoff:      retryablehttp.DefaultBackoff,
+			CheckRetry:   checkRetry,
+			Backoff:      backoff,
 			ErrorHandler: retryablehttp.PassthroughErrorHandler,
 		}
 		if c.Logger != nil {
@@ -187,6 +219,9 @@ func (c *Client) do(ctx context.Context, req request) (int, []byte, error) {
 	var resp *http.Response
 	var err error
 	if req.retry {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, MaxRetryTime)
+		defer cancel()
 		var rr *retryablehttp.Request
 		var raw any
 		if body != nil {
@@ -220,6 +255,71 @@ func (c *Client) do(ctx context.Context, req request) (int, []byte, error) {
 		return 0, nil, fmt.Errorf("balena: %s %s: reading the answer: %w", req.method, req.path, err)
 	}
 	return resp.StatusCode, b, nil
+}
+
+// checkRetry is retryablehttp's default policy (connection errors, 429
+// and 5xx but 501, never once ctx has ended), bounded: an answer whose
+// Retry-After exceeds MaxRetryAfter is final, and so is one whose wait
+// would outlast ctx's deadline.
+func checkRetry(ctx context.Context, resp *http.Response, err error) (bool, error) {
+	retry, rerr := retryablehttp.DefaultRetryPolicy(ctx, resp, err)
+	if !retry || rerr != nil {
+		return false, rerr
+	}
+	wait := retryWaitMax
+	if d, ok := retryAfter(resp); ok {
+		if d > MaxRetryAfter {
+			return false, nil
+		}
+		wait = d
+	}
+	if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) < wait {
+		return false, nil
+	}
+	return true, nil
+}
+
+// backoff waits what a 429 or 503 asks for in its Retry-After (at most
+// MaxRetryAfter, which checkRetry enforces), else doubles from lo with
+// every attempt, up to hi.
+func backoff(lo, hi time.Duration, attempt int, resp *http.Response) time.Duration {
+	if d, ok := retryAfter(resp); ok {
+		return d
+	}
+	d := lo
+	for range attempt {
+		if d >= hi {
+			break
+		}
+		d *= 2
+	}
+	return min(d, hi)
+}
+
+// retryAfter returns the wait that resp, a 429 or a 503, asks for in its
+// Retry-After header: seconds, or an HTTP date.
+func retryAfter(resp *http.Response) (time.Duration, bool) {
+	if resp == nil || resp.StatusCode != http.StatusTooManyRequests && resp.StatusCode != http.StatusServiceUnavailable {
+		return 0, false
+	}
+	v := strings.TrimSpace(resp.Header.Get("Retry-After"))
+	if v == "" {
+		return 0, false
+	}
+	if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+		if n < 0 {
+			return 0, false
+		}
+		if n > int64(time.Duration(math.MaxInt64)/time.Second) {
+			n = int64(time.Duration(math.MaxInt64) / time.Second)
+		}
+		return time.Duration(n) * time.Second, true
+	}
+	t, err := http.ParseTime(v)
+	if err != nil {
+		return 0, false
+	}
+	return max(time.Until(t), 0), true
 }
 
 func setHeaders(h http.Header, key string, hasBody bool) {

@@ -6,12 +6,14 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/matryer/is"
 
@@ -150,6 +152,7 @@ func TestAnswers(t *testing.T) {
 				is.True(errors.As(err, &ae))
 				is.Equal(ae.StatusCode, tt.status)
 			}
+			is.Equal(errors.Is(err, balena.ErrBusy), tt.status == 503) // busy: an answer callers can tell
 		}
 	})
 	t.Run("canAccess", func(t *testing.T) {
@@ -290,6 +293,114 @@ func TestRetries(t *testing.T) {
 	_, err = c2.DeviceOnline(ctx, 1)
 	is.True(errors.As(err, &ae))
 	is.Equal(calls.Load(), int32(1))
+}
+
+// TestRetryBounds runs the retry policy with the production settings (the
+// zero RetryMax, as the server builds its client): a Retry-After is
+// waited out up to MaxRetryAfter and makes the answer final beyond it, no
+// retry outlives the caller's deadline, and device authentication is sent
+// exactly once, a 503 (busy) included.
+func TestRetryBounds(t *testing.T) {
+	ctx := context.Background()
+	api := func(t *testing.T, answer func(n int32, w http.ResponseWriter)) (*balena.Client, *atomic.Int32) {
+		var calls atomic.Int32
+		ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			answer(calls.Add(1), w)
+		}))
+		t.Cleanup(ts.Close)
+		return &balena.Client{BaseURL: ts.URL, ServiceKey: "svc", HTTPClient: ts.Client()}, &calls
+	}
+	busy := func(retryAfter string) func(int32, http.ResponseWriter) {
+		return func(_ int32, w http.ResponseWriter) {
+			if retryAfter != "" {
+				w.Header().Set("Retry-After", retryAfter)
+			}
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}
+	t.Run("Retry-After beyond the cap is final", func(t *testing.T) {
+		is := is.New(t)
+		for _, ra := range []string{"3600", time.Now().Add(time.Hour).UTC().Format(http.TimeFormat)} {
+			c, calls := api(t, busy(ra))
+			start := time.Now()
+			_, err := c.DeviceOnline(ctx, 1)
+			took := time.Since(start)
+			is.True(errors.Is(err, balena.ErrBusy))
+			is.Equal(calls.Load(), int32(1))
+			if took >= balena.MaxRetryAfter {
+				t.Errorf("Retry-After %s: returned after %v, want within %v", ra, took, balena.MaxRetryAfter)
+			}
+		}
+	})
+	t.Run("Retry-After within the cap is waited out", func(t *testing.T) {
+		is := is.New(t)
+		c, calls := api(t, func(n int32, w http.ResponseWriter) {
+			if n == 1 {
+				busy("1")(n, w)
+				return
+			}
+			io.WriteString(w, `{"d":[{"id":1}]}`)
+		})
+		start := time.Now()
+		ok, err := c.DeviceOnline(ctx, 1)
+		is.NoErr(err)
+		is.True(ok)
+		is.Equal(calls.Load(), int32(2))
+		if took := time.Since(start); took < time.Second || took > balena.MaxRetryAfter {
+			t.Errorf("answered after %v, want about the Retry-After of 1 s", took)
+		}
+	})
+	t.Run("no wait outlives the deadline", func(t *testing.T) {
+		is := is.New(t)
+		c, calls := api(t, busy("2"))
+		dctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		_, _, _, err := c.LocateDevice(dctx, uuid, "k")
+		is.True(errors.Is(err, balena.ErrBusy)) // the answer, not the deadline's error
+		is.Equal(calls.Load(), int32(1))
+		if took := time.Since(start); took >= 500*time.Millisecond {
+			t.Errorf("returned after %v, past the caller's deadline", took)
+		}
+	})
+	t.Run("5xx retried RetryMax times, backing off", func(t *testing.T) {
+		is := is.New(t)
+		c, calls := api(t, func(_ int32, w http.ResponseWriter) { w.WriteHeader(http.StatusBadGateway) })
+		start := time.Now()
+		err := c.Heartbeat(ctx, 1)
+		var ae *balena.APIError
+		is.True(errors.As(err, &ae))
+		is.Equal(ae.StatusCode, http.StatusBadGateway)
+		is.Equal(calls.Load(), int32(3)) // the default RetryMax is 2
+		if took := time.Since(start); took < 300*time.Millisecond || took > 3*time.Second {
+			t.Errorf("gave up after %v, want the backoff of 100 ms + 200 ms", took)
+		}
+	})
+	t.Run("device auth is sent once", func(t *testing.T) {
+		for _, answer := range []func(int32, http.ResponseWriter){
+			busy(""), busy("1"), busy("3600"),
+			func(_ int32, w http.ResponseWriter) { w.WriteHeader(http.StatusBadGateway) },
+		} {
+			is := is.New(t)
+			c, calls := api(t, answer)
+			ok, err := c.DeviceAuth(ctx, uuid, "k")
+			is.True(!ok)
+			is.True(err != nil)
+			is.Equal(calls.Load(), int32(1))
+		}
+	})
+	t.Run("device auth: a connection error is one attempt", func(t *testing.T) {
+		is := is.New(t)
+		var dials atomic.Int32
+		tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			dials.Add(1)
+			return nil, errors.New("refused")
+		}}
+		c := &balena.Client{BaseURL: "http://api.invalid", HTTPClient: &http.Client{Transport: tr}}
+		_, err := c.DeviceAuth(ctx, uuid, "k")
+		is.True(err != nil)
+		is.Equal(dials.Load(), int32(1))
+	})
 }
 
 // TestKeysNotLogged checks that the client's debug log holds no key, also

@@ -12,9 +12,14 @@ import (
 // DeviceAuth asks whether the device uuid may connect to the VPN with
 // apiKey, its API key: GET /services/vpn/auth/<uuid> with apiKey as bearer.
 // It returns true for 200 and false for 401 and 403, answers that may be
-// cached. Any other answer, 503 included, is an [*APIError]: the device is
-// denied and the answer must not be cached. An empty apiKey is denied
-// without asking.
+// cached. A 503 is an [*APIError] that matches [ErrBusy]: the API is busy,
+// the device is denied, and the answer must not be cached. Any other
+// answer is an [*APIError] too, with the same meaning. An empty apiKey is
+// denied without asking.
+//
+// The request is sent once, never retried: a retry would hold the
+// caller's place among the checks in flight while the device, denied,
+// reconnects on its own anyway.
 func (c *Client) DeviceAuth(ctx context.Context, uuid, apiKey string) (bool, error) {
 	uuid, err := checkUUID(uuid)
 	if err != nil {
@@ -23,7 +28,7 @@ func (c *Client) DeviceAuth(ctx context.Context, uuid, apiKey string) (bool, err
 	if apiKey == "" {
 		return false, nil
 	}
-	req := request{method: http.MethodGet, path: "/services/vpn/auth/" + uuid, key: apiKey, retry: true}
+	req := request{method: http.MethodGet, path: "/services/vpn/auth/" + uuid, key: apiKey}
 	status, body, err := c.do(ctx, req)
 	if err != nil {
 		return false, err
