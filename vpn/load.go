@@ -272,6 +272,7 @@ func (l Loader) Config() (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
+	l.warnUnused()
 	p := parser{log: l.logger()}
 	c := &Config{}
 	c.Production = p.production(e)
@@ -306,7 +307,6 @@ func (l Loader) Config() (*Config, error) {
 	if p.err != nil {
 		return nil, p.err
 	}
-	l.warnUnused()
 	return c, nil
 }
 

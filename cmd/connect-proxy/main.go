@@ -110,7 +110,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 		fmt.Fprintln(stderr, "usage: connect-proxy [-listen address] [-nss-index path|off]")
 		return 2
 	}
-	cfg, err := vpn.LoadConnectProxyConfig()
+	cfg, err := vpn.Loader{Logger: log}.ConnectProxyConfig()
 	if err != nil {
 		fmt.Fprintf(stderr, "connect-proxy: %v\n", err)
 		return 2
