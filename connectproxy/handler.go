@@ -161,7 +161,9 @@ type Handler struct {
 	IdleTimeout time.Duration
 
 	// MaxTunnels bounds the tunnels open at once, those being set up
-	// included; more are answered 503. Zero means no bound.
+	// included: a request takes its place before it asks the Authorizer
+	// or the OnlineChecker, so that a flood of requests cannot fan out to
+	// the API without bound. More are answered 503. Zero means no bound.
 	MaxTunnels int
 
 	// Metrics, if not nil, counts the tunnels.
@@ -246,32 +248,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if t.TLD == "resin" {
 		log.Warn("connectproxy: the .resin TLD is deprecated, use .balena", "target", raw)
 	}
-	ctx := r.Context()
 	key := proxyKey(r.Header)
 
-	deviceID, ok, err := h.canAccess(ctx, t, key)
-	if err != nil {
-		h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("asking the API for access: %w", err))
-		return
-	}
-	if !ok {
-		h.fail(w, r, log, http.StatusProxyAuthRequired, ErrDenied)
-		return
-	}
-	if h.Online != nil {
-		online, err := h.Online.DeviceOnline(ctx, deviceID)
-		if err != nil {
-			h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("asking the API whether the device is online: %w", err))
-			return
-		}
-		if !online {
-			h.fail(w, r, log, http.StatusServiceUnavailable, ErrOffline)
-			return
-		}
-	}
-
-	// From here on, a Shutdown that runs out of time cancels the set-up.
-	ctx, cancel := context.WithCancel(ctx)
+	// The tunnel's place first, before the API is asked anything, so that
+	// a flood of requests makes at most MaxTunnels calls at once and the
+	// rest are answered 503 without one. From here on, a Shutdown that
+	// runs out of time cancels the set-up, and every refusal gives the
+	// place back after its answer (a Shutdown waits for it).
+	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	stop, ok := h.reserve(cancel)
 	if !ok {
@@ -279,6 +263,32 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer stop()
+
+	deviceID, ok, err := h.canAccess(ctx, t, key)
+	if err != nil {
+		h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("asking the API for access: %w", err))
+		h.release()
+		return
+	}
+	if !ok {
+		h.fail(w, r, log, http.StatusProxyAuthRequired, ErrDenied)
+		h.release()
+		return
+	}
+	if h.Online != nil {
+		online, err := h.Online.DeviceOnline(ctx, deviceID)
+		if err != nil {
+			h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("asking the API whether the device is online: %w", err))
+			h.release()
+			return
+		}
+		if !online {
+			h.fail(w, r, log, http.StatusServiceUnavailable, ErrOffline)
+			h.release()
+			return
+		}
+	}
+
 	dev, early, via, err := h.reach(ctx, r, t, key, log)
 	if err != nil {
 		h.countError()

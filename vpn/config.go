@@ -1,6 +1,8 @@
 package vpn
 
 import (
+	"crypto/x509"
+	"errors"
 	"log/slog"
 	"net/netip"
 	"strconv"
@@ -52,6 +54,13 @@ type Config struct {
 	// TrustProxy says whose X-Forwarded-For the HTTP endpoints believe
 	// (TRUST_PROXY). The zero value trusts nobody.
 	TrustProxy TrustProxy
+
+	// Production says that the server runs in production
+	// (PRODUCTION_MODE, as the reference container has it): then the
+	// instance count defaults to the CPUs (see [Loader]), otherwise,
+	// with PRODUCTION_MODE set to false, to 1. It changes nothing else
+	// in package vpn.
+	Production bool
 }
 
 // LogValue implements slog.LogValuer; API keys and private keys are left
@@ -249,6 +258,28 @@ type BalenaConfig struct {
 	// address is registered with the service instance
 	// (VPN_SERVICE_REGISTER_INTERFACE). Empty registers no address.
 	RegisterInterface string
+	// RootCA is PEM data of certificates that are trusted for the API's
+	// TLS certificate besides the system's roots (ROOT_CA, base64-encoded
+	// PEM, as the reference container takes it). Nil trusts the system's
+	// roots only.
+	RootCA []byte
+}
+
+// RootCAs returns the roots to trust for the API's TLS certificate: nil
+// (the system's) without RootCA, else the system's roots and RootCA's
+// certificates.
+func (c BalenaConfig) RootCAs() (*x509.CertPool, error) {
+	if len(c.RootCA) == 0 {
+		return nil, nil
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil {
+		pool = x509.NewCertPool()
+	}
+	if !pool.AppendCertsFromPEM(c.RootCA) {
+		return nil, errors.New("vpn: ROOT_CA holds no PEM certificate")
+	}
+	return pool, nil
 }
 
 // BaseURL returns the API's base URL, without a trailing slash:
@@ -268,6 +299,7 @@ func (c BalenaConfig) LogValue() slog.Value {
 		slog.Bool("guest_key_set", c.GuestAPIKey != ""),
 		slog.Int("state_batch_size", c.StateBatchSize),
 		slog.String("register_interface", c.RegisterInterface),
+		slog.Bool("root_ca_set", len(c.RootCA) > 0),
 	)
 }
 
@@ -281,7 +313,23 @@ type ProxyConfig struct {
 	// (VPN_FORWARD_PROXY_PORT). [LoadConfig] defaults it to Port; zero
 	// means Port.
 	ForwardPort int
+	// IdleTimeout closes a tunnel in which no byte moved either way for
+	// that long (VPN_CONNECT_PROXY_IDLE_TIMEOUT, in seconds; see
+	// connectproxy.Handler.IdleTimeout). Zero never closes an idle
+	// tunnel, as the reference proxy.
+	IdleTimeout time.Duration
+	// MaxTunnels bounds the tunnels open at once, those being set up
+	// included (VPN_CONNECT_PROXY_MAX_TUNNELS): a CONNECT takes its place
+	// before it asks the balena API anything, so that a flood of requests
+	// cannot fan out to the API without bound, and more are answered 503.
+	// [LoadConfig] defaults it to [DefaultMaxTunnels]; zero means no
+	// bound.
+	MaxTunnels int
 }
+
+// DefaultMaxTunnels is the default of VPN_CONNECT_PROXY_MAX_TUNNELS: as
+// many tunnels as HAProxy's default connection limit lets devices in.
+const DefaultMaxTunnels = 10000
 
 // HAProxyMode says how the server works with HAProxy.
 type HAProxyMode string
@@ -314,9 +362,50 @@ type HAProxyConfig struct {
 	// MonitorAddr is where the managed HAProxy answers GET /ping: 200
 	// while an instance takes clients, 503 otherwise
 	// (VPN_HAPROXY_MONITOR_ADDR). Empty means ":80", as the reference
-	// deployment.
+	// deployment. With Metrics.Token set, the same frontend serves the
+	// monitoring paths (see [Config.RenderHAProxy]).
 	MonitorAddr string
+	// MaxConn is HAProxy's connection limit, for the process and for the
+	// VPN frontend (VPN_HAPROXY_MAXCONN). Zero means 10000, as the
+	// reference container. Unless FileLimit is set, it is lowered to what
+	// the file descriptor limit that haproxy inherits allows (two
+	// descriptors a connection), where the reference's haproxy would
+	// refuse to start.
+	MaxConn int
+	// FileLimit is HAProxy's ulimit-n (VPN_HAPROXY_ULIMIT). Zero lets
+	// HAProxy derive it from MaxConn. The reference container sets
+	// 1048576, which haproxy refuses to start with where the hard limit
+	// is lower and it may not raise it (CAP_SYS_RESOURCE).
+	FileLimit int
+	// Timeout is how long a VPN connection may be idle on the client side
+	// and on the instance side before HAProxy closes it
+	// (VPN_HAPROXY_TIMEOUT, in seconds, else VPN_KEEPALIVE_TIMEOUT, as
+	// the reference container). Zero means OpenVPN.KeepaliveTimeout, and
+	// 60 s when that is zero too. OpenVPN pings every
+	// KeepaliveFrequency, so a live connection is never idle that long.
+	Timeout time.Duration
+	// Threads is HAProxy's nbthread (HAPROXY_NBTHREAD). Zero means 2, as
+	// the reference container.
+	Threads int
+	// CPUMap is HAProxy's cpu-map (HAPROXY_CPU_MAP), such as
+	// "auto:1/1-2 0-1". Empty means "auto:1/1-2 0-1", the reference
+	// container's; "none" writes no cpu-map.
+	CPUMap string
+	// NodeExporter and ProcessExporter are the addresses (host:port) of a
+	// Prometheus node exporter and process exporter that the monitor
+	// frontend routes /metrics/node and /metrics/process to, with
+	// Metrics.Token set (VPN_NODE_EXPORTER_ADDR,
+	// VPN_PROCESS_EXPORTER_ADDR; the reference container runs them on
+	// 127.0.0.1:9000 and 127.0.0.1:9001). Empty answers that path 503.
+	NodeExporter, ProcessExporter string
 }
+
+// Defaults of the HAProxy settings, the reference container's.
+const (
+	DefaultHAProxyMaxConn = 10000
+	DefaultHAProxyThreads = 2
+	DefaultHAProxyCPUMap  = "auto:1/1-2 0-1"
+)
 
 // BandwidthConfig is the per-device rate limit. The zero value limits
 // nothing; otherwise both rates are set.
@@ -333,12 +422,22 @@ type MetricsConfig struct {
 	// (VPN_METRICS_ADDR). Empty means ":8080".
 	Addr string
 	// Timeout bounds the gathering of one scrape (METRICS_TIMEOUT, in
-	// milliseconds). Zero means 10 s.
+	// milliseconds). Zero means [DefaultMetricsTimeout], the reference's.
 	Timeout time.Duration
+	// Token, if set, guards the metrics (MONITOR_SECRET_TOKEN): a caller
+	// must send HTTP Basic credentials "monitor:<Token>" for everything
+	// but /ping, on this listener and on the managed HAProxy's monitor
+	// frontend, else it is answered 401. It is compared in constant time
+	// and never logged. Empty serves the metrics to anyone.
+	Token string
 	// MaxConns bounds the connections that the metrics listener holds
 	// open at once; more wait to be accepted. Zero means 64.
 	MaxConns int
 }
+
+// DefaultMetricsTimeout is the default of [MetricsConfig.Timeout]: 20 s,
+// the reference's METRICS_TIMEOUT.
+const DefaultMetricsTimeout = 20 * time.Second
 
 // DrainConfig is how the server lets its devices go on SIGTERM or SIGINT.
 type DrainConfig struct {

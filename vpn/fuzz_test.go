@@ -18,6 +18,9 @@ func FuzzLoader(f *testing.F) {
 	f.Add("VPN_BASE_SUBNET=10.240.0.0/12\nVPN_API_PORT=1\nVPN_API_BASE_PORT=2\nTRUST_PROXY=1.2.3.4,::1/128")
 	f.Add("VPN_BASE_SUBNET=::/0\nVPN_INSTANCE_SUBNET_BITMASK=-1\nVPN_METRICS_ADDR=[::1]:http")
 	f.Add("VPN_CONNECT_PROXY_PORT=3128\nBALENA_API_HOST=api:0\nVPN_SERVICE_ID=9007199254740993")
+	f.Add("VPN_BASE_SUBNET=100.64.0.0/10\nPRODUCTION_MODE=false\nAPI_HOST=api.balena.test\nAPI_INTERNAL_HOST=api:80\nUV_THREADPOOL_SIZE=128")
+	f.Add("VPN_BASE_SUBNET=10.240.0.0/12\nMONITOR_SECRET_TOKEN=t$k\"n\nHAPROXY_CPU_MAP=auto:1/1-2 0-1\nVPN_NODE_EXPORTER_ADDR=127.0.0.1:9000\nVPN_HAPROXY_TIMEOUT=5")
+	f.Add("VPN_BASE_SUBNET=10.240.0.0/12\nVPN_HAPROXY_MAXCONN=1\nVPN_HAPROXY_ULIMIT=64\nHAPROXY_NBTHREAD=1\nVPN_CONNECT_PROXY_MAX_TUNNELS=0\nROOT_CA=x")
 	const secret = "fuzz-secret-key"
 	f.Fuzz(func(t *testing.T, text string) {
 		vars := map[string]string{
@@ -44,6 +47,16 @@ func FuzzLoader(f *testing.F) {
 			}
 			if c.Bandwidth.Up == 0 != (c.Bandwidth.Down == 0) {
 				t.Fatalf("one rate without the other: %+v", c.Bandwidth)
+			}
+			// No value starts a line of HAProxy's configuration of its
+			// own: every line is a comment, a section or a setting in one.
+			for _, line := range strings.Split(c.renderHAProxy(0), "\n") {
+				if line == "" || line[0] == '\t' || line[0] == '#' {
+					continue
+				}
+				if f := strings.Fields(line); len(f) > 2 || !map[string]bool{"global": true, "defaults": true, "frontend": true, "backend": true, "userlist": true}[f[0]] {
+					t.Fatalf("HAProxy configuration line %q is not a section header", line)
+				}
 			}
 		}
 		_, err = l.Plan()

@@ -31,14 +31,56 @@ func HAProxyServer(id int) string {
 // connections over the backend vpn-workers, whose servers vpn1…vpn<count>
 // start disabled and are registered by the instances at run time; an HTTP
 // frontend on HAProxy.MonitorAddr whose /ping fails while no server is up;
-// and the admin socket. HAProxy's connection limit follows its file
-// descriptor limit.
+// and the admin socket. The process and the VPN frontend take at most
+// HAProxy.MaxConn connections, lowered to what the file descriptor limit
+// of this process allows unless HAProxy.FileLimit is set (haproxy inherits
+// the limit, and refuses to start with a maxconn that needs more); idle VPN
+// connections are closed after HAProxy.Timeout on either side.
+//
+// With Metrics.Token set, the monitor frontend asks for HTTP Basic
+// credentials "monitor:<token>" (401 with WWW-Authenticate otherwise) for
+// everything but /ping, and serves /metrics/haproxy (HAProxy's own
+// Prometheus exporter), /cluster_metrics and /metrics/openvpn (from the
+// server's metrics listener, Metrics.Addr, reached on loopback unless it
+// listens on one address), and /metrics/node and /metrics/process (from
+// HAProxy.NodeExporter and HAProxy.ProcessExporter; 503 when unset). The
+// configuration then holds the token: write it readable by its owner
+// only, as [Server] does.
 func (c *Config) RenderHAProxy() string {
-	monitorAddr := c.HAProxy.MonitorAddr
+	return c.renderHAProxy(fileLimit())
+}
+
+// What HAProxy needs of the file limit: per connection, two descriptors
+// (the client's and the server's) and half a splice pipe's two (maxpipes
+// is maxconn/4), so five for every two connections; and some for
+// listeners, the sockets and the master.
+const (
+	haproxyFDsPerTwoConns = 5
+	haproxyFDsSpare       = 100
+)
+
+// maxConn returns the connection limit to render, and the limit it was
+// lowered from (0 when it was not), for fdLimit descriptors (0: no limit).
+func (h HAProxyConfig) maxConn(fdLimit uint64) (n, from int) {
+	n = h.MaxConn
+	if n <= 0 {
+		n = DefaultHAProxyMaxConn
+	}
+	if h.FileLimit > 0 || fdLimit == 0 || fdLimit <= haproxyFDsSpare {
+		return n, 0
+	}
+	if allowed := int((fdLimit - haproxyFDsSpare) * 2 / haproxyFDsPerTwoConns); allowed < n {
+		return allowed, n
+	}
+	return n, 0
+}
+
+func (c *Config) renderHAProxy(fdLimit uint64) string {
+	h := c.HAProxy
+	monitorAddr := h.MonitorAddr
 	if monitorAddr == "" {
 		monitorAddr = ":80"
 	}
-	h := c.HAProxy
 	port := h.Port
 	if port == 0 {
 		port = 443
@@ -47,38 +89,101 @@ func (c *Config) RenderHAProxy() string {
 	if socket == "" {
 		socket = "/run/haproxy.sock"
 	}
-	timeout := c.OpenVPN.KeepaliveTimeout
+	timeout := h.Timeout
+	if timeout <= 0 {
+		timeout = c.OpenVPN.KeepaliveTimeout
+	}
 	if timeout <= 0 {
 		timeout = 60 * time.Second
 	}
+	threads := h.Threads
+	if threads <= 0 {
+		threads = DefaultHAProxyThreads
+	}
+	cpuMap := h.CPUMap
+	if cpuMap == "" {
+		cpuMap = DefaultHAProxyCPUMap
+	}
+	maxConn, loweredFrom := h.maxConn(fdLimit)
 	n := max(c.Plan.Instances, 1)
 	accept := ""
 	if h.UseProxyProtocol {
 		accept = " accept-proxy"
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, `# HAProxy for obvpn, generated; changes are overwritten.
-global
-	master-worker
-	stats socket %s mode 600 level admin
-	pidfile %s
-
+	b.WriteString("# HAProxy for obvpn, generated; changes are overwritten.\n")
+	b.WriteString("global\n\tmaster-worker\n")
+	if loweredFrom > 0 {
+		fmt.Fprintf(&b, "\t# maxconn lowered from %d: the file descriptor limit is %d\n", loweredFrom, fdLimit)
+	}
+	fmt.Fprintf(&b, "\tmaxconn %d\n", maxConn)
+	if h.FileLimit > 0 {
+		fmt.Fprintf(&b, "\tulimit-n %d\n", h.FileLimit)
+	}
+	fmt.Fprintf(&b, "\tnbthread %d\n", threads)
+	if cpuMap != "none" {
+		fmt.Fprintf(&b, "\tcpu-map %s\n", cpuMap)
+	}
+	fmt.Fprintf(&b, "\tstats socket %s mode 600 level admin\n\tpidfile %s\n", socket, c.runDir()+"/haproxy.pid")
+	b.WriteString(`
 defaults
 	log global
 	timeout connect 10s
-	timeout client %ds
-	timeout server %ds
-
+	timeout client 10s
+	timeout server 10s
+`)
+	token := c.Metrics.Token
+	if token != "" {
+		// Single quotes: HAProxy takes everything up to the next one as
+		// is (the loader refuses tokens with a single quote).
+		fmt.Fprintf(&b, "\nuserlist %s\n\tuser %s insecure-password '%s'\n", monitorUserlist, MonitorUser, token)
+	}
+	fmt.Fprintf(&b, `
 frontend monitor
 	mode http
 	bind %s
 	acl vpn_dead nbsrv(%s) lt 1
 	monitor-uri /ping
 	monitor fail if vpn_dead
-
+`, monitorAddr, HAProxyBackend)
+	var backends strings.Builder
+	if token != "" {
+		fmt.Fprintf(&b, "\tacl monitor_auth http_auth(%s)\n", monitorUserlist)
+		fmt.Fprintf(&b, "\thttp-request auth realm %s unless monitor_auth\n", monitorUserlist)
+		b.WriteString("\thttp-request use-service prometheus-exporter if { path /metrics/haproxy }\n")
+		routes := []struct{ path, backend, addr string }{
+			{"/metrics/node", "node-exporter", h.NodeExporter},
+			{"/metrics/process", "process-exporter", h.ProcessExporter},
+			{"/cluster_metrics /metrics/openvpn", "vpn-metrics", c.metricsBackendAddr()},
+		}
+		paths := "/metrics/haproxy"
+		for _, e := range routes {
+			paths += " " + e.path
+			if e.addr == "" {
+				fmt.Fprintf(&b, "\thttp-request return status 503 content-type text/plain string \"%s: not configured\" if { path %s }\n", e.backend, e.path)
+			}
+		}
+		fmt.Fprintf(&b, "\thttp-request return status 404 content-type text/plain string \"not found\" unless { path %s }\n", paths)
+		for _, e := range routes {
+			if e.addr == "" {
+				continue
+			}
+			fmt.Fprintf(&b, "\tuse_backend %s if { path %s }\n", e.backend, e.path)
+			fmt.Fprintf(&backends, "\nbackend %s\n\tmode http\n", e.backend)
+			if e.backend == "vpn-metrics" {
+				// A scrape may take METRICS_TIMEOUT.
+				fmt.Fprintf(&backends, "\ttimeout server %ds\n", int(c.metricsTimeout()/time.Second)+5)
+			}
+			fmt.Fprintf(&backends, "\tserver %s %s\n", strings.ReplaceAll(e.backend, "-", "_"), e.addr)
+		}
+	}
+	b.WriteString(backends.String())
+	fmt.Fprintf(&b, `
 frontend vpn
 	mode tcp
 	bind :%d%s
+	maxconn %d
+	timeout client %ds
 	option splice-auto
 	option tcp-smart-accept
 	default_backend %s
@@ -87,10 +192,48 @@ backend %s
 	mode tcp
 	balance leastconn
 	option tcp-smart-connect
+	timeout server %ds
 	server-template %s 1-%d 127.0.0.1:%d disabled
-`, socket, c.runDir()+"/haproxy.pid", int(2*timeout/time.Second), int(2*timeout/time.Second),
-		monitorAddr, HAProxyBackend, port, accept, HAProxyBackend, HAProxyBackend, HAProxyServerPrefix, n, c.Plan.Ports.VPN)
+`, port, accept, maxConn, int(timeout/time.Second), HAProxyBackend, HAProxyBackend, int(timeout/time.Second),
+		HAProxyServerPrefix, n, c.Plan.Ports.VPN)
 	return b.String()
+}
+
+// MonitorUser is the user name of the monitoring credentials, with
+// MONITOR_SECRET_TOKEN as the password.
+const MonitorUser = "monitor"
+
+// monitorUserlist names HAProxy's userlist of the monitoring credentials,
+// and the realm it asks for.
+const monitorUserlist = "obvpn-monitor"
+
+// metricsBackendAddr is where HAProxy reaches the server's metrics
+// listener: its address, on loopback when it listens on every address;
+// "" when it has no fixed port.
+func (c *Config) metricsBackendAddr() string {
+	addr := c.Metrics.Addr
+	if addr == "" {
+		addr = ":8080"
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || port == "0" || port == "" {
+		return ""
+	}
+	if ip, err := netip.ParseAddr(host); host == "" || err == nil && ip.IsUnspecified() {
+		host = "127.0.0.1"
+		if err == nil && ip.Is6() && !ip.Is4In6() {
+			host = "::1"
+		}
+	}
+	return net.JoinHostPort(host, port)
+}
+
+// metricsTimeout is Metrics.Timeout, defaulted.
+func (c *Config) metricsTimeout() time.Duration {
+	if c.Metrics.Timeout > 0 {
+		return c.Metrics.Timeout
+	}
+	return DefaultMetricsTimeout
 }
 
 // HAProxyRuntime is a client of HAProxy's runtime API on its admin socket

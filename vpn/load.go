@@ -1,10 +1,12 @@
 package vpn
 
 import (
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -62,6 +64,19 @@ type Loader struct {
 	// NumCPU returns the instance count when neither VPN_INSTANCE_COUNT
 	// nor the CPU request file gives one. Nil means runtime.NumCPU.
 	NumCPU func() int
+
+	// Logger receives the warnings of loading: a variable set under two
+	// names to different values (which one was taken), and the variables
+	// of the reference container that obvpn does not use. Nil means
+	// discard.
+	Logger *slog.Logger
+}
+
+func (l Loader) logger() *slog.Logger {
+	if l.Logger != nil {
+		return l.Logger
+	}
+	return slog.New(slog.DiscardHandler)
 }
 
 // LoadConfig loads the server's configuration from the process environment
@@ -108,6 +123,7 @@ type environment struct {
 	APIPort       string `env:"VPN_API_PORT"`
 	APIBasePort   string `env:"VPN_API_BASE_PORT"`
 	InstanceCount string `env:"VPN_INSTANCE_COUNT"`
+	Production    string `env:"PRODUCTION_MODE"`
 
 	Proto             string `env:"VPN_OPENVPN_PROTO" envDefault:"tcp4-server"`
 	StatusInterval    string `env:"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS" envDefault:"10"`
@@ -132,11 +148,14 @@ type environment struct {
 
 	AuthMode         string `env:"VPN_AUTH_MODE" envDefault:"management"`
 	AuthCacheTimeout string `env:"VPN_AUTH_CACHE_TIMEOUT" envDefault:"60000"`
-	MaxAPIWorkers    string `env:"MAX_API_POST_WORKERS" envDefault:"20"`
+	MaxAPIWorkers    string `env:"MAX_API_POST_WORKERS" envDefault:"80"`
 	DelayOnAuthFail  string `env:"DELAY_ON_AUTH_FAIL" envDefault:"10000"`
 
 	APIHost           string `env:"BALENA_API_HOST"`
+	APIHostC          string `env:"API_HOST"` // the reference container's name
 	APIInternalHost   string `env:"BALENA_API_INTERNAL_HOST"`
+	APIInternalHostC  string `env:"API_INTERNAL_HOST"` // the reference container's name
+	RootCA            string `env:"ROOT_CA"`
 	ServiceAPIKey     string `env:"VPN_SERVICE_API_KEY"`
 	GuestAPIKey       string `env:"VPN_GUEST_API_KEY"`
 	StateBatchSize    string `env:"API_DEVICE_STATE_POST_BATCH_SIZE" envDefault:"8000"`
@@ -145,6 +164,8 @@ type environment struct {
 
 	ProxyPort   string `env:"VPN_CONNECT_PROXY_PORT" envDefault:"0"`
 	ForwardPort string `env:"VPN_FORWARD_PROXY_PORT"`
+	ProxyIdle   string `env:"VPN_CONNECT_PROXY_IDLE_TIMEOUT" envDefault:"0"`
+	ProxyMax    string `env:"VPN_CONNECT_PROXY_MAX_TUNNELS" envDefault:"10000"`
 	StatusGlob  string `env:"NSS_OPENVPN_STATUS_GLOB"`
 	NSSIndex    string `env:"VPN_NSS_INDEX"`
 	NSSIndexOld string `env:"NSS_OPENVPN_INDEX"`
@@ -154,10 +175,18 @@ type environment struct {
 	HAProxySocket   string `env:"VPN_HAPROXY_SOCKET" envDefault:"/run/haproxy.sock"`
 	HAProxyUseProxy string `env:"VPN_HAPROXY_USEPROXYPROTOCOL" envDefault:"false"`
 	HAProxyMonitor  string `env:"VPN_HAPROXY_MONITOR_ADDR" envDefault:":80"`
+	HAProxyMaxConn  string `env:"VPN_HAPROXY_MAXCONN" envDefault:"10000"`
+	HAProxyULimit   string `env:"VPN_HAPROXY_ULIMIT"`
+	HAProxyTimeout  string `env:"VPN_HAPROXY_TIMEOUT"`
+	HAProxyThreads  string `env:"HAPROXY_NBTHREAD" envDefault:"2"`
+	HAProxyCPUMap   string `env:"HAPROXY_CPU_MAP" envDefault:"auto:1/1-2 0-1"`
+	NodeExporter    string `env:"VPN_NODE_EXPORTER_ADDR"`
+	ProcessExporter string `env:"VPN_PROCESS_EXPORTER_ADDR"`
+	MonitorToken    string `env:"MONITOR_SECRET_TOKEN"`
 	DownRate        string `env:"VPN_DOWNRATE"`
 	UpRate          string `env:"VPN_UPRATE"`
 	MetricsAddr     string `env:"VPN_METRICS_ADDR" envDefault:":8080"`
-	MetricsTimeout  string `env:"METRICS_TIMEOUT" envDefault:"10000"`
+	MetricsTimeout  string `env:"METRICS_TIMEOUT" envDefault:"20000"`
 	DrainRate       string `env:"MINIMUM_DRAIN_RATE_PER_MINUTE" envDefault:"500"`
 	SigtermTimeout  string `env:"DEFAULT_SIGTERM_TIMEOUT" envDefault:"120"`
 	RunDir          string `env:"VPN_RUN_DIR" envDefault:"/run/openvpn"`
@@ -173,22 +202,66 @@ const defaultAPIBasePort = 30000
 // load maps the variables onto an environment with the env package, which
 // applies the defaults; an empty variable counts as unset.
 func (l Loader) load() (*environment, error) {
-	vars := l.Env
-	if vars == nil {
-		vars = make(map[string]string)
-		for _, kv := range os.Environ() {
-			if k, v, ok := strings.Cut(kv, "="); ok {
-				vars[k] = v
-			}
-		}
-	}
 	var e environment
-	if err := env.ParseWithOptions(&e, env.Options{Environment: vars}); err != nil {
+	if err := env.ParseWithOptions(&e, env.Options{Environment: l.vars()}); err != nil {
 		// Only string fields without required or file options: the env
 		// package has nothing to reject.
 		return nil, fmt.Errorf("vpn: mapping the environment: %w", err)
 	}
 	return &e, nil
+}
+
+// vars returns the variables: Env, or the process environment.
+func (l Loader) vars() map[string]string {
+	if l.Env != nil {
+		return l.Env
+	}
+	vars := make(map[string]string)
+	for _, kv := range os.Environ() {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			vars[k] = v
+		}
+	}
+	return vars
+}
+
+// UnusedVariables are the variables that the reference container reads
+// and obvpn does not, with the reason: [Loader.Config] names those that
+// are set in one warning, so that none is silently ignored.
+var UnusedVariables = map[string]string{
+	"UV_THREADPOOL_SIZE":         "a Node.js setting; obvpn is not Node.js",
+	"NODE_EXTRA_CA_CERTS":        "a Node.js setting; use ROOT_CA for the balena API's roots",
+	"NODE_ENV":                   "a Node.js setting; PRODUCTION_MODE is read instead",
+	"VPN_CONNECT_INSTANCE_COUNT": "obvpn runs one CONNECT proxy, on every CPU",
+	"VPN_HOST":                   "the reference's own loopback address; obvpn's internal API is on 127.0.0.1",
+	"IPTABLES_FORWARD_POLICY":    "obvpn isolates devices per tun device instead (VPN_DEVICE_ISOLATION)",
+	"MINIMUM_DRAIN_RATE":         "the reference's template writes it but its server reads MINIMUM_DRAIN_RATE_PER_MINUTE",
+	"LEARN_ADDRESS_DEBUG":        "the reference's learn-address script; obvpn limits bandwidth itself (VPN_DOWNRATE, VPN_UPRATE)",
+	"LEARN_ADDRESS_LOG_DIR":      "the reference's learn-address script; obvpn keeps no tc state on disk",
+	"LEARN_ADDRESS_STATE_DIR":    "the reference's learn-address script; obvpn keeps no tc state on disk",
+	"NPROC":                      "the reference's CPU count; obvpn counts the CPUs itself",
+}
+
+// warnUnused names, in one warning, the variables of the reference
+// container that are set and that obvpn does not use.
+func (l Loader) warnUnused() {
+	vars := l.vars()
+	var set []string
+	for name := range UnusedVariables {
+		if vars[name] != "" {
+			set = append(set, name)
+		}
+	}
+	if len(set) == 0 {
+		return
+	}
+	slices.Sort(set)
+	reasons := make([]string, len(set))
+	for i, name := range set {
+		reasons[i] = name + ": " + UnusedVariables[name]
+	}
+	l.logger().Warn("variables of the reference container that obvpn does not use are set; they change nothing",
+		"variables", strings.Join(set, ","), "why", strings.Join(reasons, "; "))
 }
 
 // Config loads and validates the server's configuration: every variable,
@@ -199,24 +272,21 @@ func (l Loader) Config() (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	var p parser
+	l.warnUnused()
+	p := parser{log: l.logger()}
 	c := &Config{}
+	c.Production = p.production(e)
 	c.Plan = p.plan(e, l)
 	c.OpenVPN = p.openvpn(e, c.Plan)
 	c.Auth = p.auth(e)
 	c.Balena = p.balena(e)
 	c.Proxy = p.proxy(e)
-	c.HAProxy = HAProxyConfig{
-		Mode:             HAProxyMode(p.oneOf("VPN_HAPROXY", e.HAProxy, string(HAProxyManaged), string(HAProxyExternal), string(HAProxyOff))),
-		Port:             p.port("VPN_PORT", e.VPNPort, 1),
-		Socket:           p.absPath("VPN_HAPROXY_SOCKET", e.HAProxySocket),
-		UseProxyProtocol: p.bool("VPN_HAPROXY_USEPROXYPROTOCOL", e.HAProxyUseProxy),
-		MonitorAddr:      p.listenAddr("VPN_HAPROXY_MONITOR_ADDR", e.HAProxyMonitor),
-	}
+	c.HAProxy = p.haproxy(e, c.OpenVPN)
 	c.Bandwidth = p.bandwidth(e)
 	c.Metrics = MetricsConfig{
 		Addr:    p.listenAddr("VPN_METRICS_ADDR", e.MetricsAddr),
 		Timeout: p.duration("METRICS_TIMEOUT", e.MetricsTimeout, time.Millisecond, 1),
+		Token:   p.token("MONITOR_SECRET_TOKEN", e.MonitorToken),
 	}
 	c.Drain = DrainConfig{
 		MinRatePerMinute: p.int("MINIMUM_DRAIN_RATE_PER_MINUTE", e.DrainRate, 1, 1<<31-1),
@@ -238,6 +308,63 @@ func (l Loader) Config() (*Config, error) {
 		return nil, p.err
 	}
 	return c, nil
+}
+
+func (p *parser) haproxy(e *environment, ovpn OpenVPNConfig) HAProxyConfig {
+	c := HAProxyConfig{
+		Mode:             HAProxyMode(p.oneOf("VPN_HAPROXY", e.HAProxy, string(HAProxyManaged), string(HAProxyExternal), string(HAProxyOff))),
+		Port:             p.port("VPN_PORT", e.VPNPort, 1),
+		Socket:           p.absPath("VPN_HAPROXY_SOCKET", e.HAProxySocket),
+		UseProxyProtocol: p.bool("VPN_HAPROXY_USEPROXYPROTOCOL", e.HAProxyUseProxy),
+		MonitorAddr:      p.listenAddr("VPN_HAPROXY_MONITOR_ADDR", e.HAProxyMonitor),
+		MaxConn:          p.int("VPN_HAPROXY_MAXCONN", e.HAProxyMaxConn, 1, 1<<24),
+		FileLimit:        p.int("VPN_HAPROXY_ULIMIT", e.HAProxyULimit, 64, 1<<30),
+		Timeout:          ovpn.KeepaliveTimeout,
+		Threads:          p.int("HAPROXY_NBTHREAD", e.HAProxyThreads, 1, 4096),
+		CPUMap:           strings.TrimSpace(e.HAProxyCPUMap),
+		NodeExporter:     p.hostPort("VPN_NODE_EXPORTER_ADDR", e.NodeExporter),
+		ProcessExporter:  p.hostPort("VPN_PROCESS_EXPORTER_ADDR", e.ProcessExporter),
+	}
+	if e.HAProxyTimeout != "" {
+		c.Timeout = p.duration("VPN_HAPROXY_TIMEOUT", e.HAProxyTimeout, time.Second, 1)
+	}
+	if strings.ContainsAny(c.CPUMap, "\t\r\n\"'\\#") {
+		p.fail("HAPROXY_CPU_MAP", e.HAProxyCPUMap, errors.New("want HAProxy's cpu-map arguments, such as \"auto:1/1-2 0-1\", or none"))
+	}
+	return c
+}
+
+// production is PRODUCTION_MODE; unset is false.
+func (p *parser) production(e *environment) bool {
+	if e.Production == "" {
+		return false
+	}
+	return p.bool("PRODUCTION_MODE", e.Production)
+}
+
+// token checks the monitoring token, which goes into HAProxy's
+// configuration in single quotes. Its value is a secret and is not
+// repeated in errors.
+func (p *parser) token(name, value string) string {
+	if strings.ContainsFunc(value, func(r rune) bool { return r < ' ' || r == 0x7f || r == '\'' }) {
+		p.fail(name, "", errors.New("contains control characters or a single quote"))
+		return ""
+	}
+	return value
+}
+
+// hostPort checks an optional host:port address to connect to.
+func (p *parser) hostPort(name, value string) string {
+	if value == "" || p.err != nil {
+		return ""
+	}
+	h, port, err := net.SplitHostPort(value)
+	if err != nil || h == "" || strings.ContainsAny(h, " \t\r\n\"'#") {
+		p.fail(name, value, errors.New("want host:port"))
+		return ""
+	}
+	p.portIn(name, value, port, 1)
+	return value
 }
 
 // portRange is the ports that one variable gives to the instances or to a
@@ -313,7 +440,7 @@ func (l Loader) ConnectProxyConfig() (*ConnectProxyConfig, error) {
 	if err != nil {
 		return nil, err
 	}
-	var p parser
+	p := parser{log: l.logger()}
 	c := &ConnectProxyConfig{
 		Balena:                  p.balena(e),
 		Proxy:                   p.proxy(e),
@@ -372,9 +499,17 @@ func (l Loader) Plan() (subnet.Plan, error) {
 
 // parser turns variables into typed values. It keeps the first error only:
 // after it, every method returns zero values, and the caller returns that
-// error, so that start-up fails with one line.
+// error, so that start-up fails with one line. Warnings go to log; nil
+// discards them.
 type parser struct {
 	err error
+	log *slog.Logger
+}
+
+func (p *parser) warn(msg string, args ...any) {
+	if p.log != nil {
+		p.log.Warn(msg, args...)
+	}
 }
 
 func (p *parser) fail(name, value string, err error) {
@@ -472,6 +607,10 @@ func (p *parser) instanceCount(e *environment, l Loader) (int, string) {
 	if n := p.int("VPN_INSTANCE_COUNT", e.InstanceCount, 0, 1<<20); n > 0 || p.err != nil {
 		return n, ""
 	}
+	if e.Production != "" && !p.production(e) {
+		// The reference container runs one instance outside production.
+		return 1, " (PRODUCTION_MODE=" + e.Production + ")"
+	}
 	file := l.CPURequestFile
 	if file == "" {
 		file = DefaultCPURequestFile
@@ -567,16 +706,24 @@ func (p *parser) auth(e *environment) AuthConfig {
 }
 
 func (p *parser) balena(e *environment) BalenaConfig {
+	host := p.either("API_HOST", e.APIHostC, "BALENA_API_HOST", e.APIHost)
+	internal := p.either("API_INTERNAL_HOST", e.APIInternalHostC, "BALENA_API_INTERNAL_HOST", e.APIInternalHost)
 	c := BalenaConfig{
-		APIHost:           p.host("BALENA_API_HOST", e.APIHost),
-		APIInternalHost:   p.host("BALENA_API_INTERNAL_HOST", e.APIInternalHost),
+		APIHost:           p.host(host.name, host.value),
+		APIInternalHost:   p.host(internal.name, internal.value),
 		ServiceAPIKey:     e.ServiceAPIKey,
 		GuestAPIKey:       e.GuestAPIKey,
 		StateBatchSize:    p.int("API_DEVICE_STATE_POST_BATCH_SIZE", e.StateBatchSize, 1, 1<<20),
 		RegisterInterface: e.RegisterInterface,
 	}
 	if c.APIHost == "" && c.APIInternalHost == "" {
-		p.fail("BALENA_API_HOST", "", fmt.Errorf("%w (nor is BALENA_API_INTERNAL_HOST)", ErrMissing))
+		p.fail("BALENA_API_HOST", "", fmt.Errorf("%w (nor are API_HOST, BALENA_API_INTERNAL_HOST and API_INTERNAL_HOST)", ErrMissing))
+	}
+	if e.RootCA != "" {
+		c.RootCA = p.pem("ROOT_CA", e.RootCA, "", "CERTIFICATE", false)
+		if p.err == nil && !x509.NewCertPool().AppendCertsFromPEM(c.RootCA) {
+			p.fail("ROOT_CA", "", errors.New("holds no certificate that parses"))
+		}
 	}
 	if c.ServiceAPIKey == "" {
 		p.fail("VPN_SERVICE_API_KEY", "", ErrMissing)
@@ -592,7 +739,11 @@ func (p *parser) balena(e *environment) BalenaConfig {
 }
 
 func (p *parser) proxy(e *environment) ProxyConfig {
-	c := ProxyConfig{Port: p.port("VPN_CONNECT_PROXY_PORT", e.ProxyPort, 0)}
+	c := ProxyConfig{
+		Port:        p.port("VPN_CONNECT_PROXY_PORT", e.ProxyPort, 0),
+		IdleTimeout: p.duration("VPN_CONNECT_PROXY_IDLE_TIMEOUT", e.ProxyIdle, time.Second, 0),
+		MaxTunnels:  p.int("VPN_CONNECT_PROXY_MAX_TUNNELS", e.ProxyMax, 0, 1<<24),
+	}
 	c.ForwardPort = c.Port
 	if e.ForwardPort != "" {
 		c.ForwardPort = p.port("VPN_FORWARD_PROXY_PORT", e.ForwardPort, 1)
@@ -632,17 +783,19 @@ func (p *parser) verbose(e *environment) bool {
 // named is a variable's name with its value.
 type named struct{ name, value string }
 
-// either returns whichever of a new and an old variable name is set. Both
-// set to different values is an error; the same value is fine.
-func (p *parser) either(newName, newValue, oldName, oldValue string) named {
+// either returns whichever of two names of a variable is set: first, the
+// name the reference container reads, second the other. When both are set
+// to different values, the first is taken, as the reference container
+// takes it, and a warning names both.
+func (p *parser) either(first, firstValue, second, secondValue string) named {
 	switch {
-	case newValue != "" && oldValue != "" && newValue != oldValue:
-		p.fail(newName, newValue, fmt.Errorf("%s=%q is set too, to something else: set one (%s is the old name)", oldName, oldValue, oldName))
-		return named{}
-	case newValue == "" && oldValue != "":
-		return named{oldName, oldValue}
+	case firstValue != "" && secondValue != "" && firstValue != secondValue:
+		p.warn("a variable is set under two names, to different values: taking "+first+", as the reference container does",
+			"taken", first, "value", firstValue, "ignored", second, "ignored_value", secondValue)
+	case firstValue == "" && secondValue != "":
+		return named{second, secondValue}
 	}
-	return named{newName, newValue}
+	return named{first, firstValue}
 }
 
 func (p *parser) int(name, value string, lo, hi int) int {

@@ -76,13 +76,15 @@ func TestLoadConfigDefaults(t *testing.T) {
 	is.Equal(string(c.OpenVPN.CACert), testCert)
 	is.Equal(string(c.OpenVPN.ServerKey), testKey)
 	is.True(c.OpenVPN.DH == nil) // dh none
-	is.Equal(c.Auth, AuthConfig{Mode: AuthManagement, CacheTimeout: time.Minute, MaxWorkers: 20, DelayOnFail: 10 * time.Second})
+	is.Equal(c.Auth, AuthConfig{Mode: AuthManagement, CacheTimeout: time.Minute, MaxWorkers: 80, DelayOnFail: 10 * time.Second})
 	is.Equal(c.Balena, BalenaConfig{APIHost: "api.example.com", ServiceAPIKey: "s3rv1ce-key", StateBatchSize: 8000})
 	is.Equal(c.Balena.BaseURL(), "https://api.example.com")
-	is.Equal(c.Proxy, ProxyConfig{})
-	is.Equal(c.HAProxy, HAProxyConfig{Mode: HAProxyManaged, Port: 443, Socket: "/run/haproxy.sock", MonitorAddr: ":80"})
+	is.Equal(c.Proxy, ProxyConfig{MaxTunnels: DefaultMaxTunnels})
+	is.Equal(c.HAProxy, HAProxyConfig{Mode: HAProxyManaged, Port: 443, Socket: "/run/haproxy.sock", MonitorAddr: ":80",
+		MaxConn: 10000, Timeout: 60 * time.Second, Threads: 2, CPUMap: "auto:1/1-2 0-1"})
 	is.Equal(c.Bandwidth, BandwidthConfig{})
-	is.Equal(c.Metrics, MetricsConfig{Addr: ":8080", Timeout: 10 * time.Second})
+	is.Equal(c.Metrics, MetricsConfig{Addr: ":8080", Timeout: 20 * time.Second})
+	is.Equal(c.Production, false)
 	is.Equal(c.Drain, DrainConfig{MinRatePerMinute: 500, Timeout: 120 * time.Second})
 	is.Equal(c.RunDir, "/run/openvpn")
 	is.Equal(c.Verbose, false)
@@ -134,6 +136,18 @@ func TestLoadConfigEverything(t *testing.T) {
 		"VPN_RUN_DIR", "/var/run/obvpn/",
 		"DEFAULT_VERBOSE_LOGS", "true",
 		"TRUST_PROXY", "10.0.0.0/8, 192.0.2.7",
+		"VPN_CONNECT_PROXY_IDLE_TIMEOUT", "900",
+		"VPN_CONNECT_PROXY_MAX_TUNNELS", "0",
+		"VPN_HAPROXY_MAXCONN", "50000",
+		"VPN_HAPROXY_ULIMIT", "200000",
+		"VPN_HAPROXY_TIMEOUT", "45",
+		"HAPROXY_NBTHREAD", "4",
+		"HAPROXY_CPU_MAP", "none",
+		"VPN_NODE_EXPORTER_ADDR", "127.0.0.1:9000",
+		"VPN_PROCESS_EXPORTER_ADDR", "[::1]:9001",
+		"MONITOR_SECRET_TOKEN", "t0k3n",
+		"PRODUCTION_MODE", "true",
+		"ROOT_CA", b64(testRootCA),
 	)).Config()
 	is.NoErr(err)
 	is.Equal(c.Plan, subnet.Plan{
@@ -157,10 +171,17 @@ func TestLoadConfigEverything(t *testing.T) {
 	is.Equal(c.Balena.GuestAPIKey, "guest")
 	is.Equal(c.Balena.StateBatchSize, 100)
 	is.Equal(c.Balena.RegisterInterface, "eth0")
-	is.Equal(c.Proxy, ProxyConfig{Port: 3128, ForwardPort: 3128})
-	is.Equal(c.HAProxy, HAProxyConfig{Mode: HAProxyExternal, Port: 1194, Socket: "/tmp/h.sock", UseProxyProtocol: true, MonitorAddr: ":80"})
+	is.Equal(c.Proxy, ProxyConfig{Port: 3128, ForwardPort: 3128, IdleTimeout: 15 * time.Minute})
+	is.Equal(c.HAProxy, HAProxyConfig{Mode: HAProxyExternal, Port: 1194, Socket: "/tmp/h.sock", UseProxyProtocol: true, MonitorAddr: ":80",
+		MaxConn: 50000, FileLimit: 200000, Timeout: 45 * time.Second, Threads: 4, CPUMap: "none",
+		NodeExporter: "127.0.0.1:9000", ProcessExporter: "[::1]:9001"})
 	is.Equal(c.Bandwidth, BandwidthConfig{Down: 10_000_000, Up: 512_000})
-	is.Equal(c.Metrics, MetricsConfig{Addr: "127.0.0.1:9090", Timeout: 1500 * time.Millisecond})
+	is.Equal(c.Metrics, MetricsConfig{Addr: "127.0.0.1:9090", Timeout: 1500 * time.Millisecond, Token: "t0k3n"})
+	is.True(c.Production)
+	is.Equal(string(c.Balena.RootCA), testRootCA)
+	roots, err := c.Balena.RootCAs()
+	is.NoErr(err)
+	is.True(roots != nil)
 	is.Equal(c.Drain, DrainConfig{MinRatePerMinute: 60, Timeout: 30 * time.Second})
 	is.Equal(c.RunDir, "/var/run/obvpn")
 	is.True(c.Verbose)
@@ -178,6 +199,7 @@ func TestOldAndNewNames(t *testing.T) {
 		env   []string
 		check func(*is.I, *Config)
 		err   string
+		warn  string // in the one warning wanted; none when empty
 	}{
 		{name: "old gateway", env: []string{"BALENA_VPN_GATEWAY", "10.240.0.1"},
 			check: func(is *is.I, c *Config) { is.Equal(c.Plan.Gateway, netip.MustParseAddr("10.240.0.1")) }},
@@ -186,7 +208,8 @@ func TestOldAndNewNames(t *testing.T) {
 		{name: "both gateways, same", env: []string{"VPN_GATEWAY", "10.240.0.1", "BALENA_VPN_GATEWAY", "10.240.0.1"},
 			check: func(is *is.I, c *Config) { is.Equal(c.Plan.Gateway, netip.MustParseAddr("10.240.0.1")) }},
 		{name: "both gateways, different", env: []string{"VPN_GATEWAY", "10.240.0.1", "BALENA_VPN_GATEWAY", "10.240.0.9"},
-			err: `VPN_GATEWAY="10.240.0.1": BALENA_VPN_GATEWAY="10.240.0.9" is set too, to something else: set one (BALENA_VPN_GATEWAY is the old name)`},
+			check: func(is *is.I, c *Config) { is.Equal(c.Plan.Gateway, netip.MustParseAddr("10.240.0.1")) },
+			warn:  "taken=VPN_GATEWAY value=10.240.0.1 ignored=BALENA_VPN_GATEWAY ignored_value=10.240.0.9"},
 		{name: "old gateway malformed names the old variable", env: []string{"BALENA_VPN_GATEWAY", "10.240.0"},
 			err: `BALENA_VPN_GATEWAY="10.240.0": ParseAddr("10.240.0"): IPv4 address too short`},
 		{name: "old API base port", env: []string{"VPN_API_BASE_PORT", "8000"},
@@ -200,14 +223,29 @@ func TestOldAndNewNames(t *testing.T) {
 		{name: "new verbose", env: []string{"VPN_VERBOSE_LOGS", "1"},
 			check: func(is *is.I, c *Config) { is.True(c.Verbose) }},
 		{name: "verbose disagree", env: []string{"VPN_VERBOSE_LOGS", "false", "DEFAULT_VERBOSE_LOGS", "true"},
-			err: `VPN_VERBOSE_LOGS="false": DEFAULT_VERBOSE_LOGS="true" is set too, to something else: set one (DEFAULT_VERBOSE_LOGS is the old name)`},
+			check: func(is *is.I, c *Config) { is.True(!c.Verbose) },
+			warn:  "taken=VPN_VERBOSE_LOGS value=false ignored=DEFAULT_VERBOSE_LOGS ignored_value=true"},
+		{name: "container's API host", env: []string{"BALENA_API_HOST", "", "API_HOST", "api.balena.test"},
+			check: func(is *is.I, c *Config) { is.Equal(c.Balena.BaseURL(), "https://api.balena.test") }},
+		{name: "container's internal API host", env: []string{"API_INTERNAL_HOST", "api.internal:81"},
+			check: func(is *is.I, c *Config) { is.Equal(c.Balena.BaseURL(), "http://api.internal:81") }},
+		{name: "both API hosts, the container's taken", env: []string{"BALENA_API_HOST", "api.balena.example", "API_HOST", "api.balena.test"},
+			check: func(is *is.I, c *Config) { is.Equal(c.Balena.APIHost, "api.balena.test") },
+			warn:  "taken=API_HOST value=api.balena.test ignored=BALENA_API_HOST ignored_value=api.balena.example"},
+		{name: "both API hosts, same", env: []string{"BALENA_API_HOST", "api.balena.test", "API_HOST", "api.balena.test"},
+			check: func(is *is.I, c *Config) { is.Equal(c.Balena.APIHost, "api.balena.test") }},
+		{name: "container's API host malformed names it", env: []string{"API_HOST", "https://api.balena.test"},
+			err: `API_HOST="https://api.balena.test": want a host name with an optional :port, without a scheme`},
 		{name: "old verbose malformed", env: []string{"DEFAULT_VERBOSE_LOGS", "yes please"},
 			err: `DEFAULT_VERBOSE_LOGS="yes please": want true or false`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			is := is.New(t)
-			c, err := loader(serverEnv(tt.env...)).Config()
+			l := loader(serverEnv(tt.env...))
+			var logs strings.Builder
+			l.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+			c, err := l.Config()
 			if tt.err != "" {
 				is.True(err != nil)
 				is.Equal(err.Error(), tt.err)
@@ -215,6 +253,13 @@ func TestOldAndNewNames(t *testing.T) {
 			}
 			is.NoErr(err)
 			tt.check(is, c)
+			lines := strings.Count(logs.String(), "\n")
+			switch {
+			case tt.warn == "" && lines != 0:
+				t.Errorf("warnings: got %q, want none", logs.String())
+			case tt.warn != "" && (lines != 1 || !strings.Contains(logs.String(), "level=WARN") || !strings.Contains(logs.String(), tt.warn)):
+				t.Errorf("warnings: got %q, want one with %q", logs.String(), tt.warn)
+			}
 		})
 	}
 }
@@ -292,7 +337,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"auth mode", []string{"VPN_AUTH_MODE", "plugin"}, `VPN_AUTH_MODE="plugin": want one of management, script`},
 		{"negative cache timeout", []string{"VPN_AUTH_CACHE_TIMEOUT", "-1"}, `VPN_AUTH_CACHE_TIMEOUT="-1": out of range 0…4611686018427`},
 		{"no workers", []string{"MAX_API_POST_WORKERS", "0"}, `MAX_API_POST_WORKERS="0": out of range 1…65536`},
-		{"no API host", []string{"BALENA_API_HOST", ""}, `BALENA_API_HOST: required, not set (nor is BALENA_API_INTERNAL_HOST)`},
+		{"no API host", []string{"BALENA_API_HOST", ""}, `BALENA_API_HOST: required, not set (nor are API_HOST, BALENA_API_INTERNAL_HOST and API_INTERNAL_HOST)`},
 		{"API host with scheme", []string{"BALENA_API_HOST", "https://api.example.com"},
 			`BALENA_API_HOST="https://api.example.com": want a host name with an optional :port, without a scheme`},
 		{"API host with path", []string{"BALENA_API_INTERNAL_HOST", "api/v7"},
@@ -336,6 +381,19 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"proxy on the metrics port", []string{"VPN_CONNECT_PROXY_PORT", "8080"},
 			`VPN_METRICS_ADDR=":8080": port 8080 overlaps VPN_CONNECT_PROXY_PORT's port 8080`},
 		{"trust proxy negative", []string{"TRUST_PROXY", "-2"}, `TRUST_PROXY="-2": a hop count cannot be negative`},
+		{"production not a bool", []string{"PRODUCTION_MODE", "yes please"}, `PRODUCTION_MODE="yes please": want true or false`},
+		{"root CA not base64", []string{"ROOT_CA", "%%%"}, `ROOT_CA: not base64-encoded PEM`},
+		{"root CA not a certificate", []string{"ROOT_CA", b64(testKey)}, `ROOT_CA: holds a PEM "PRIVATE KEY" block, want "CERTIFICATE"`},
+		{"root CA does not parse", []string{"ROOT_CA", b64(testCert)}, `ROOT_CA: holds no certificate that parses`},
+		{"haproxy maxconn zero", []string{"VPN_HAPROXY_MAXCONN", "0"}, `VPN_HAPROXY_MAXCONN="0": out of range 1…16777216`},
+		{"haproxy ulimit tiny", []string{"VPN_HAPROXY_ULIMIT", "10"}, `VPN_HAPROXY_ULIMIT="10": out of range 64…1073741824`},
+		{"haproxy timeout zero", []string{"VPN_HAPROXY_TIMEOUT", "0"}, `VPN_HAPROXY_TIMEOUT="0": out of range 1…4611686018`},
+		{"haproxy threads", []string{"HAPROXY_NBTHREAD", "many"}, `HAPROXY_NBTHREAD="many": not an integer`},
+		{"haproxy cpu map quote", []string{"HAPROXY_CPU_MAP", `auto:1/1-2 "0-1"`}, `HAPROXY_CPU_MAP="auto:1/1-2 \"0-1\"": want HAProxy's cpu-map arguments, such as "auto:1/1-2 0-1", or none`},
+		{"node exporter no port", []string{"VPN_NODE_EXPORTER_ADDR", "127.0.0.1"}, `VPN_NODE_EXPORTER_ADDR="127.0.0.1": want host:port`},
+		{"process exporter port 0", []string{"VPN_PROCESS_EXPORTER_ADDR", "127.0.0.1:0"}, `VPN_PROCESS_EXPORTER_ADDR="127.0.0.1:0": port "0": want a number from 1 to 65535`},
+		{"proxy idle negative", []string{"VPN_CONNECT_PROXY_IDLE_TIMEOUT", "-1"}, `VPN_CONNECT_PROXY_IDLE_TIMEOUT="-1": out of range 0…4611686018`},
+		{"proxy max tunnels", []string{"VPN_CONNECT_PROXY_MAX_TUNNELS", "lots"}, `VPN_CONNECT_PROXY_MAX_TUNNELS="lots": not an integer`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -366,6 +424,8 @@ func TestSecretsStayOutOfErrors(t *testing.T) {
 		{"VPN_OPENVPN_SERVER_KEY", b64(key)},
 		{"VPN_OPENVPN_SERVER_KEY", "-----BEGIN PRIVATE KEY-----\n" + key},
 		{"VPN_OPENVPN_SERVER_DH", key},
+		{"MONITOR_SECRET_TOKEN", key + "'"},
+		{"MONITOR_SECRET_TOKEN", key + "\n"},
 	} {
 		_, err := loader(serverEnv(env...)).Config()
 		if err == nil {
@@ -374,6 +434,37 @@ func TestSecretsStayOutOfErrors(t *testing.T) {
 		if strings.Contains(err.Error(), key) || strings.Contains(err.Error(), b64(key)) {
 			t.Errorf("%s: the error repeats the secret: %s", env[0], err)
 		}
+	}
+}
+
+// TestProductionMode checks PRODUCTION_MODE's effect on the instance
+// count, as the reference container's env.tmpl has it: outside production
+// one instance, in production one per CPU, and VPN_INSTANCE_COUNT wins
+// over both.
+func TestProductionMode(t *testing.T) {
+	for _, tt := range []struct {
+		production, count string
+		want              int
+	}{
+		{"", "", 3},
+		{"true", "", 3},
+		{"false", "", 1},
+		{"false", "2", 2},
+		{"true", "2", 2},
+		{"false", "0", 1},
+	} {
+		t.Run("PRODUCTION_MODE="+tt.production+",VPN_INSTANCE_COUNT="+tt.count, func(t *testing.T) {
+			c, err := loader(serverEnv("PRODUCTION_MODE", tt.production, "VPN_INSTANCE_COUNT", tt.count, "VPN_INSTANCE_SUBNET_BITMASK", "")).Config()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Plan.Instances != tt.want {
+				t.Errorf("instances: got %d, want %d", c.Plan.Instances, tt.want)
+			}
+			if c.Production != (tt.production == "true") {
+				t.Errorf("Production: got %v, want %v", c.Production, tt.production == "true")
+			}
+		})
 	}
 }
 
@@ -449,7 +540,7 @@ func TestLoadConnectProxyConfig(t *testing.T) {
 	is.NoErr(err)
 	is.Equal(*c, ConnectProxyConfig{
 		Balena:                  BalenaConfig{APIHost: "api.example.com", ServiceAPIKey: "k", StateBatchSize: 8000},
-		Proxy:                   ProxyConfig{Port: 3128, ForwardPort: 3128},
+		Proxy:                   ProxyConfig{Port: 3128, ForwardPort: 3128, MaxTunnels: DefaultMaxTunnels},
 		ServiceID:               42,
 		StatusFileWriteInterval: 10 * time.Second,
 		StatusGlob:              "/tmp/obvpn/server-*.status",
@@ -511,3 +602,17 @@ func TestConfigLogValueHidesKeys(t *testing.T) {
 		t.Errorf("the log lacks the API URL or the key's presence: %s", buf.String())
 	}
 }
+
+// testRootCA is a self-signed CA certificate, for ROOT_CA.
+const testRootCA = `-----BEGIN CERTIFICATE-----
+MIIBkjCCATmgAwIBAgIUYHt+qnNJLrSNOqd7bQvB5DeroqMwCgYIKoZIzj0EAwIw
+HjEcMBoGA1UEAwwTcm9vdC1jYS5iYWxlbmEudGVzdDAgFw0yNjEyMDIwMDA4Mjda
+GA8yMTI2MTEwODAwMDgyN1owHjEcMBoGA1UEAwwTcm9vdC1jYS5iYWxlbmEudGVz
+dDBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABHNaPV88mrt4Fw9qqKeOD2ON9E+q
+Y8jfHhqWdWdtGkcxyDCNj7TCszfdAUgWE7jV4coRu1sy+YUcowbYJfGAxZKjUzBR
+MB0GA1UdDgQWBBQ8MbjBuAYV5ZLLX0ORUvWO+zl4IjAfBgNVHSMEGDAWgBQ8MbjB
+uAYV5ZLLX0ORUvWO+zl4IjAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cA
+MEQCICw/XhGiPQ06+z6LtMHaHZySCon3e2cjDaDnblWkS1kBAiAlxj0S3FkpDYbq
+x1L+129wsQl1PeQhuzQfeEmJyoGPuw==
+-----END CERTIFICATE-----
+`

@@ -155,8 +155,12 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	api := s.API
 	if api == nil {
+		roots, err := cfg.Balena.RootCAs()
+		if err != nil {
+			return err
+		}
 		api = &balena.Client{BaseURL: cfg.Balena.BaseURL(), ServiceKey: cfg.Balena.ServiceAPIKey,
-			GuestKey: cfg.Balena.GuestAPIKey, Logger: s.Logger}
+			GuestKey: cfg.Balena.GuestAPIKey, RootCAs: roots, Logger: s.Logger}
 	}
 	reg := s.Registry
 	if reg == nil {
@@ -262,7 +266,7 @@ func (s *Server) Run(ctx context.Context) error {
 		if maxConns <= 0 {
 			maxConns = 64
 		}
-		if err := serve(cfg.Metrics.Addr, MetricsHandler(reg, cfg.Metrics.Timeout), maxConns); err != nil {
+		if err := serve(cfg.Metrics.Addr, monitorHandler(reg, sessions, cfg.metricsTimeout(), cfg.Metrics.Token), maxConns); err != nil {
 			return err
 		}
 	}
@@ -367,6 +371,8 @@ func (s *Server) Run(ctx context.Context) error {
 				ServiceID:   s.service.ID(),
 				ForwardPort: cfg.Proxy.ForwardPort,
 				RetryDelay:  cfg.OpenVPN.StatusInterval,
+				IdleTimeout: cfg.Proxy.IdleTimeout,
+				MaxTunnels:  cfg.Proxy.MaxTunnels,
 				Metrics:     pm,
 				Logger:      s.Logger,
 			}}
@@ -499,8 +505,12 @@ func (s *Server) startHAProxy(ctx context.Context, hap *HAProxyRuntime, fatal ch
 	if err := os.MkdirAll(cfg.runDir(), 0o755); err != nil {
 		return nil, fmt.Errorf("vpn: %w", err)
 	}
+	// 0600: with MONITOR_SECRET_TOKEN set, the file holds the token.
 	if err := writeFile0600(file, []byte(cfg.RenderHAProxy())); err != nil {
 		return nil, fmt.Errorf("vpn: %w", err)
+	}
+	if n, from := cfg.HAProxy.maxConn(fileLimit()); from > 0 {
+		s.log().Warn("HAProxy's maxconn lowered to what the file descriptor limit allows", "maxconn", n, "wanted", from, "file_limit", fileLimit())
 	}
 	_ = os.Remove(cfg.HAProxy.Socket) // a stale socket from an earlier run
 	cmdf := s.Command

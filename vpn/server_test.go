@@ -287,7 +287,9 @@ func startWorldServer(t *testing.T, env map[string]string) *worldServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Metrics.Addr = "" // no metrics server in these tests
+	if env["VPN_METRICS_ADDR"] == "" {
+		cfg.Metrics.Addr = "" // no metrics server unless asked for
+	}
 	ws.cfg = cfg
 	ws.srv = &vpn.Server{Config: cfg, API: ws.api.Client(), Command: ws.world.CommandContext, Dial: ws.world.Dial, Listen: ws.world.Listen}
 	ctx, cancel := context.WithCancel(context.Background())

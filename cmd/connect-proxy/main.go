@@ -5,13 +5,16 @@
 // environment:
 //
 //	VPN_CONNECT_PROXY_PORT                  the port to listen on (required)
-//	BALENA_API_HOST, BALENA_API_INTERNAL_HOST
+//	BALENA_API_HOST, BALENA_API_INTERNAL_HOST (or API_HOST, API_INTERNAL_HOST)
 //	                                        the balena API (https://, or http:// for the internal host)
+//	ROOT_CA                                 base64-encoded PEM trusted for the API besides the system's roots
 //	VPN_SERVICE_API_KEY                     the VPN service's key (required)
 //	VPN_GUEST_API_KEY                       the key for callers without one
 //	VPN_SERVICE_ID                          this server's service instance id
 //	VPN_FORWARD_PROXY_PORT                  the peers' proxy port (default: VPN_CONNECT_PROXY_PORT)
 //	VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS  how long to wait before looking for a device here again (10)
+//	VPN_CONNECT_PROXY_IDLE_TIMEOUT          seconds after which an idle tunnel is closed (0: never)
+//	VPN_CONNECT_PROXY_MAX_TUNNELS           tunnels open or being set up at most (10000; 0: no bound)
 //	NSS_OPENVPN_STATUS_GLOB                 OpenVPN's status files (default: $VPN_RUN_DIR/server-*.status;
 //	                                        several patterns separated by ":")
 //	VPN_NSS_INDEX                           the NSS module's index file to keep current, or "off"
@@ -107,7 +110,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 		fmt.Fprintln(stderr, "usage: connect-proxy [-listen address] [-nss-index path|off]")
 		return 2
 	}
-	cfg, err := vpn.LoadConnectProxyConfig()
+	cfg, err := vpn.Loader{Logger: log}.ConnectProxyConfig()
 	if err != nil {
 		fmt.Fprintf(stderr, "connect-proxy: %v\n", err)
 		return 2
@@ -121,10 +124,16 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 	}
 
 	resolver := &nss.Resolver{Globs: strings.Split(cfg.StatusGlob, ":")}
+	roots, err := cfg.Balena.RootCAs()
+	if err != nil {
+		fmt.Fprintf(stderr, "connect-proxy: %v\n", err)
+		return 2
+	}
 	api := &balena.Client{
 		BaseURL:    cfg.Balena.BaseURL(),
 		ServiceKey: cfg.Balena.ServiceAPIKey,
 		GuestKey:   cfg.Balena.GuestAPIKey,
+		RootCAs:    roots,
 		Logger:     log,
 	}
 	reg := prometheus.NewRegistry()
@@ -144,6 +153,8 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 		ServiceID:   cfg.ServiceID,
 		ForwardPort: cfg.Proxy.ForwardPort,
 		RetryDelay:  cfg.StatusFileWriteInterval,
+		IdleTimeout: cfg.Proxy.IdleTimeout,
+		MaxTunnels:  cfg.Proxy.MaxTunnels,
 		Metrics:     metrics,
 		Logger:      log,
 		Next:        mux,

@@ -35,16 +35,18 @@ func main() {
 }
 
 func run() int {
-	cfg, err := vpn.LoadConfig()
+	level := new(slog.LevelVar)
+	log := slog.New(tint.NewTextHandler(os.Stderr, &tint.Options{Level: level, TimeFormat: time.DateTime}))
+	// The loader warns of variables set under two names that disagree,
+	// and of the reference container's variables that obvpn does not use.
+	cfg, err := vpn.Loader{Logger: log}.Config()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "open-balena-vpn: %v\n", err)
 		return 2
 	}
-	level := new(slog.LevelVar)
 	if cfg.Verbose {
 		level.Set(slog.LevelDebug)
 	}
-	log := slog.New(tint.NewTextHandler(os.Stderr, &tint.Options{Level: level, TimeFormat: time.DateTime}))
 
 	srv := &vpn.Server{Config: cfg, Logger: log}
 	if cfg.Auth.Mode == vpn.AuthScript {

@@ -40,6 +40,42 @@ func TestConfigErrorExit2(t *testing.T) {
 	}
 }
 
+// TestStartupWarnings checks that the command names, before anything
+// else, the reference container's variables it does not use and the
+// variable it took of two names that disagree.
+func TestStartupWarnings(t *testing.T) {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("go not found")
+	}
+	bin := filepath.Join(t.TempDir(), "open-balena-vpn")
+	if out, err := exec.Command(goBin, "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	cmd := exec.Command(bin)
+	cmd.Env = []string{"PATH=/usr/bin:/bin", "UV_THREADPOOL_SIZE=128", "VPN_HOST=127.0.0.1",
+		"API_HOST=api.balena.test", "BALENA_API_HOST=api.example.com", "VPN_SERVICE_API_KEY=k"}
+	out, err := cmd.CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 {
+		t.Fatalf("exit: %v\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("got %d lines, want two warnings and the error:\n%s", len(lines), out)
+	}
+	for _, want := range []string{"UV_THREADPOOL_SIZE", "VPN_HOST"} {
+		if !strings.Contains(lines[0], "WRN") || !strings.Contains(lines[0], want) {
+			t.Errorf("first line %q: want a warning naming %s", lines[0], want)
+		}
+	}
+	if !strings.Contains(lines[1], "WRN") || !strings.Contains(lines[1], "taking API_HOST") {
+		t.Errorf("second line %q: want a warning that API_HOST was taken", lines[1])
+	}
+	if want := "open-balena-vpn: VPN_BASE_SUBNET: required, not set"; lines[2] != want {
+		t.Errorf("last line %q, want %q", lines[2], want)
+	}
+}
+
 // TestEndToEnd runs the built command in a world namespace, with the
 // balena API (balenatest) served inside it, in both authentication modes:
 // a device with its key connects and is reported online, SIGTERM stops the

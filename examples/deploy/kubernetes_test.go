@@ -703,6 +703,7 @@ func containsCap(caps []corev1.Capability, name string) bool {
 var secretVariables = []string{
 	"VPN_SERVICE_API_KEY", "VPN_GUEST_API_KEY",
 	"VPN_OPENVPN_CA_CRT", "VPN_OPENVPN_SERVER_CRT", "VPN_OPENVPN_SERVER_KEY", "VPN_OPENVPN_SERVER_DH",
+	"MONITOR_SECRET_TOKEN",
 }
 
 // TestSecretTemplate checks that the Secret is a template: every value is
@@ -722,7 +723,7 @@ func TestSecretTemplate(t *testing.T) {
 				t.Errorf("%s: Secret %s: %s is not a placeholder (want FAKE in it)", s.source, s.obj.Name, k)
 			}
 		}
-		for _, k := range []string{"VPN_SERVICE_API_KEY", "VPN_OPENVPN_CA_CRT", "VPN_OPENVPN_SERVER_CRT", "VPN_OPENVPN_SERVER_KEY"} {
+		for _, k := range []string{"VPN_SERVICE_API_KEY", "VPN_OPENVPN_CA_CRT", "VPN_OPENVPN_SERVER_CRT", "VPN_OPENVPN_SERVER_KEY", "MONITOR_SECRET_TOKEN"} {
 			if _, ok := data[k]; !ok {
 				t.Errorf("%s: Secret %s: no %s", s.source, s.obj.Name, k)
 			}

@@ -29,6 +29,8 @@ package balena
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -65,6 +67,11 @@ type Client struct {
 	// HTTPClient sends the requests. Nil means a client with a 30 s
 	// timeout and a connection pool sized for the VPN's concurrency.
 	HTTPClient *http.Client
+
+	// RootCAs are the roots trusted for the API's TLS certificate when
+	// HTTPClient is nil (the reference container's ROOT_CA). Nil means
+	// the system's roots.
+	RootCAs *x509.CertPool
 
 	// RetryMax is how many times a read or idempotent call is retried
 	// after a connection error, a 429 or a 5xx answer, within
@@ -168,6 +175,9 @@ func (c *Client) init() {
 		if c.hc == nil {
 			t := http.DefaultTransport.(*http.Transport).Clone()
 			t.MaxIdleConnsPerHost = 64
+			if c.RootCAs != nil {
+				t.TLSClientConfig = &tls.Config{RootCAs: c.RootCAs, MinVersion: tls.VersionTLS12}
+			}
 			c.hc = &http.Client{Transport: t, Timeout: clientTimeout}
 		}
 		n := c.RetryMax

@@ -1,0 +1,164 @@
+package vpn_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/base64"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/matryer/is"
+
+	"github.com/obvpn/obvpn/subnet"
+	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/vpntest"
+)
+
+// readEnvFile reads an environment file as docker's --env-file takes it:
+// NAME=VALUE lines, the value to the end of the line, comments and blank
+// lines skipped.
+func readEnvFile(t *testing.T, name string) map[string]string {
+	t.Helper()
+	f, err := os.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	env := map[string]string{}
+	sc := bufio.NewScanner(f)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			t.Fatalf("%s: %q is not NAME=VALUE", name, line)
+		}
+		env[k] = v
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return env
+}
+
+func unb64(t *testing.T, s string) string {
+	t.Helper()
+	b, err := base64.StdEncoding.DecodeString(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// TestReferenceContainerEnvironment loads the reference container's
+// environment (testdata/reference-container.env: the variables that
+// open-balena-vpn v12.3.105 reads, at their defaults there) unchanged, and
+// checks the configuration field by field against what that container
+// makes of it: one warning names the variables obvpn does not use, and
+// the HAProxy configuration it renders is one haproxy takes.
+func TestReferenceContainerEnvironment(t *testing.T) {
+	is := is.New(t)
+	env := readEnvFile(t, "testdata/reference-container.env")
+	var logs strings.Builder
+	l := vpn.Loader{Env: env, CPURequestFile: "/nonexistent/cpu_request", NumCPU: func() int { return 4 },
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))}
+	c, err := l.Config()
+	is.NoErr(err)
+
+	// PRODUCTION_MODE=true and no VPN_INSTANCE_COUNT: one instance per
+	// CPU; /10 + log2(4) is clamped to /16. The ports are the
+	// container's, but for the internal API: the container's env.tmpl
+	// sets VPN_API_PORT=30000 for every instance, obvpn defaults to a
+	// port per instance from 30000 (README).
+	is.Equal(c.Production, true)
+	is.Equal(c.Plan, subnet.Plan{
+		Base:      netip.MustParsePrefix("100.64.0.0/10"),
+		Bits:      16,
+		Ports:     subnet.Ports{VPN: 10000, Management: 20000, API: 30000},
+		Instances: 4,
+	})
+
+	// server.conf.tmpl and the certificate templates.
+	o := c.OpenVPN
+	is.Equal(o.Proto, "tcp4-server")
+	is.Equal(o.StatusInterval, 10*time.Second)
+	is.Equal(o.KeepaliveFrequency, 10*time.Second)
+	is.Equal(o.KeepaliveTimeout, 60*time.Second)
+	is.Equal(o.DataCiphers, vpn.DefaultDataCiphers)
+	is.Equal(o.BytecountInterval, 60*time.Second)
+	is.Equal(string(o.CACert), unb64(t, env["VPN_OPENVPN_CA_CRT"]))
+	is.Equal(string(o.ServerCert), unb64(t, env["VPN_OPENVPN_SERVER_CRT"]))
+	is.Equal(string(o.ServerKey), unb64(t, env["VPN_OPENVPN_SERVER_KEY"]))
+	is.Equal(string(o.DH), unb64(t, env["VPN_OPENVPN_SERVER_DH"]))
+	is.Equal(o.Compression, vpn.CompressionMigrate) // the container's "compress lzo": README
+	is.Equal(o.User, "nobody")
+	is.Equal(o.Group, "nogroup")
+	is.Equal(o.Providers, "legacy default")
+	is.Equal(o.ExplicitExitNotify, 0)
+	is.Equal(o.Isolation, vpn.IsolationOn) // the container's FORWARD policy DROP: README
+
+	// src/utils/config.ts and env.tmpl.
+	is.Equal(c.Auth, vpn.AuthConfig{Mode: vpn.AuthManagement, CacheTimeout: time.Minute, MaxWorkers: 80, DelayOnFail: 10 * time.Second})
+	is.Equal(c.Balena.APIHost, "api.balena.test")
+	is.Equal(c.Balena.APIInternalHost, "")
+	is.Equal(c.Balena.BaseURL(), "https://api.balena.test")
+	is.Equal(c.Balena.ServiceAPIKey, "test_vpn_key")
+	is.Equal(c.Balena.GuestAPIKey, "test_guest_key")
+	is.Equal(c.Balena.StateBatchSize, 8000)
+	is.Equal(c.Balena.RegisterInterface, "")
+	is.Equal(string(c.Balena.RootCA), unb64(t, env["ROOT_CA"]))
+	roots, err := c.Balena.RootCAs()
+	is.NoErr(err)
+	is.True(roots != nil)
+
+	// The proxy: the container always runs one on 3128; obvpn only when
+	// VPN_CONNECT_PROXY_PORT asks for it (README).
+	is.Equal(c.Proxy, vpn.ProxyConfig{Port: 0, ForwardPort: 3128, MaxTunnels: vpn.DefaultMaxTunnels})
+
+	// haproxy.cfg.tmpl.
+	is.Equal(c.HAProxy, vpn.HAProxyConfig{Mode: vpn.HAProxyManaged, Port: 443, Socket: "/run/haproxy.sock", MonitorAddr: ":80",
+		MaxConn: 10000, Timeout: 60 * time.Second, Threads: 2, CPUMap: "auto:1/1-2 0-1"})
+	is.Equal(c.Metrics, vpn.MetricsConfig{Addr: ":8080", Timeout: 20 * time.Second, Token: "s3cr3t-monitor-token"})
+	is.Equal(c.Bandwidth, vpn.BandwidthConfig{})
+	is.Equal(c.Drain, vpn.DrainConfig{MinRatePerMinute: 500, Timeout: 120 * time.Second})
+	is.Equal(c.RunDir, "/run/openvpn")
+	is.Equal(c.NSSIndex, "")
+	is.Equal(c.Verbose, true)
+	is.Equal(c.TrustProxy, vpn.TrustProxy{})
+
+	// One warning, naming the variables that are set and unused.
+	lines := strings.Split(strings.TrimSpace(logs.String()), "\n")
+	is.Equal(len(lines), 1)
+	is.True(strings.Contains(lines[0], "level=WARN"))
+	var named []string
+	for name := range vpn.UnusedVariables {
+		if strings.Contains(lines[0], name+":") {
+			named = append(named, name)
+		}
+	}
+	slices.Sort(named)
+	is.Equal(named, []string{"IPTABLES_FORWARD_POLICY", "LEARN_ADDRESS_DEBUG", "NODE_EXTRA_CA_CERTS", "UV_THREADPOOL_SIZE",
+		"VPN_CONNECT_INSTANCE_COUNT", "VPN_HOST"})
+	for _, secret := range []string{"test_vpn_key", "test_guest_key", "s3cr3t-monitor-token"} {
+		is.True(!strings.Contains(logs.String(), secret))
+	}
+
+	bins := vpntest.Require(t, "haproxy")
+	file := filepath.Join(t.TempDir(), "haproxy.cfg")
+	is.NoErr(os.WriteFile(file, []byte(c.RenderHAProxy()), 0o600))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, bins[0], "-c", "-f", file).CombinedOutput(); err != nil {
+		t.Errorf("haproxy -c: %v\n%s\n%s", err, out, c.RenderHAProxy())
+	}
+}
