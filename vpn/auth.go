@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"sync"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 // AuthAPI is the part of the balena API that says whether a device may
@@ -51,6 +53,11 @@ type Authenticator struct {
 	// Logger receives API failures. Nil means discard. Keys are never
 	// logged.
 	Logger *slog.Logger
+
+	// TracerProvider makes a span, vpn.auth, of every Authenticate, with
+	// whether the cache answered and the result (never the key); the
+	// request to the API is its child. Nil means otel.GetTracerProvider().
+	TracerProvider trace.TracerProvider
 
 	// now returns the time; nil means time.Now. Tests set it.
 	now func() time.Time
@@ -98,11 +105,14 @@ func (a *Authenticator) init() {
 // An error means the API could not say (or the credentials are malformed,
 // [ErrBadCredentials]); the device must then be denied. Authenticate waits
 // for a place among MaxInFlight and for the answer, or until ctx ends.
-func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (bool, error) {
+func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (allowed bool, err error) {
 	a.init()
+	ctx, span := tracer(a.TracerProvider).Start(ctx, "vpn.auth")
+	defer func() { endAuthSpan(span, allowed, err) }()
 	if !IsUUID(uuid) || apiKey == "" {
 		return false, ErrBadCredentials
 	}
+	span.SetAttributes(attrUUID.String(uuid))
 	h := sha256.New()
 	h.Write([]byte(uuid))
 	h.Write([]byte{0})
@@ -114,6 +124,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (
 	if e, ok := a.cache[k]; ok {
 		if a.clock().Before(e.expires) {
 			a.mu.Unlock()
+			span.SetAttributes(attrAuthCache.String("hit"))
 			return e.allowed, nil
 		}
 		delete(a.cache, k)
@@ -124,6 +135,11 @@ func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (
 		a.inflight[k] = c
 	}
 	a.mu.Unlock()
+	if shared {
+		span.SetAttributes(attrAuthCache.String("shared"))
+	} else {
+		span.SetAttributes(attrAuthCache.String("miss"))
+	}
 	if shared && a.joined != nil {
 		a.joined()
 	}
@@ -148,6 +164,22 @@ func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (
 	case <-ctx.Done():
 		return false, ctx.Err()
 	}
+}
+
+// endAuthSpan ends an Authenticate's span with its result: a denial, and
+// malformed credentials, are answers, not errors.
+func endAuthSpan(span trace.Span, allowed bool, err error) {
+	result := "deny"
+	switch {
+	case errors.Is(err, ErrBadCredentials):
+		err = nil
+	case err != nil:
+		result = "error"
+	case allowed:
+		result = "allow"
+	}
+	span.SetAttributes(attrAuthResult.String(result))
+	endSpan(span, err)
 }
 
 // maxQueueWait bounds the wait for a place among the requests in flight:
