@@ -25,8 +25,8 @@ type spanLog struct {
 }
 
 func (l *spanLog) OnStart(context.Context, sdktrace.ReadWriteSpan) {}
-func (l *spanLog) Shutdown(context.Context) error                 { return nil }
-func (l *spanLog) ForceFlush(context.Context) error               { return nil }
+func (l *spanLog) Shutdown(context.Context) error                  { return nil }
+func (l *spanLog) ForceFlush(context.Context) error                { return nil }
 func (l *spanLog) OnEnd(s sdktrace.ReadOnlySpan) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
