@@ -48,7 +48,7 @@
 // command line: plan, lookup, clients, …). The library packages trace with
 // OpenTelemetry through the trace.TracerProvider they are given (nil means
 // the global one); only open-balena-vpn and connect-proxy install the SDK,
-// from the standard OTEL_* variables (cmd/internal/otelsetup). The examples directory holds
-// small programs to copy and examples/local-fleet, which runs the whole
-// deployment on one machine.
+// from the standard OTEL_* variables (cmd/internal/otelsetup). The
+// examples directory holds small programs to copy and examples/local-fleet,
+// which runs the whole deployment on one machine.
 package obvpn
