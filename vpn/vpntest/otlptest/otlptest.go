@@ -6,7 +6,8 @@
 // Use [NewServer] for a receiver on a loopback httptest server, or [New]
 // and serve the [Receiver] (an http.Handler) on a listener of your own,
 // such as one inside a network namespace. Point an exporter at it with
-// OTEL_EXPORTER_OTLP_ENDPOINT=<URL>, or otlptracehttp.WithEndpointURL.
+// OTEL_EXPORTER_OTLP_ENDPOINT=<URL> (the exporter appends /v1/traces), or
+// otlptracehttp.WithEndpointURL(<URL>+"/v1/traces").
 //
 // It is not a collector: it speaks neither gRPC nor OTLP/JSON, and it
 // keeps only what tests look at (names, ids, kinds, attributes as text,
