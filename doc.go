@@ -34,7 +34,8 @@
 //     instances, device authentication, state reporting, the internal API,
 //     HAProxy, bandwidth limits, metrics and graceful drain. vpn/vpntest is
 //     the test kit: a throw-away PKI, real openvpn servers and clients, and
-//     network-namespace devices.
+//     network-namespace devices; vpn/vpntest/otlptest an in-process
+//     OTLP/HTTP receiver for tests of the tracing.
 //
 // Dependencies point one way: cmd and examples import vpn, which imports
 // connectproxy, nss, openvpnmgmt, subnet and vpn/balena; those import no other
@@ -44,7 +45,10 @@
 // cmd/open-balena-vpn (the full server), cmd/connect-proxy (the proxy alone),
 // cmd/vpn-auth and cmd/vpn-client-event (OpenVPN script-mode hooks),
 // cmd/libnss_openvpn (the NSS module) and cmd/obvpnctl (the operator's
-// command line: plan, lookup, clients, …). The examples directory holds
-// small programs to copy and examples/local-fleet, which runs the whole
-// deployment on one machine.
+// command line: plan, lookup, clients, …). The library packages trace with
+// OpenTelemetry through the trace.TracerProvider they are given (nil means
+// the global one); only open-balena-vpn and connect-proxy install the SDK,
+// from the standard OTEL_* variables (cmd/internal/otelsetup). The
+// examples directory holds small programs to copy and examples/local-fleet,
+// which runs the whole deployment on one machine.
 package obvpn

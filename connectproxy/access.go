@@ -56,6 +56,7 @@ func (h *Handler) canAccess(ctx context.Context, t Target, key string) (int64, b
 		if e != nil {
 			finished := e.finished
 			c.mu.Unlock()
+			cacheAnswer(ctx, hitOrShared(finished))
 			if !finished {
 				if h.joined != nil {
 					h.joined()
@@ -85,6 +86,7 @@ func (h *Handler) canAccess(ctx context.Context, t Target, key string) (int64, b
 		e = &accessEntry{done: make(chan struct{})}
 		c.m[k] = e
 		c.mu.Unlock()
+		cacheAnswer(ctx, "miss")
 
 		id, ok, err := h.Authorizer.CanAccess(ctx, t.UUID, t.Port, key)
 		c.mu.Lock()

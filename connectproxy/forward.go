@@ -49,7 +49,9 @@ func forwardedBy(values []string, id int64) bool {
 // forward asks the proxy of the VPN server at addr, service instance sid,
 // for a tunnel to t, and returns the connection and the bytes that came
 // with the peer's 200.
-func (h *Handler) forward(ctx context.Context, r *http.Request, t Target, key string, sid int64, addr netip.Addr, log *slog.Logger) (net.Conn, []byte, error) {
+func (h *Handler) forward(ctx context.Context, r *http.Request, t Target, key string, sid int64, addr netip.Addr, log *slog.Logger) (_ net.Conn, _ []byte, err error) {
+	ctx, span := h.startForward(ctx, sid, addr)
+	defer func() { endSpan(span, err) }()
 	fwd := r.Header.Values("Forwarded")
 	if forwardedBy(fwd, h.ServiceID) {
 		return nil, nil, ErrLoop
@@ -78,6 +80,7 @@ func (h *Handler) forward(ctx context.Context, r *http.Request, t Target, key st
 	if key != "" {
 		b.WriteString("Proxy-Authorization: Basic " + base64.StdEncoding.EncodeToString([]byte("balena:"+key)) + "\r\n")
 	}
+	b.WriteString(h.traceHeaders(ctx))
 	b.WriteString("Forwarded: ")
 	for _, v := range fwd {
 		b.WriteString(v + ", ")

@@ -13,6 +13,9 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Authorizer decides whether a caller may open a tunnel to a port on a
@@ -181,6 +184,18 @@ type Handler struct {
 	// Next serves requests that are not CONNECT. Nil answers them 405.
 	Next http.Handler
 
+	// TracerProvider makes a span of every CONNECT (connectproxy.connect)
+	// and of its steps: the access check, the online check, the lookups,
+	// the forward to a peer and the dials. Nil means
+	// otel.GetTracerProvider().
+	TracerProvider trace.TracerProvider
+
+	// Propagator reads the trace context (W3C traceparent) of an incoming
+	// CONNECT, so that its span continues the caller's trace, and writes
+	// it into the CONNECT forwarded to a peer. Nil means
+	// otel.GetTextMapPropagator().
+	Propagator propagation.TextMapPropagator
+
 	now    func() time.Time // nil: time.Now; tests set it
 	joined func()           // called when a caller waits for a question in flight; tests set it
 	access accessCache
@@ -231,6 +246,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "this is a CONNECT proxy", http.StatusMethodNotAllowed)
 		return
 	}
+	r, span := h.startConnect(r)
+	defer span.End()
 	raw := r.RequestURI
 	if raw == "" {
 		raw = r.Host
@@ -245,6 +262,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	log := h.logger().With("uuid", t.UUID, "port", t.Port)
+	span.SetAttributes(attrUUID.String(t.UUID), attrPort.Int(int(t.Port)))
 	if t.TLD == "resin" {
 		log.Warn("connectproxy: the .resin TLD is deprecated, use .balena", "target", raw)
 	}
@@ -264,7 +282,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	defer stop()
 
-	deviceID, ok, err := h.canAccess(ctx, t, key)
+	deviceID, ok, err := h.checkAccess(ctx, t, key)
 	if err != nil {
 		h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("asking the API for access: %w", err))
 		h.release()
@@ -276,7 +294,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if h.Online != nil {
-		online, err := h.Online.DeviceOnline(ctx, deviceID)
+		online, err := h.online(ctx, deviceID)
 		if err != nil {
 			h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("asking the API whether the device is online: %w", err))
 			h.release()
@@ -335,7 +353,7 @@ func (h *Handler) reach(ctx context.Context, r *http.Request, t Target, key stri
 	}
 	again := h.Locator == nil
 	if !again {
-		sid, addr, known, err := h.Locator.LocateDevice(ctx, t.UUID, key)
+		sid, addr, known, err := h.locate(ctx, t.UUID, key)
 		switch {
 		case err != nil:
 			return nil, nil, "", fmt.Errorf("asking the API which VPN server holds the device: %w", err)
@@ -384,6 +402,8 @@ func (h *Handler) wait(ctx context.Context) error {
 
 // lookup finds the device's VPN address on this server.
 func (h *Handler) lookup(ctx context.Context, uuid string, log *slog.Logger) (netip.Addr, bool) {
+	ctx, span := h.tracer().Start(ctx, "connectproxy.lookup")
+	defer span.End()
 	name := uuid + ".vpn"
 	var addr netip.Addr
 	var err error
@@ -400,12 +420,14 @@ func (h *Handler) lookup(ctx context.Context, uuid string, log *slog.Logger) (ne
 		if err != nil {
 			log.Debug("connectproxy: device not connected here", "err", err)
 		}
+		span.SetAttributes(attrFound.Bool(false))
 		return netip.Addr{}, false
 	}
+	span.SetAttributes(attrFound.Bool(true))
 	return addr.Unmap(), true
 }
 
-func (h *Handler) dial(ctx context.Context, addr string) (net.Conn, error) {
+func (h *Handler) dialConn(ctx context.Context, addr string) (net.Conn, error) {
 	if h.DialContext != nil {
 		return h.DialContext(ctx, "tcp", addr)
 	}
@@ -459,6 +481,7 @@ func (h *Handler) establish(w http.ResponseWriter, r *http.Request, t Target, de
 		log.Info("connectproxy: tunnel failed at its start", "err", err)
 		return
 	}
+	trace.SpanFromContext(r.Context()).SetAttributes(attrStatus.Int(http.StatusOK), attrVia.String(via))
 	h.start(client, dev, t, via, log)
 }
 
@@ -471,6 +494,7 @@ func (h *Handler) fail(w http.ResponseWriter, r *http.Request, log *slog.Logger,
 	if code >= 500 && code != http.StatusServiceUnavailable {
 		level = slog.LevelError
 	}
+	refused(r, code, err)
 	log.Log(r.Context(), level, "connectproxy: request refused", "status", code, "err", err, "target", r.RequestURI, "remote", r.RemoteAddr)
 	se := &StatusError{Code: code, Err: err}
 	if h.ErrorHandler != nil {

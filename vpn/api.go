@@ -12,6 +12,10 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // DeviceAuthenticator decides whether a device may connect; *Authenticator
@@ -95,7 +99,20 @@ type InternalAPI struct {
 	// disconnects. Nil means discard. Keys are never logged.
 	Logger *slog.Logger
 
-	conns Connections
+	// TracerProvider makes a server span of every request but /ping,
+	// named by its method and route ("POST /api/v1/auth/"); the
+	// authentication it asks for is a child span. Nil means
+	// otel.GetTracerProvider().
+	TracerProvider trace.TracerProvider
+
+	// Propagator reads the trace context (W3C traceparent) that a request
+	// carries, so that its span continues the caller's trace. Nil means
+	// otel.GetTextMapPropagator().
+	Propagator propagation.TextMapPropagator
+
+	conns     Connections
+	traceOnce sync.Once
+	traced    http.Handler
 
 	deferMu   sync.Mutex
 	deferCtx  context.Context // the deferred decisions'; ended by Close
@@ -103,11 +120,39 @@ type InternalAPI struct {
 	deferred  sync.WaitGroup
 }
 
+// ServeHTTP serves a request of the API, as a span of OpenTelemetry's
+// HTTP instrumentation.
+func (a *InternalAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	a.traceOnce.Do(func() {
+		a.traced = otelhttp.NewHandler(http.HandlerFunc(a.serve), "vpn.api",
+			otelhttp.WithTracerProvider(tracerProvider(a.TracerProvider)),
+			otelhttp.WithPropagators(propagator(a.Propagator)),
+			otelhttp.WithFilter(func(r *http.Request) bool { return r.URL.Path != "/ping" }),
+			otelhttp.WithSpanNameFormatter(apiSpanName))
+	})
+	a.traced.ServeHTTP(w, r)
+}
+
+// apiSpanName names a request's span by method and route, the instance id
+// taken out.
+func apiSpanName(_ string, r *http.Request) string {
+	p := strings.TrimSuffix(r.URL.Path, "/")
+	switch {
+	case strings.HasPrefix(p, "/api/v2/") && strings.HasSuffix(p, "/clients"):
+		p = "/api/v2/{instance}/clients/"
+	case p == "/api/v1/auth":
+		p = "/api/v1/auth/"
+	default:
+		p = "(other)" // a 404: names stay few
+	}
+	return r.Method + " " + p
+}
+
 // maxAPIBody bounds a request body: the largest legitimate one is a few
 // hundred bytes.
 const maxAPIBody = 64 << 10
 
-func (a *InternalAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (a *InternalAPI) serve(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == "/ping" {
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			w.Header().Set("Allow", "GET, HEAD")

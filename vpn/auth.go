@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/obvpn/obvpn/vpn/balena"
 )
 
@@ -62,6 +64,11 @@ type Authenticator struct {
 	// logged.
 	Logger *slog.Logger
 
+	// TracerProvider makes a span, vpn.auth, of every Authenticate, with
+	// whether the cache answered and the result (never the key); the
+	// request to the API is its child. Nil means otel.GetTracerProvider().
+	TracerProvider trace.TracerProvider
+
 	// now returns the time; nil means time.Now. Tests set it.
 	now func() time.Time
 	// joined, if set, is called when a caller shares a request in flight.
@@ -108,12 +115,15 @@ func (a *Authenticator) init() {
 // An error means the API could not say (or the credentials are malformed,
 // [ErrBadCredentials]); the device must then be denied. Authenticate waits
 // for a place among MaxInFlight and for the answer, or until ctx ends.
-func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (bool, error) {
+func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (allowed bool, err error) {
 	a.init()
+	ctx, span := tracer(a.TracerProvider).Start(ctx, "vpn.auth")
+	defer func() { endAuthSpan(span, allowed, err) }()
 	if !IsUUID(uuid) || apiKey == "" {
 		return false, ErrBadCredentials
 	}
 	uuid = strings.ToLower(uuid) // one device, one cache entry, in any case
+	span.SetAttributes(attrUUID.String(uuid))
 	h := sha256.New()
 	h.Write([]byte(uuid))
 	h.Write([]byte{0})
@@ -125,6 +135,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (
 	if e, ok := a.cache[k]; ok {
 		if a.clock().Before(e.expires) {
 			a.mu.Unlock()
+			span.SetAttributes(attrAuthCache.String("hit"))
 			return e.allowed, nil
 		}
 		delete(a.cache, k)
@@ -135,6 +146,11 @@ func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (
 		a.inflight[k] = c
 	}
 	a.mu.Unlock()
+	if shared {
+		span.SetAttributes(attrAuthCache.String("shared"))
+	} else {
+		span.SetAttributes(attrAuthCache.String("miss"))
+	}
 	if shared && a.joined != nil {
 		a.joined()
 	}
@@ -159,6 +175,22 @@ func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (
 	case <-ctx.Done():
 		return false, ctx.Err()
 	}
+}
+
+// endAuthSpan ends an Authenticate's span with its result: a denial, and
+// malformed credentials, are answers, not errors.
+func endAuthSpan(span trace.Span, allowed bool, err error) {
+	result := "deny"
+	switch {
+	case errors.Is(err, ErrBadCredentials):
+		err = nil
+	case err != nil:
+		result = "error"
+	case allowed:
+		result = "allow"
+	}
+	span.SetAttributes(attrAuthResult.String(result))
+	endSpan(span, err)
 }
 
 // maxQueueWait bounds the wait for a place among the requests in flight:

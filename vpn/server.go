@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/net/netutil"
 
 	"github.com/obvpn/obvpn/connectproxy"
@@ -71,6 +73,20 @@ type Server struct {
 
 	// Logger receives the server's logs. Nil means discard.
 	Logger *slog.Logger
+
+	// TracerProvider makes the spans of every part the server builds:
+	// authentication, state reports, the service instance's registration
+	// and heartbeats, the internal API's requests, the CONNECT proxy and,
+	// when API is nil, the balena API calls. Nil means
+	// otel.GetTracerProvider(). A non-nil API is traced as its builder
+	// configured it.
+	TracerProvider trace.TracerProvider
+
+	// Propagator reads and writes the trace context (W3C traceparent):
+	// on the internal API's requests, the CONNECT requests, the forwards
+	// to peer servers and, when API is nil, the balena API calls. Nil
+	// means otel.GetTextMapPropagator().
+	Propagator propagation.TextMapPropagator
 
 	once      sync.Once
 	ready     chan struct{}
@@ -160,7 +176,8 @@ func (s *Server) Run(ctx context.Context) error {
 			return err
 		}
 		api = &balena.Client{BaseURL: cfg.Balena.BaseURL(), ServiceKey: cfg.Balena.ServiceAPIKey,
-			GuestKey: cfg.Balena.GuestAPIKey, RootCAs: roots, Logger: s.Logger}
+			GuestKey: cfg.Balena.GuestAPIKey, RootCAs: roots, Logger: s.Logger,
+			TracerProvider: s.TracerProvider, Propagator: s.Propagator}
 	}
 	reg := s.Registry
 	if reg == nil {
@@ -176,10 +193,12 @@ func (s *Server) Run(ctx context.Context) error {
 			s.log().Warn("no address to register", "interface", cfg.Balena.RegisterInterface, "err", err)
 		}
 	}
-	auth := &Authenticator{API: api, CacheTimeout: cfg.Auth.CacheTimeout, MaxInFlight: cfg.Auth.MaxWorkers, Logger: s.Logger}
+	auth := &Authenticator{API: api, CacheTimeout: cfg.Auth.CacheTimeout, MaxInFlight: cfg.Auth.MaxWorkers, Logger: s.Logger,
+		TracerProvider: s.TracerProvider}
 	conns := &Connections{}
-	s.service = &Service{API: api, Addr: addr, Logger: s.Logger}
-	reporter := &Reporter{API: api, ServiceID: s.service.ID, BatchSize: cfg.Balena.StateBatchSize, Logger: s.Logger}
+	s.service = &Service{API: api, Addr: addr, Logger: s.Logger, TracerProvider: s.TracerProvider}
+	reporter := &Reporter{API: api, ServiceID: s.service.ID, BatchSize: cfg.Balena.StateBatchSize, Logger: s.Logger,
+		TracerProvider: s.TracerProvider}
 	// One view of where the devices are, for the proxy and the NSS index:
 	// the status files, and what the management interface says before
 	// the next status write.
@@ -210,7 +229,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	internal := &InternalAPI{Auth: auth, Connections: conns, State: reporter, Instances: n,
 		DelayOnAuthFail: cfg.Auth.DelayOnFail, TrustProxy: cfg.TrustProxy, Sessions: sessions, Metrics: metrics,
-		ControlDir: hooks.ControlDir, Logger: s.Logger}
+		ControlDir: hooks.ControlDir, Logger: s.Logger, TracerProvider: s.TracerProvider, Propagator: s.Propagator}
 
 	listen := s.Listen
 	if listen == nil {
@@ -375,6 +394,9 @@ func (s *Server) Run(ctx context.Context) error {
 				MaxTunnels:  cfg.Proxy.MaxTunnels,
 				Metrics:     pm,
 				Logger:      s.Logger,
+
+				TracerProvider: s.TracerProvider,
+				Propagator:     s.Propagator,
 			}}
 			serveDone := make(chan error, 1)
 			go func() { serveDone <- proxy.Serve(proxyListener) }()

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 // ServiceAPI is the part of the balena API that knows the VPN servers:
@@ -40,6 +42,11 @@ type Service struct {
 
 	// Logger receives failures. Nil means discard.
 	Logger *slog.Logger
+
+	// TracerProvider makes a span of every registration attempt
+	// (vpn.service.register) and of every heartbeat
+	// (vpn.service.heartbeat). Nil means otel.GetTracerProvider().
+	TracerProvider trace.TracerProvider
 
 	id         atomic.Int64
 	once       sync.Once
@@ -75,10 +82,15 @@ func (s *Service) Run(ctx context.Context) error {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for s.ID() == 0 {
-		id, err := s.API.RegisterService(ctx, s.Addr)
+		rctx, span := tracer(s.TracerProvider).Start(ctx, "vpn.service.register")
+		id, err := s.API.RegisterService(rctx, s.Addr)
 		if err == nil && id <= 0 {
 			err = fmt.Errorf("the API answered with service instance id %d", id)
 		}
+		if err == nil {
+			span.SetAttributes(attrServiceID.Int64(id))
+		}
+		endSpan(span, err)
 		if err == nil {
 			s.id.Store(id)
 			close(s.registered)
@@ -101,7 +113,10 @@ func (s *Service) Run(ctx context.Context) error {
 			return ctx.Err()
 		case <-t.C:
 		}
-		if err := s.API.Heartbeat(ctx, s.ID()); err != nil && ctx.Err() == nil {
+		hctx, span := tracer(s.TracerProvider).Start(ctx, "vpn.service.heartbeat", trace.WithAttributes(attrServiceID.Int64(s.ID())))
+		err := s.API.Heartbeat(hctx, s.ID())
+		endSpan(span, err)
+		if err != nil && ctx.Err() == nil {
 			log.Warn("service instance heartbeat failed", "id", s.ID(), "err", err)
 		}
 	}

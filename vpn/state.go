@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 // StateAPI is the part of the balena API that learns which devices are
@@ -159,6 +161,11 @@ type Reporter struct {
 
 	// Logger receives failures and progress. Nil means discard.
 	Logger *slog.Logger
+
+	// TracerProvider makes a span, vpn.state.report, of every batch sent,
+	// with its number of UUIDs and whether they connected. Nil means
+	// otel.GetTracerProvider().
+	TracerProvider trace.TracerProvider
 
 	once     sync.Once
 	mu       sync.Mutex
@@ -326,7 +333,11 @@ func (r *Reporter) pass(ctx context.Context) error {
 		connected bool
 	}{{up, true}, {down, false}} {
 		for b := range batches(group.uuids, r.batchSize()) {
-			if err := r.API.ReportState(ctx, id, b, group.connected); err != nil {
+			bctx, span := tracer(r.TracerProvider).Start(ctx, "vpn.state.report", trace.WithAttributes(
+				attrStateUUIDs.Int(len(b)), attrStateConn.Bool(group.connected), attrServiceID.Int64(id)))
+			err := r.API.ReportState(bctx, id, b, group.connected)
+			endSpan(span, err)
+			if err != nil {
 				return err
 			}
 			r.ack(b, sent)

@@ -30,6 +30,12 @@
 // devices it learns from OpenVPN's management interface. Requests that are not CONNECT are served too: GET /ping
 // answers "OK" and GET /metrics the proxy's Prometheus metrics.
 //
+// Tracing is OpenTelemetry's, configured by the standard OTEL_* variables
+// (see cmd/internal/otelsetup): with OTEL_EXPORTER_OTLP_ENDPOINT set,
+// spans are exported over OTLP/HTTP; without it none are, but the balena
+// API calls and the CONNECTs forwarded to peers still carry a W3C
+// traceparent, and an incoming one is continued.
+//
 // SIGTERM or SIGINT stops it: it stops listening, waits up to 10 s for the
 // open tunnels, closes the rest and exits 0; a second signal exits at once
 // with status 1. SIGUSR2 toggles verbose logs. A configuration error is one
@@ -56,14 +62,19 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/obvpn/obvpn/cmd/internal/otelsetup"
 	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/vpn"
 	"github.com/obvpn/obvpn/vpn/balena"
 )
 
-// drainTimeout bounds the wait for open tunnels on SIGTERM.
-const drainTimeout = 10 * time.Second
+// drainTimeout bounds the wait for open tunnels on SIGTERM; flushTimeout
+// the export of the spans still buffered on exit.
+const (
+	drainTimeout = 10 * time.Second
+	flushTimeout = 5 * time.Second
+)
 
 func main() {
 	level := new(slog.LevelVar)
@@ -118,6 +129,18 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 	if cfg.Verbose {
 		level.Set(slog.LevelDebug)
 	}
+	tel, err := otelsetup.Setup(ctx, otelsetup.Options{ServiceName: "open-balena-vpn", Logger: log})
+	if err != nil {
+		fmt.Fprintf(stderr, "connect-proxy: %v\n", err)
+		return 2
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), flushTimeout)
+		defer cancel()
+		if err := tel.Shutdown(sctx); err != nil {
+			log.Warn("connect-proxy: spans lost on exit", "err", err)
+		}
+	}()
 	addr := *listen
 	if addr == "" {
 		addr = ":" + strconv.Itoa(cfg.Proxy.Port)
@@ -167,7 +190,8 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 		return 1
 	}
 	log.Info("connect-proxy listening", "addr", l.Addr().String(), "balena", cfg.Balena,
-		"service_id", cfg.ServiceID, "forward_port", cfg.Proxy.ForwardPort, "status_glob", cfg.StatusGlob)
+		"service_id", cfg.ServiceID, "forward_port", cfg.Proxy.ForwardPort, "status_glob", cfg.StatusGlob,
+		"tracing_export", tel.Endpoint)
 	if ready != nil {
 		ready(l.Addr())
 	}

@@ -11,6 +11,12 @@
 //
 // In script mode (VPN_AUTH_MODE=script) OpenVPN runs vpn-auth and
 // vpn-client-event, looked for beside this executable, then in PATH.
+//
+// Tracing is OpenTelemetry's, configured by the standard OTEL_* variables
+// (see cmd/internal/otelsetup): with OTEL_EXPORTER_OTLP_ENDPOINT set,
+// spans are exported over OTLP/HTTP; without it none are, but every call
+// to the balena API still carries a W3C traceparent. Buffered spans are
+// flushed on exit.
 package main
 
 import (
@@ -27,8 +33,12 @@ import (
 
 	"github.com/lmittmann/tint"
 
+	"github.com/obvpn/obvpn/cmd/internal/otelsetup"
 	"github.com/obvpn/obvpn/vpn"
 )
+
+// flushTimeout bounds the export of the spans still buffered on exit.
+const flushTimeout = 5 * time.Second
 
 func main() {
 	os.Exit(run())
@@ -47,6 +57,18 @@ func run() int {
 	if cfg.Verbose {
 		level.Set(slog.LevelDebug)
 	}
+	tel, err := otelsetup.Setup(context.Background(), otelsetup.Options{ServiceName: "open-balena-vpn", Logger: log})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "open-balena-vpn: %v\n", err)
+		return 2
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), flushTimeout)
+		defer cancel()
+		if err := tel.Shutdown(ctx); err != nil {
+			log.Warn("spans lost on exit", "err", err)
+		}
+	}()
 
 	srv := &vpn.Server{Config: cfg, Logger: log}
 	if cfg.Auth.Mode == vpn.AuthScript {
@@ -84,7 +106,7 @@ func run() int {
 			}
 		}
 	}()
-	log.Info("open-balena-vpn starting", "config", cfg)
+	log.Info("open-balena-vpn starting", "config", cfg, "tracing_export", tel.Endpoint)
 	if err := srv.Run(ctx); err != nil {
 		log.Error("open-balena-vpn failed", "err", err)
 		return 1

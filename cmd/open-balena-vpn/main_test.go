@@ -17,6 +17,7 @@ import (
 
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
 	"github.com/obvpn/obvpn/vpn/vpntest"
+	"github.com/obvpn/obvpn/vpn/vpntest/otlptest"
 )
 
 func TestConfigErrorExit2(t *testing.T) {
@@ -79,7 +80,10 @@ func TestStartupWarnings(t *testing.T) {
 // TestEndToEnd runs the built command in a world namespace, with the
 // balena API (balenatest) served inside it, in both authentication modes:
 // a device with its key connects and is reported online, SIGTERM stops the
-// server with status 0 and the device is reported offline.
+// server with status 0 and the device is reported offline. With
+// OTEL_EXPORTER_OTLP_ENDPOINT at a receiver in the world, the device
+// auth and state-report calls carry a valid traceparent and the spans
+// arrive.
 func TestEndToEnd(t *testing.T) {
 	goBin := vpntest.Require(t, "openvpn", "ip", "go")[2]
 	dir := t.TempDir()
@@ -112,6 +116,14 @@ func endToEnd(t *testing.T, bin, mode string) {
 	hs := &http.Server{Handler: api}
 	go hs.Serve(l)
 	t.Cleanup(func() { hs.Close() })
+	rcv := otlptest.New()
+	ol, err := world.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	otlpSrv := &http.Server{Handler: rcv}
+	go otlpSrv.Serve(ol)
+	t.Cleanup(func() { otlpSrv.Close() })
 
 	b64 := base64.StdEncoding.EncodeToString
 	cmd := exec.Command("ip", "netns", "exec", world.Name, filepath.Join(bin, "open-balena-vpn"))
@@ -124,6 +136,7 @@ func endToEnd(t *testing.T, bin, mode string) {
 		"VPN_OPENVPN_SERVER_KEY=" + b64(pki.ServerKey),
 		"VPN_API_BASE_PORT=30000", "VPN_METRICS_ADDR=127.0.0.1:8080", "VPN_AUTH_MODE=" + mode,
 		"DELAY_ON_AUTH_FAIL=0", "DEFAULT_SIGTERM_TIMEOUT=10", "VPN_HAPROXY=off",
+		"OTEL_EXPORTER_OTLP_ENDPOINT=http://" + ol.Addr().String(), "OTEL_BSP_SCHEDULE_DELAY=100",
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	out, err := cmd.StderrPipe()
@@ -237,4 +250,62 @@ func endToEnd(t *testing.T, bin, mode string) {
 	if d, _ := api.Device(dev.UUID); d.ConnectedToVPN {
 		t.Error("the device is still online in the API after the stop")
 	}
+	checkTraces(t, api, rcv, mode)
+}
+
+// checkTraces checks that the device auth and state-report calls carried
+// a valid traceparent, each the id of a client span that reached the
+// receiver (flushed on exit), under a vpn.auth or vpn.state.report span.
+func checkTraces(t *testing.T, api *balenatest.API, rcv *otlptest.Receiver, mode string) {
+	t.Helper()
+	spans := map[string]otlptest.Span{} // by span id
+	for _, s := range rcv.Spans() {
+		spans[s.SpanID] = s
+	}
+	calls := map[balenatest.Endpoint]int{}
+	for _, r := range api.Requests() {
+		if r.Endpoint != balenatest.DeviceAuth && r.Endpoint != balenatest.StateReport {
+			continue
+		}
+		calls[r.Endpoint]++
+		tp := strings.Split(r.Header.Get("traceparent"), "-")
+		if len(tp) != 4 || tp[0] != "00" || len(tp[1]) != 32 || len(tp[2]) != 16 || tp[3] != "01" {
+			t.Errorf("%s %s: traceparent %q, want a valid sampled one", r.Method, r.URI, r.Header.Get("traceparent"))
+			continue
+		}
+		s, ok := spans[tp[2]]
+		if !ok || s.TraceID != tp[1] || s.Kind != "client" {
+			t.Errorf("%s %s: no client span %s of trace %s reached the receiver", r.Method, r.URI, tp[2], tp[1])
+			continue
+		}
+		want := "vpn.auth"
+		if r.Endpoint == balenatest.StateReport {
+			want = "vpn.state.report"
+		}
+		if p := spans[s.ParentSpanID]; p.Name != want || p.Resource["service.name"] != "open-balena-vpn" {
+			t.Errorf("%s %s: the client span's parent is %q of %q, want %s of open-balena-vpn", r.Method, r.URI, p.Name, p.Resource["service.name"], want)
+		}
+	}
+	// Two good connects and a stolen key; online, offline, online, and
+	// offline at the stop.
+	if calls[balenatest.DeviceAuth] < 2 || calls[balenatest.StateReport] < 4 {
+		t.Errorf("calls %v, want at least 2 device auths and 4 state reports", calls)
+	}
+	if mode == "script" {
+		// vpn-auth's requests to the internal API are server spans, the
+		// auth their child.
+		var n int
+		for _, s := range otlptest.Named(rcv.Spans(), "vpn.auth") {
+			if p := spans[s.ParentSpanID]; p.Name == "POST /api/v1/auth/" && p.Kind == "server" {
+				n++
+			}
+		}
+		if n < 2 {
+			t.Errorf("%d vpn.auth spans under the internal API's request spans, want at least 2", n)
+		}
+	}
+	if rcv.Failures() != 0 {
+		t.Errorf("%d exports refused", rcv.Failures())
+	}
+	t.Logf("%s: %d spans in %d exports; traced calls %v", mode, len(spans), rcv.Exports(), calls)
 }

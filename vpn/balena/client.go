@@ -24,6 +24,13 @@
 // on its own. State reports and service registration are POSTs that are
 // sent once, and their callers retry them in their own loops. An answer
 // with an unexpected status is an [*APIError].
+//
+// Every request, each retry included, goes through OpenTelemetry's HTTP
+// instrumentation (otelhttp): it is a client span of the context's trace,
+// and it carries that trace's W3C traceparent header, as the reference
+// system's calls do. The Client's TracerProvider and Propagator fields
+// choose the provider and the propagator; nil means OpenTelemetry's global
+// ones, which send nothing until a command installs the SDK.
 package balena
 
 import (
@@ -44,6 +51,10 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-retryablehttp"
+	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Client calls the balena API. Set BaseURL and ServiceKey; the other fields
@@ -65,13 +76,23 @@ type Client struct {
 	GuestKey string
 
 	// HTTPClient sends the requests. Nil means a client with a 30 s
-	// timeout and a connection pool sized for the VPN's concurrency.
+	// timeout and a connection pool sized for the VPN's concurrency. The
+	// Client sends through a copy of it whose Transport is wrapped with
+	// otelhttp; the HTTPClient itself is not changed.
 	HTTPClient *http.Client
 
 	// RootCAs are the roots trusted for the API's TLS certificate when
 	// HTTPClient is nil (the reference container's ROOT_CA). Nil means
 	// the system's roots.
 	RootCAs *x509.CertPool
+
+	// TracerProvider makes the client span of each request. Nil means
+	// otel.GetTracerProvider().
+	TracerProvider trace.TracerProvider
+
+	// Propagator writes the trace context (W3C traceparent) into each
+	// request's headers. Nil means otel.GetTextMapPropagator().
+	Propagator propagation.TextMapPropagator
 
 	// RetryMax is how many times a read or idempotent call is retried
 	// after a connection error, a 429 or a 5xx answer, within
@@ -180,6 +201,7 @@ func (c *Client) init() {
 			}
 			c.hc = &http.Client{Transport: t, Timeout: clientTimeout}
 		}
+		c.hc = c.traced(c.hc)
 		n := c.RetryMax
 		switch {
 		case n == 0:
@@ -200,6 +222,39 @@ func (c *Client) init() {
 			c.rc.Logger = retryLogger{c.Logger}
 		}
 	})
+}
+
+// traced returns a copy of hc whose transport makes a span of every
+// request and writes its trace context into the request's headers.
+func (c *Client) traced(hc *http.Client) *http.Client {
+	tp, prop := c.TracerProvider, c.Propagator
+	if tp == nil {
+		tp = otel.GetTracerProvider()
+	}
+	if prop == nil {
+		prop = otel.GetTextMapPropagator()
+	}
+	traced := *hc
+	traced.Transport = otelhttp.NewTransport(hc.Transport,
+		otelhttp.WithTracerProvider(tp),
+		otelhttp.WithPropagators(prop),
+		otelhttp.WithSpanNameFormatter(spanName))
+	return &traced
+}
+
+// spanName names a request's span by its method and its route, with the
+// device UUID and the service instance id taken out of the path, so that
+// names stay few: "GET /services/vpn/auth/{uuid}",
+// "PATCH /v7/service_instance({id})", "POST /services/vpn/client-connect".
+func spanName(_ string, r *http.Request) string {
+	p := r.URL.Path
+	switch {
+	case strings.HasPrefix(p, "/services/vpn/auth/"):
+		p = "/services/vpn/auth/{uuid}"
+	case strings.HasPrefix(p, "/v7/service_instance("):
+		p = "/v7/service_instance({id})"
+	}
+	return r.Method + " " + p
 }
 
 // request is one call of the API.

@@ -92,6 +92,9 @@ type Request struct {
 	Key string
 	// Body is the request body.
 	Body string
+	// Header holds the request's headers as received (W3C traceparent
+	// among them, when the caller traces).
+	Header http.Header
 	// Status is the status code of the answer.
 	Status int
 }
@@ -416,7 +419,7 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	e, route := a.route(r)
 	key, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	rec := Request{Endpoint: e, Method: r.Method, URI: r.RequestURI, Key: key, Body: string(body)}
+	rec := Request{Endpoint: e, Method: r.Method, URI: r.RequestURI, Key: key, Body: string(body), Header: r.Header.Clone()}
 
 	status := 0
 	if f := a.takeFault(e); f != nil {
