@@ -36,6 +36,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 // controlFilePrefix and controlFileSuffix frame the names OpenVPN gives
@@ -163,7 +165,9 @@ func (a *InternalAPI) serveDeferred(w http.ResponseWriter, r *http.Request, user
 		http.Error(w, "Service Unavailable", http.StatusServiceUnavailable)
 		return
 	}
-	ctx := a.deferCtx
+	// The decision outlives the request, but stays in its trace: its
+	// vpn.auth span is a child of the request's span.
+	ctx := trace.ContextWithSpanContext(a.deferCtx, trace.SpanContextFromContext(r.Context()))
 	a.deferred.Add(1)
 	a.deferMu.Unlock()
 	w.WriteHeader(http.StatusAccepted)

@@ -132,52 +132,7 @@ defaults
 	timeout client 10s
 	timeout server 10s
 `)
-	token := c.Metrics.Token
-	if token != "" {
-		// Single quotes: HAProxy takes everything up to the next one as
-		// is (the loader refuses tokens with a single quote).
-		fmt.Fprintf(&b, "\nuserlist %s\n\tuser %s insecure-password '%s'\n", monitorUserlist, MonitorUser, token)
-	}
-	fmt.Fprintf(&b, `
-frontend monitor
-	mode http
-	bind %s
-	acl vpn_dead nbsrv(%s) lt 1
-	monitor-uri /ping
-	monitor fail if vpn_dead
-`, monitorAddr, HAProxyBackend)
-	var backends strings.Builder
-	if token != "" {
-		fmt.Fprintf(&b, "\tacl monitor_auth http_auth(%s)\n", monitorUserlist)
-		fmt.Fprintf(&b, "\thttp-request auth realm %s unless monitor_auth\n", monitorUserlist)
-		b.WriteString("\thttp-request use-service prometheus-exporter if { path /metrics/haproxy }\n")
-		routes := []struct{ path, backend, addr string }{
-			{"/metrics/node", "node-exporter", h.NodeExporter},
-			{"/metrics/process", "process-exporter", h.ProcessExporter},
-			{"/cluster_metrics /metrics/openvpn", "vpn-metrics", c.metricsBackendAddr()},
-		}
-		paths := "/metrics/haproxy"
-		for _, e := range routes {
-			paths += " " + e.path
-			if e.addr == "" {
-				fmt.Fprintf(&b, "\thttp-request return status 503 content-type text/plain string \"%s: not configured\" if { path %s }\n", e.backend, e.path)
-			}
-		}
-		fmt.Fprintf(&b, "\thttp-request return status 404 content-type text/plain string \"not found\" unless { path %s }\n", paths)
-		for _, e := range routes {
-			if e.addr == "" {
-				continue
-			}
-			fmt.Fprintf(&b, "\tuse_backend %s if { path %s }\n", e.backend, e.path)
-			fmt.Fprintf(&backends, "\nbackend %s\n\tmode http\n", e.backend)
-			if e.backend == "vpn-metrics" {
-				// A scrape may take METRICS_TIMEOUT.
-				fmt.Fprintf(&backends, "\ttimeout server %ds\n", int(c.metricsTimeout()/time.Second)+5)
-			}
-			fmt.Fprintf(&backends, "\tserver %s %s\n", strings.ReplaceAll(e.backend, "-", "_"), e.addr)
-		}
-	}
-	b.WriteString(backends.String())
+	c.writeMonitor(&b, monitorAddr)
 	fmt.Fprintf(&b, `
 frontend vpn
 	mode tcp
@@ -197,6 +152,62 @@ backend %s
 `, port, accept, maxConn, int(timeout/time.Second), HAProxyBackend, HAProxyBackend, int(timeout/time.Second),
 		HAProxyServerPrefix, n, c.Plan.Ports.VPN)
 	return b.String()
+}
+
+// writeMonitor writes the monitor frontend, which answers /ping: with
+// MONITOR_SECRET_TOKEN set, everything else needs the monitoring
+// credentials and is routed to HAProxy's own exporter, the server's
+// metrics and the node and process exporters (503 for one that is not
+// configured), after which come the backends of those routes.
+func (c *Config) writeMonitor(b *strings.Builder, monitorAddr string) {
+	h := c.HAProxy
+	token := c.Metrics.Token
+	if token != "" {
+		// Single quotes: HAProxy takes everything up to the next one as
+		// is (the loader refuses tokens with a single quote).
+		fmt.Fprintf(b, "\nuserlist %s\n\tuser %s insecure-password '%s'\n", monitorUserlist, MonitorUser, token)
+	}
+	fmt.Fprintf(b, `
+frontend monitor
+	mode http
+	bind %s
+	acl vpn_dead nbsrv(%s) lt 1
+	monitor-uri /ping
+	monitor fail if vpn_dead
+`, monitorAddr, HAProxyBackend)
+	if token == "" {
+		return
+	}
+	var backends strings.Builder
+	fmt.Fprintf(b, "\tacl monitor_auth http_auth(%s)\n", monitorUserlist)
+	fmt.Fprintf(b, "\thttp-request auth realm %s unless monitor_auth\n", monitorUserlist)
+	b.WriteString("\thttp-request use-service prometheus-exporter if { path /metrics/haproxy }\n")
+	routes := []struct{ path, backend, addr string }{
+		{"/metrics/node", "node-exporter", h.NodeExporter},
+		{"/metrics/process", "process-exporter", h.ProcessExporter},
+		{"/cluster_metrics /metrics/openvpn", "vpn-metrics", c.metricsBackendAddr()},
+	}
+	paths := "/metrics/haproxy"
+	for _, e := range routes {
+		paths += " " + e.path
+		if e.addr == "" {
+			fmt.Fprintf(b, "\thttp-request return status 503 content-type text/plain string \"%s: not configured\" if { path %s }\n", e.backend, e.path)
+		}
+	}
+	fmt.Fprintf(b, "\thttp-request return status 404 content-type text/plain string \"not found\" unless { path %s }\n", paths)
+	for _, e := range routes {
+		if e.addr == "" {
+			continue
+		}
+		fmt.Fprintf(b, "\tuse_backend %s if { path %s }\n", e.backend, e.path)
+		fmt.Fprintf(&backends, "\nbackend %s\n\tmode http\n", e.backend)
+		if e.backend == "vpn-metrics" {
+			// A scrape may take METRICS_TIMEOUT.
+			fmt.Fprintf(&backends, "\ttimeout server %ds\n", int(c.metricsTimeout()/time.Second)+5)
+		}
+		fmt.Fprintf(&backends, "\tserver %s %s\n", strings.ReplaceAll(e.backend, "-", "_"), e.addr)
+	}
+	b.WriteString(backends.String())
 }
 
 // MonitorUser is the user name of the monitoring credentials, with
