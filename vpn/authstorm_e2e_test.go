@@ -20,14 +20,14 @@ import (
 // The reconnect storm of TestAuthStorm: 50 devices at once, 10 of them
 // with a wrong key, a balena API that takes 2 s to answer each device
 // authentication, and the server's production settings
-// (DELAY_ON_AUTH_FAIL 10 s, MAX_API_POST_WORKERS 20, the production
+// (DELAY_ON_AUTH_FAIL 10 s, MAX_API_POST_WORKERS 80, the production
 // balena client, two instances behind a managed HAProxy).
 const (
 	stormDevices = 50
 	stormDenied  = 10
 	stormLatency = 2 * time.Second
 	stormDelay   = 10 * time.Second // DELAY_ON_AUTH_FAIL's default
-	stormWorkers = 20               // MAX_API_POST_WORKERS's default
+	stormWorkers = 80               // MAX_API_POST_WORKERS's default, the reference container's
 	// stormSlack is what the clients, OpenVPN's handshakes on a small
 	// machine and its polling of the control files add to the API's time.
 	stormSlack = 8 * time.Second
@@ -38,7 +38,7 @@ const (
 
 // TestAuthStorm measures a reconnect storm in each auth mode, with real
 // OpenVPN servers and clients: the allowed devices must all be connected
-// in about the time the API needs for the whole storm (ceil(50/20) waves
+// in about the time the API needs for the whole storm (ceil(50/80) waves
 // of 2 s), not serialised behind each other or behind the denied ones
 // (40 × 2 s, or 10 × 10 s), and the denied ones must be refused, after
 // DELAY_ON_AUTH_FAIL, with each device asked about once. Management mode
