@@ -1,0 +1,456 @@
+package vpn
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/netutil"
+
+	"github.com/obvpn/obvpn/connectproxy"
+	"github.com/obvpn/obvpn/nss"
+	"github.com/obvpn/obvpn/vpn/balena"
+)
+
+// The fixed times of a server's run.
+const (
+	// listenerShutdown bounds the shutdown of the internal API, the
+	// metrics and the CONNECT proxy, once the drain is over.
+	listenerShutdown = 5 * time.Second
+	// readHeaderTimeout bounds a request head on the internal API and
+	// the metrics.
+	readHeaderTimeout = 10 * time.Second
+	// defaultMetricsConns is MetricsConfig.MaxConns's zero value.
+	defaultMetricsConns = 64
+	// defaultDrainTimeout is DrainConfig.Timeout's zero value.
+	defaultDrainTimeout = 120 * time.Second
+)
+
+// run is one run of a Server: the parts that Run builds, in the order of
+// its phases (build, listen, start, wait, stop).
+type run struct {
+	s   *Server
+	cfg *Config
+	n   int // instances
+
+	hooks    ScriptHooks
+	api      BalenaAPI
+	reg      *prometheus.Registry
+	metrics  *Metrics
+	auth     *Authenticator
+	reporter *Reporter
+	resolver *nss.Resolver
+	sessions *Sessions
+	limiters []*Limiter // by instance id; nil entries without limits
+	internal *InternalAPI
+
+	servers []*http.Server // the internal API's and the metrics'
+	serving sync.WaitGroup
+	apiURLs map[int]string
+	proxyL  net.Listener
+
+	ctx       context.Context // the parts'; it ends after the drain
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup // the parts' goroutines
+	fatal     chan error
+	instances []*Instance
+	hreg      *registrar
+
+	readyMu  sync.Mutex
+	readySet map[int]bool
+}
+
+// Run runs the server until ctx ends, then stops the instances, reports
+// their devices offline (within the drain timeout) and returns nil; or it
+// returns the error that stopped it.
+func (s *Server) Run(ctx context.Context) error {
+	s.init()
+	r, err := s.build()
+	if err != nil {
+		return err
+	}
+	defer r.teardownLimits()
+	defer r.closeListeners()
+	if err := r.listen(); err != nil {
+		return err
+	}
+	// The parts run until the drain is over, not merely until ctx ends.
+	r.ctx, r.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer r.cancel()
+	stop, err := r.start()
+	if stop != nil {
+		defer stop()
+	}
+	if err != nil {
+		r.cancel()
+		r.wg.Wait()
+		return err
+	}
+	runErr := r.wait(ctx)
+	r.stop(ctx)
+	if runErr != nil && !errors.Is(runErr, context.Canceled) {
+		return runErr
+	}
+	return nil
+}
+
+// build makes the parts of a run: the balena client, the metrics, auth,
+// state reports, the sessions, the bandwidth limiters and the internal
+// API. Nothing runs yet.
+func (s *Server) build() (*run, error) {
+	cfg := s.Config
+	n, err := cfg.Plan.Len()
+	if err != nil {
+		return nil, fmt.Errorf("vpn: %w", err)
+	}
+	r := &run{s: s, cfg: cfg, n: n, hooks: s.Hooks, api: s.API, reg: s.Registry, readySet: map[int]bool{}}
+	if cfg.Auth.Mode == AuthScript {
+		if err := r.prepareHooks(); err != nil {
+			return nil, err
+		}
+	}
+	if r.api == nil {
+		roots, err := cfg.Balena.RootCAs()
+		if err != nil {
+			return nil, err
+		}
+		r.api = &balena.Client{BaseURL: cfg.Balena.BaseURL(), ServiceKey: cfg.Balena.ServiceAPIKey,
+			GuestKey: cfg.Balena.GuestAPIKey, RootCAs: roots, Logger: s.Logger,
+			TracerProvider: s.TracerProvider, Propagator: s.Propagator}
+	}
+	if r.reg == nil {
+		r.reg = prometheus.NewRegistry()
+	}
+	if r.metrics, err = NewMetrics(r.reg); err != nil {
+		return nil, fmt.Errorf("vpn: metrics: %w", err)
+	}
+	var addr netip.Addr
+	if cfg.Balena.RegisterInterface != "" {
+		if addr, err = InterfaceIPv4(cfg.Balena.RegisterInterface); err != nil {
+			s.log().Warn("no address to register", "interface", cfg.Balena.RegisterInterface, "err", err)
+		}
+	}
+	r.auth = &Authenticator{API: r.api, CacheTimeout: cfg.Auth.CacheTimeout, MaxInFlight: cfg.Auth.MaxWorkers, Logger: s.Logger,
+		TracerProvider: s.TracerProvider}
+	conns := &Connections{}
+	s.service = &Service{API: r.api, Addr: addr, Logger: s.Logger, TracerProvider: s.TracerProvider}
+	r.reporter = &Reporter{API: r.api, ServiceID: s.service.ID, BatchSize: cfg.Balena.StateBatchSize, Logger: s.Logger,
+		TracerProvider: s.TracerProvider}
+	// One view of where the devices are, for the proxy and the NSS index:
+	// the status files, and what the management interface says before
+	// the next status write.
+	r.resolver = &nss.Resolver{Globs: []string{filepath.Join(cfg.runDir(), "server-*.status")}}
+	r.sessions = &Sessions{Auth: r.auth, Connections: conns, State: r.reporter, DelayOnAuthFail: cfg.Auth.DelayOnFail,
+		Metrics: r.metrics, Script: cfg.Auth.Mode == AuthScript, Logger: s.Logger,
+		Addresses: r.resolver, StatusFile: func(id int) string { return cfg.Paths(id).Status }}
+	r.buildLimiters()
+	r.internal = &InternalAPI{Auth: r.auth, Connections: conns, State: r.reporter, Instances: n,
+		DelayOnAuthFail: cfg.Auth.DelayOnFail, TrustProxy: cfg.TrustProxy, Sessions: r.sessions, Metrics: r.metrics,
+		ControlDir: r.hooks.ControlDir, Logger: s.Logger, TracerProvider: s.TracerProvider, Propagator: s.Propagator}
+	return r, nil
+}
+
+// prepareHooks checks that OpenVPN's user may run the script-mode hooks
+// and makes the directory of their auth control files.
+func (r *run) prepareHooks() error {
+	user, group := r.cfg.OpenVPN.account()
+	if err := r.hooks.CheckHooks(user); err != nil {
+		return err
+	}
+	dir, err := prepareTmpDir(filepath.Join(r.cfg.runDir(), "openvpn-tmp"), "/tmp", user, group)
+	if dir == "" {
+		return err
+	}
+	if err != nil {
+		r.s.log().Warn("OpenVPN's temporary files and auth control files go to /tmp", "reason", err)
+	}
+	r.hooks.ControlDir = dir
+	return nil
+}
+
+// buildLimiters makes an instance's bandwidth limiter when limits are set.
+func (r *run) buildLimiters() {
+	cfg := r.cfg
+	r.limiters = make([]*Limiter, r.n+1)
+	if cfg.Bandwidth.Down == 0 || cfg.Bandwidth.Up == 0 {
+		return
+	}
+	cmdf := r.s.Command
+	if cmdf == nil {
+		cmdf = exec.CommandContext
+	}
+	tc := func(ctx context.Context, name string, args ...string) ([]byte, error) {
+		return cmdf(ctx, name, args...).CombinedOutput()
+	}
+	for id := 1; id <= r.n; id++ {
+		in, _ := cfg.Plan.Instance(id)
+		r.limiters[id] = &Limiter{Dev: "tun" + strconv.Itoa(id), IFB: "obvpnifb" + strconv.Itoa(id),
+			Subnet: in.Subnet, Down: cfg.Bandwidth.Down, Up: cfg.Bandwidth.Up, Run: tc}
+	}
+	r.sessions.Limits = func(id int) *Limiter { return r.limiters[id] }
+}
+
+func (r *run) teardownLimits() {
+	for _, l := range r.limiters {
+		if l != nil {
+			_ = l.Teardown(context.Background())
+		}
+	}
+}
+
+// listen opens the listeners: the internal API on loopback (one port, or
+// one an instance), the metrics and the CONNECT proxy's.
+func (r *run) listen() error {
+	cfg := r.cfg
+	r.apiURLs = make(map[int]string)
+	// The internal API is for OpenVPN's hooks and the operators of this
+	// host: on loopback only, so that nobody else gets an answer at all.
+	if cfg.Plan.Ports.SharedAPI {
+		if err := r.serve(internalAPIAddr(cfg.Plan.Ports.API), r.internal, 0); err != nil {
+			return err
+		}
+	}
+	for id := 1; id <= r.n; id++ {
+		in, _ := cfg.Plan.Instance(id)
+		if !cfg.Plan.Ports.SharedAPI {
+			if err := r.serve(internalAPIAddr(in.APIPort), r.internal, 0); err != nil {
+				return err
+			}
+		}
+		r.apiURLs[id] = "http://" + internalAPIAddr(in.APIPort)
+	}
+	if cfg.Metrics.Addr != "" {
+		maxConns := cfg.Metrics.MaxConns
+		if maxConns <= 0 {
+			maxConns = defaultMetricsConns
+		}
+		h := monitorHandler(r.reg, r.sessions, cfg.metricsTimeout(), cfg.Metrics.Token)
+		if err := r.serve(cfg.Metrics.Addr, h, maxConns); err != nil {
+			return err
+		}
+	}
+	if cfg.Proxy.Port != 0 {
+		l, err := r.s.listen("tcp", ":"+strconv.Itoa(cfg.Proxy.Port))
+		if err != nil {
+			return fmt.Errorf("vpn: %w", err)
+		}
+		r.proxyL = l
+	}
+	return nil
+}
+
+// serve serves h on addr, with at most maxConns connections (0: no bound).
+func (r *run) serve(addr string, h http.Handler, maxConns int) error {
+	l, err := r.s.listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("vpn: %w", err)
+	}
+	if maxConns > 0 {
+		l = netutil.LimitListener(l, maxConns)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: readHeaderTimeout}
+	r.servers = append(r.servers, srv)
+	r.serving.Add(1)
+	go func() {
+		defer r.serving.Done()
+		_ = srv.Serve(l) // ends with Shutdown in closeListeners
+	}()
+	return nil
+}
+
+// closeListeners shuts the HTTP servers down, closes the proxy's listener
+// and ends the deferred authentications in flight.
+func (r *run) closeListeners() {
+	sctx, cancel := context.WithTimeout(context.Background(), listenerShutdown)
+	defer cancel()
+	for _, srv := range r.servers {
+		_ = srv.Shutdown(sctx)
+	}
+	r.serving.Wait()
+	if r.proxyL != nil {
+		r.proxyL.Close()
+	}
+	r.internal.Close()
+}
+
+// start starts the parts: HAProxy (managed) and the registrar, the NSS
+// index, the service instance, the reporter, the instances and the proxy.
+// stop, when not nil, stops the managed HAProxy.
+func (r *run) start() (stop func(), err error) {
+	cfg := r.cfg
+	r.fatal = make(chan error, r.n+3)
+	r.instances = make([]*Instance, r.n+1)
+	var hap *HAProxyRuntime
+	if cfg.HAProxy.Mode != HAProxyOff {
+		hap = &HAProxyRuntime{Socket: cfg.HAProxy.Socket}
+		r.hreg = newRegistrar(hap, r.s.log())
+	}
+	if cfg.HAProxy.Mode == HAProxyManaged {
+		if stop, err = r.s.startHAProxy(r.ctx, hap, r.fatal); err != nil {
+			return nil, err
+		}
+	}
+	if r.hreg != nil {
+		r.goRun(r.hreg.run)
+	}
+	if cfg.NSSIndex != "off" {
+		r.goRun(func(ctx context.Context) { r.s.keepNSSIndex(ctx, r.resolver) })
+	}
+	r.goRun(func(ctx context.Context) { _ = r.s.service.Run(ctx) })
+	r.goRun(func(ctx context.Context) { _ = r.reporter.Run(ctx) })
+	for id := 1; id <= r.n; id++ {
+		r.startInstance(id)
+	}
+	if r.proxyL != nil {
+		pm, err := connectproxy.NewMetrics(r.reg)
+		if err != nil {
+			return stop, fmt.Errorf("vpn: proxy metrics: %w", err)
+		}
+		r.goRun(func(ctx context.Context) { r.runProxy(ctx, pm) })
+	}
+	r.s.log().Info("VPN server running", "instances", r.n, "plan", cfg.Plan.String())
+	return stop, nil
+}
+
+// goRun runs f on a goroutine that the run waits for.
+func (r *run) goRun(f func(ctx context.Context)) {
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		f(r.ctx)
+	}()
+}
+
+// startInstance starts instance id, which registers with HAProxy when it
+// is ready and leaves it when its openvpn goes.
+func (r *run) startInstance(id int) {
+	cfg := r.cfg
+	hooks := r.hooks
+	hooks.APIURL = r.apiURLs[id]
+	inst := &Instance{Config: cfg, ID: id, Hooks: hooks, Handler: r.sessions.Handler(id),
+		Command: r.s.Command, Dial: r.s.Dial, Logger: r.s.Logger,
+		OnReady: func(id int) {
+			if r.hreg != nil {
+				// Registered at once, or retried until HAProxy takes it.
+				r.hreg.setNow(r.ctx, id, instanceAddr(cfg, id), StateReady)
+			}
+			r.readyMu.Lock()
+			defer r.readyMu.Unlock()
+			if !r.readySet[id] {
+				r.readySet[id] = true
+				if len(r.readySet) == r.n {
+					close(r.s.ready)
+				}
+			}
+		},
+		OnDown: func(id int) {
+			if r.hreg != nil {
+				r.hreg.setNow(context.WithoutCancel(r.ctx), id, instanceAddr(cfg, id), StateMaint)
+			}
+			r.sessions.Forget(id)
+			if l := r.limiters[id]; l != nil {
+				l.Reset() // its tun device went with its openvpn
+			}
+		},
+	}
+	r.instances[id] = inst
+	r.goRun(func(ctx context.Context) {
+		if err := inst.Run(ctx); err != nil && ctx.Err() == nil {
+			r.fatal <- err
+		}
+	})
+}
+
+// runProxy serves the CONNECT proxy once the service instance is
+// registered (its id decides forwarding), until ctx ends.
+func (r *run) runProxy(ctx context.Context, pm *connectproxy.Metrics) {
+	s, cfg := r.s, r.cfg
+	select {
+	case <-s.service.Registered():
+	case <-ctx.Done():
+		return
+	}
+	proxy := &connectproxy.Server{Logger: s.Logger, Handler: &connectproxy.Handler{
+		Authorizer:  r.api,
+		Online:      r.api,
+		Locator:     r.api,
+		Resolver:    r.resolver,
+		DialContext: s.Dial,
+		ServiceID:   s.service.ID(),
+		ForwardPort: cfg.Proxy.ForwardPort,
+		RetryDelay:  cfg.OpenVPN.StatusInterval,
+		IdleTimeout: cfg.Proxy.IdleTimeout,
+		MaxTunnels:  cfg.Proxy.MaxTunnels,
+		Metrics:     pm,
+		Logger:      s.Logger,
+
+		TracerProvider: s.TracerProvider,
+		Propagator:     s.Propagator,
+	}}
+	serveDone := make(chan error, 1)
+	go func() { serveDone <- proxy.Serve(r.proxyL) }()
+	s.log().Info("CONNECT proxy serving", "port", cfg.Proxy.Port, "service_id", s.service.ID())
+	select {
+	case err := <-serveDone:
+		if ctx.Err() == nil {
+			r.fatal <- fmt.Errorf("vpn: CONNECT proxy: %w", err)
+		}
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), listenerShutdown)
+		defer cancel()
+		_ = proxy.Shutdown(sctx)
+		<-serveDone
+	}
+}
+
+// wait waits for the end: ctx (then the drain), Close or a fatal error,
+// which it returns.
+func (r *run) wait(ctx context.Context) error {
+	select {
+	case <-ctx.Done():
+		dctx, dcancel := r.s.unlessClosed(r.ctx)
+		r.s.drain(dctx, r.hreg, r.sessions, r.instances)
+		dcancel()
+	case <-r.s.closed:
+	case err := <-r.fatal:
+		r.s.log().Error("VPN server stopping", "err", err)
+		return err
+	}
+	return nil
+}
+
+// stop stops the parts, and reports the devices of the instances, gone
+// now, offline within the drain timeout (unless Close was called).
+func (r *run) stop(ctx context.Context) {
+	r.cancel()
+	r.wg.Wait()
+	r.sessions.Wait()
+	r.auth.Wait()
+	// The instances are gone, and their clients with them.
+	for id := 1; id <= r.n; id++ {
+		r.sessions.Forget(id)
+	}
+	if r.s.service.ID() == 0 {
+		return
+	}
+	timeout := r.cfg.Drain.Timeout
+	if timeout <= 0 {
+		timeout = defaultDrainTimeout
+	}
+	fctx, fcancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
+	defer fcancel()
+	fctx, ucancel := r.s.unlessClosed(fctx)
+	defer ucancel()
+	if err := r.reporter.Flush(fctx); err != nil {
+		r.s.log().Error("could not report every device offline", "err", err, "pending", r.reporter.Pending())
+	}
+}
