@@ -134,7 +134,7 @@ func runStorm(t *testing.T, mode vpn.AuthMode, hooks vpn.ScriptHooks, partial bo
 	if cfg.Auth.DelayOnFail != stormDelay || cfg.Auth.MaxWorkers != stormWorkers {
 		t.Fatalf("defaults changed: DELAY_ON_AUTH_FAIL %s, MAX_API_POST_WORKERS %d", cfg.Auth.DelayOnFail, cfg.Auth.MaxWorkers)
 	}
-	cfg.Metrics.Addr = ""
+	cfg.Metrics.Addr = vpn.MetricsOff
 	// API nil: the server's own balena client, retries and all.
 	srv := &vpn.Server{Config: cfg, Hooks: hooks, Command: world.CommandContext, Dial: world.Dial, Listen: world.Listen}
 	ctx, cancel := context.WithCancel(context.Background())

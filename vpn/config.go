@@ -419,7 +419,8 @@ type BandwidthConfig struct {
 // MetricsConfig is where Prometheus metrics are served.
 type MetricsConfig struct {
 	// Addr is the listen address of /cluster_metrics, /metrics and /ping
-	// (VPN_METRICS_ADDR). Empty means ":8080".
+	// (VPN_METRICS_ADDR). Empty means [DefaultMetricsAddr], ":8080";
+	// [MetricsOff], "off", serves no metrics.
 	Addr string
 	// Timeout bounds the gathering of one scrape (METRICS_TIMEOUT, in
 	// milliseconds). Zero means [DefaultMetricsTimeout], the reference's.

@@ -85,10 +85,7 @@ func (c *Config) renderHAProxy(fdLimit uint64) string {
 	if port == 0 {
 		port = 443
 	}
-	socket := h.Socket
-	if socket == "" {
-		socket = "/run/haproxy.sock"
-	}
+	socket := h.socket()
 	timeout := h.Timeout
 	if timeout <= 0 {
 		timeout = c.OpenVPN.KeepaliveTimeout
@@ -222,9 +219,9 @@ const monitorUserlist = "obvpn-monitor"
 // listener: its address, on loopback when it listens on every address;
 // "" when it has no fixed port.
 func (c *Config) metricsBackendAddr() string {
-	addr := c.Metrics.Addr
+	addr := c.Metrics.addr()
 	if addr == "" {
-		addr = ":8080"
+		return ""
 	}
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil || port == "0" || port == "" {
@@ -237,6 +234,42 @@ func (c *Config) metricsBackendAddr() string {
 		}
 	}
 	return net.JoinHostPort(host, port)
+}
+
+// MetricsOff is the Metrics.Addr (and VPN_METRICS_ADDR) of a server that
+// serves no metrics.
+const MetricsOff = "off"
+
+// DefaultMetricsAddr is where metrics are served when Metrics.Addr is
+// empty, as the reference does.
+const DefaultMetricsAddr = ":8080"
+
+// addr is the metrics listener's address, defaulted; "" when the metrics
+// are off.
+func (m MetricsConfig) addr() string {
+	switch m.Addr {
+	case "":
+		return DefaultMetricsAddr
+	case MetricsOff:
+		return ""
+	}
+	return m.Addr
+}
+
+// socket is Socket, defaulted.
+func (h HAProxyConfig) socket() string {
+	if h.Socket == "" {
+		return "/run/haproxy.sock"
+	}
+	return h.Socket
+}
+
+// mode is Mode, defaulted.
+func (h HAProxyConfig) mode() HAProxyMode {
+	if h.Mode == "" {
+		return HAProxyManaged
+	}
+	return h.Mode
 }
 
 // metricsTimeout is Metrics.Timeout, defaulted.

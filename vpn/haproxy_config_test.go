@@ -299,7 +299,7 @@ func TestServerExternalHAProxy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Metrics.Addr = ""
+	cfg.Metrics.Addr = vpn.MetricsOff
 	if cfg.HAProxy.Mode != vpn.HAProxyExternal {
 		t.Fatalf("mode: got %q, want %q", cfg.HAProxy.Mode, vpn.HAProxyExternal)
 	}

@@ -284,7 +284,7 @@ func (l Loader) Config() (*Config, error) {
 	c.HAProxy = p.haproxy(e, c.OpenVPN)
 	c.Bandwidth = p.bandwidth(e)
 	c.Metrics = MetricsConfig{
-		Addr:    p.listenAddr("VPN_METRICS_ADDR", e.MetricsAddr),
+		Addr:    p.metricsAddr("VPN_METRICS_ADDR", e.MetricsAddr),
 		Timeout: p.duration("METRICS_TIMEOUT", e.MetricsTimeout, time.Millisecond, 1),
 		Token:   p.token("MONITOR_SECRET_TOKEN", e.MonitorToken),
 	}
@@ -883,6 +883,14 @@ func (p *parser) host(name, value string) string {
 		p.portIn(name, value, port, 1)
 	}
 	return value
+}
+
+// metricsAddr is listenAddr, or [MetricsOff].
+func (p *parser) metricsAddr(name, value string) string {
+	if value == MetricsOff {
+		return MetricsOff
+	}
+	return p.listenAddr(name, value)
 }
 
 func (p *parser) listenAddr(name, value string) string {

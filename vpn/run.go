@@ -228,13 +228,13 @@ func (r *run) listen() error {
 		}
 		r.apiURLs[id] = "http://" + internalAPIAddr(in.APIPort)
 	}
-	if cfg.Metrics.Addr != "" {
+	if addr := cfg.Metrics.addr(); addr != "" {
 		maxConns := cfg.Metrics.MaxConns
 		if maxConns <= 0 {
 			maxConns = defaultMetricsConns
 		}
 		h := monitorHandler(r.reg, r.sessions, cfg.metricsTimeout(), cfg.Metrics.Token)
-		if err := r.serve(cfg.Metrics.Addr, h, maxConns); err != nil {
+		if err := r.serve(addr, h, maxConns); err != nil {
 			return err
 		}
 	}
@@ -290,11 +290,11 @@ func (r *run) start() (stop func(), err error) {
 	r.fatal = make(chan error, r.n+3)
 	r.instances = make([]*Instance, r.n+1)
 	var hap *HAProxyRuntime
-	if cfg.HAProxy.Mode != HAProxyOff {
-		hap = &HAProxyRuntime{Socket: cfg.HAProxy.Socket}
+	if cfg.HAProxy.mode() != HAProxyOff {
+		hap = &HAProxyRuntime{Socket: cfg.HAProxy.socket()}
 		r.hreg = newRegistrar(hap, r.s.log())
 	}
-	if cfg.HAProxy.Mode == HAProxyManaged {
+	if cfg.HAProxy.mode() == HAProxyManaged {
 		if stop, err = r.s.startHAProxy(r.ctx, hap, r.fatal); err != nil {
 			return nil, err
 		}

@@ -288,7 +288,7 @@ func startWorldServer(t *testing.T, env map[string]string) *worldServer {
 		t.Fatal(err)
 	}
 	if env["VPN_METRICS_ADDR"] == "" {
-		cfg.Metrics.Addr = "" // no metrics server unless asked for
+		cfg.Metrics.Addr = vpn.MetricsOff // no metrics server unless asked for
 	}
 	ws.cfg = cfg
 	ws.srv = &vpn.Server{Config: cfg, API: ws.api.Client(), Command: ws.world.CommandContext, Dial: ws.world.Dial, Listen: ws.world.Listen}
