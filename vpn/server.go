@@ -444,7 +444,11 @@ func (s *Server) Run(ctx context.Context) error {
 		fctx, ucancel := s.unlessClosed(fctx)
 		defer ucancel()
 		if err := reporter.Flush(fctx); err != nil {
-			s.log().Error("could not report every device offline", "err", err, "pending", reporter.Pending())
+			fp := slog.String(FingerprintKey, FingerprintStateUpdate)
+			if errors.Is(fctx.Err(), context.Canceled) {
+				fp = slog.Attr{} // a second signal cut the reports short, as asked
+			}
+			s.log().Error("could not report every device offline", "err", err, "pending", reporter.Pending(), fp)
 		}
 	}
 	if runErr != nil && !errors.Is(runErr, context.Canceled) {
