@@ -314,7 +314,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if !errors.As(err, &se) {
 			se = &StatusError{Code: http.StatusInternalServerError, Err: err}
 		}
-		h.fail(w, r, log, se.Code, se.Err) // se.Err keeps a fingerprint's mark
+		h.fail(w, r, log, se.Code, se.Err)
 		h.release() // after the answer: a Shutdown waits for it
 		return
 	}
