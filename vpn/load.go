@@ -813,7 +813,7 @@ func (p *parser) sentry(e *environment) SentryConfig {
 		p.fail(name, "", errors.New("want an http or https URL"))
 	case u.User.Username() == "" || u.Host == "":
 		p.fail(name, "", errors.New("want https://<key>@<host>/<project id>"))
-	case strings.Trim(u.Path, "/") == "":
+	case u.Path[strings.LastIndex(u.Path, "/")+1:] == "":
 		p.fail(name, "", errors.New("names no project: want https://<key>@<host>/<project id>"))
 	}
 	c.DSN = dsn

@@ -272,4 +272,3 @@ func (r *Receiver) Contains(s string) bool {
 	}
 	return false
 }
-
