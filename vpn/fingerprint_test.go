@@ -41,8 +41,8 @@ func (r *fpRecorder) wait(t *testing.T, l slog.Level) {
 }
 
 func (r *fpRecorder) Enabled(context.Context, slog.Level) bool { return true }
-func (r *fpRecorder) WithAttrs([]slog.Attr) slog.Handler      { return r }
-func (r *fpRecorder) WithGroup(string) slog.Handler           { return r }
+func (r *fpRecorder) WithAttrs([]slog.Attr) slog.Handler       { return r }
+func (r *fpRecorder) WithGroup(string) slog.Handler            { return r }
 func (r *fpRecorder) Handle(_ context.Context, rec slog.Record) error {
 	fp := ""
 	rec.Attrs(func(a slog.Attr) bool {
