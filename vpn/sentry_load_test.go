@@ -29,6 +29,9 @@ func TestLoadSentry(t *testing.T) {
 		{name: "not http", env: []string{"SENTRY_DSN", "ftp://SECRETkey@host/1"}, wantErr: "SENTRY_DSN: want an http or https URL"},
 		{name: "no key", env: []string{"VPN_SENTRY_DSN", "https://sentry.example.com/1"}, wantErr: "VPN_SENTRY_DSN: want https://<key>@<host>/<project id>"},
 		{name: "no project", env: []string{"SENTRY_DSN", "https://SECRETkey@sentry.example.com/"}, wantErr: "SENTRY_DSN: names no project: want https://<key>@<host>/<project id>"},
+		{name: "a trailing slash", env: []string{"SENTRY_DSN", "https://SECRETkey@sentry.example.com/42/"}, wantErr: "SENTRY_DSN: names no project: want https://<key>@<host>/<project id>"},
+		{name: "a path before the project", env: []string{"SENTRY_DSN", "https://SECRETkey@sentry.example.com/sentry/42"},
+			want: SentryConfig{DSN: "https://SECRETkey@sentry.example.com/sentry/42", Environment: "development"}},
 		{name: "not a URL", env: []string{"SENTRY_DSN", "https://SECRETkey@[::1/1"}, wantErr: "SENTRY_DSN: not a URL"},
 	}
 	for _, tt := range tests {

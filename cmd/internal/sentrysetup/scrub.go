@@ -30,12 +30,17 @@ type Scrubber struct {
 	secrets []string // longest first, so that none is left half replaced
 }
 
+// MinSecretLen is the length below which NewScrubber ignores a value:
+// replacing every "k" or "test" would make the events unreadable, and
+// such a value guards nothing.
+const MinSecretLen = 6
+
 // NewScrubber returns a Scrubber that also removes the given values.
-// Empty values are ignored.
+// Values shorter than MinSecretLen are ignored.
 func NewScrubber(secrets ...string) *Scrubber {
 	s := &Scrubber{}
 	for _, v := range secrets {
-		if v != "" && !slices.Contains(s.secrets, v) {
+		if len(v) >= MinSecretLen && !slices.Contains(s.secrets, v) {
 			s.secrets = append(s.secrets, v)
 		}
 	}

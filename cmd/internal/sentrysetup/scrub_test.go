@@ -7,9 +7,9 @@ import (
 )
 
 func TestScrubberString(t *testing.T) {
-	s := NewScrubber("SECRET-service-key", "SECRET-service", "")
+	s := NewScrubber("SECRET-service-key", "SECRET-service", "", "k")
 	tests := []struct{ name, in, want string }{
-		{"plain", "dial tcp 127.0.0.1:80: connection refused", "dial tcp 127.0.0.1:80: connection refused"},
+		{"plain, and a short value is no secret", "dial tcp 127.0.0.1:80: connection refused (keep-alive)", "dial tcp 127.0.0.1:80: connection refused (keep-alive)"},
 		{"a known secret, the longest first", "key SECRET-service-key and SECRET-service", "key [Filtered] and [Filtered]"},
 		{"bearer", "Authorization: Bearer SECRETtok.en_1/2+3=", "Authorization: Bearer [Filtered]"},
 		{"basic", "proxy-authorization: basic U0VDUkVUOnBhc3M=", "proxy-authorization: basic [Filtered]"},

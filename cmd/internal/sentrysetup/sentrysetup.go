@@ -68,8 +68,8 @@ type Options struct {
 
 	// Secrets are values that must never appear in an event, such as the
 	// service API key and the monitoring token: wherever they appear,
-	// they are replaced by "[Filtered]". Empty values are ignored. The
-	// DSN's own key is always one.
+	// they are replaced by "[Filtered]". Values shorter than
+	// [MinSecretLen] are ignored. The DSN's own key is always one.
 	Secrets []string
 
 	// RootCAs, if not nil, are the roots trusted for the DSN's host
@@ -145,13 +145,24 @@ func (r *Reporter) Enabled() bool { return r != nil && r.client != nil }
 
 // Close sends the events still buffered, waiting until they are sent or
 // ctx ends, and stops the SDK. It reports whether every event was sent.
-// Call it once, when the command exits.
+// It returns when ctx ends at the latest, even when the SDK takes longer
+// to stop (an endpoint that does not answer). Call it once, when the
+// command exits.
 func (r *Reporter) Close(ctx context.Context) bool {
 	if !r.Enabled() {
 		return true
 	}
 	ok := r.client.FlushWithContext(ctx)
-	r.client.Close()
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		r.client.Close() // flushes again, for up to 5 s
+	}()
+	select {
+	case <-stopped:
+	case <-ctx.Done():
+		ok = false
+	}
 	return ok
 }
 

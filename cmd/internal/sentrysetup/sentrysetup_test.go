@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -189,6 +191,34 @@ func TestConcurrentLogging(t *testing.T) {
 	closeReporter(t, r)
 	if n := len(srv.Events()); n != 40 {
 		t.Errorf("got %d events, want 40", n)
+	}
+}
+
+// TestCloseBounded: an endpoint that does not answer holds Close no
+// longer than its context.
+func TestCloseBounded(t *testing.T) {
+	release := make(chan struct{})
+	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	t.Cleanup(hung.Close)
+	t.Cleanup(func() { close(release) }) // before hung.Close, which waits for the handlers
+	r, err := sentrysetup.Setup(sentrysetup.Options{DSN: sentrytest.DSN(strings.TrimPrefix(hung.URL, "http://"))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	slog.New(r.Handler(slog.DiscardHandler, "t")).Error("x", slog.String(sentrysetup.FingerprintKey, "api-auth-error"))
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if r.Close(ctx) {
+		t.Error("Close reports the events sent")
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("Close took %v with a 300ms context", d)
 	}
 }
 
