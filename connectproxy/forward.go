@@ -70,7 +70,7 @@ func (h *Handler) forward(ctx context.Context, r *http.Request, t Target, key st
 	peer := netip.AddrPortFrom(addr, uint16(port)).String()
 	conn, err := h.dial(ctx, peer)
 	if err != nil {
-		return nil, nil, fmt.Errorf("forwarding to service instance %d at %s: %w", sid, peer, err)
+		return nil, nil, mark(ctx, FingerprintForward, fmt.Errorf("forwarding to service instance %d at %s: %w", sid, peer, err))
 	}
 	log.Info("connectproxy: forwarding", "service_instance", sid, "peer", peer)
 
@@ -90,7 +90,13 @@ func (h *Handler) forward(ctx context.Context, r *http.Request, t Target, key st
 	early, err := handshake(ctx, conn, b.String())
 	if err != nil {
 		conn.Close()
-		return nil, nil, fmt.Errorf("forwarding to service instance %d at %s: %w", sid, peer, err)
+		err = fmt.Errorf("forwarding to service instance %d at %s: %w", sid, peer, err)
+		if netFailure(err) {
+			// The peer's connection failed (reset, timed out); a peer that
+			// refuses (not 200) or hangs up (EOF) answered.
+			err = mark(ctx, FingerprintForward, err)
+		}
+		return nil, nil, err
 	}
 	return conn, early, nil
 }

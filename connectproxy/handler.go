@@ -284,7 +284,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	deviceID, ok, err := h.checkAccess(ctx, t, key)
 	if err != nil {
-		h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("asking the API for access: %w", err))
+		h.fail(w, r, log, http.StatusInternalServerError, mark(ctx, FingerprintTunnel, fmt.Errorf("asking the API for access: %w", err)))
 		h.release()
 		return
 	}
@@ -296,7 +296,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if h.Online != nil {
 		online, err := h.online(ctx, deviceID)
 		if err != nil {
-			h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("asking the API whether the device is online: %w", err))
+			h.fail(w, r, log, http.StatusInternalServerError, mark(ctx, FingerprintDeviceLookup, fmt.Errorf("asking the API whether the device is online: %w", err)))
 			h.release()
 			return
 		}
@@ -356,7 +356,7 @@ func (h *Handler) reach(ctx context.Context, r *http.Request, t Target, key stri
 		sid, addr, known, err := h.locate(ctx, t.UUID, key)
 		switch {
 		case err != nil:
-			return nil, nil, "", fmt.Errorf("asking the API which VPN server holds the device: %w", err)
+			return nil, nil, "", mark(ctx, FingerprintVPNHostLookup, fmt.Errorf("asking the API which VPN server holds the device: %w", err))
 		case !known:
 			again = true
 		case sid == 0:
@@ -451,7 +451,7 @@ func (h *Handler) establish(w http.ResponseWriter, r *http.Request, t Target, de
 	if err != nil {
 		dev.Close()
 		h.countError()
-		h.fail(w, r, log, http.StatusInternalServerError, fmt.Errorf("hijacking the connection: %w", err))
+		h.fail(w, r, log, http.StatusInternalServerError, mark(r.Context(), FingerprintConnect, fmt.Errorf("hijacking the connection: %w", err)))
 		h.release()
 		return
 	}
@@ -485,17 +485,20 @@ func (h *Handler) establish(w http.ResponseWriter, r *http.Request, t Target, de
 	h.start(client, dev, t, via, log)
 }
 
-// fail answers a refused or failed request.
+// fail answers a refused or failed request. A failure that err marks
+// with a fingerprint is logged at error level with its FingerprintKey
+// attribute.
 func (h *Handler) fail(w http.ResponseWriter, r *http.Request, log *slog.Logger, code int, err error) {
 	if log == nil {
 		log = h.logger()
 	}
+	fp, err := unmark(err)
 	level := slog.LevelInfo
-	if code >= 500 && code != http.StatusServiceUnavailable {
+	if code >= 500 && code != http.StatusServiceUnavailable || fp.Key != "" {
 		level = slog.LevelError
 	}
 	refused(r, code, err)
-	log.Log(r.Context(), level, "connectproxy: request refused", "status", code, "err", err, "target", r.RequestURI, "remote", r.RemoteAddr)
+	log.Log(r.Context(), level, "connectproxy: request refused", "status", code, "err", err, "target", r.RequestURI, "remote", r.RemoteAddr, fp)
 	se := &StatusError{Code: code, Err: err}
 	if h.ErrorHandler != nil {
 		h.ErrorHandler(w, r, se)

@@ -224,7 +224,7 @@ func (a *Authenticator) check(ctx context.Context, timeout time.Duration, k auth
 		if errors.Is(c.err, ErrAPIBusy) {
 			a.logger().Info("device authentication: the balena API is busy; device denied", "uuid", uuid)
 		} else {
-			a.logger().Warn("device authentication failed", "uuid", uuid, "err", c.err)
+			a.logger().Warn("device authentication failed", "uuid", uuid, "err", c.err, slog.String(FingerprintKey, FingerprintAuth))
 		}
 	}
 	a.mu.Lock()

@@ -33,6 +33,7 @@ type Config struct {
 	Bandwidth BandwidthConfig
 	Metrics   MetricsConfig
 	Drain     DrainConfig
+	Sentry    SentryConfig
 
 	// RunDir is where status files, pid files, generated configurations and
 	// certificates go (VPN_RUN_DIR). Empty means /run/openvpn.
@@ -77,6 +78,7 @@ func (c Config) LogValue() slog.Value {
 		slog.String("metrics_addr", c.Metrics.Addr),
 		slog.String("run_dir", c.RunDir),
 		slog.Bool("verbose", c.Verbose),
+		slog.Any("sentry", c.Sentry),
 	)
 }
 
@@ -468,6 +470,26 @@ type ConnectProxyConfig struct {
 	StatusGlob string
 	// Verbose turns on verbose logs (VPN_VERBOSE_LOGS/DEFAULT_VERBOSE_LOGS).
 	Verbose bool
+	// Sentry is where the proxy's errors are reported.
+	Sentry SentryConfig
+}
+
+// SentryConfig is where errors are reported. Package vpn only carries it:
+// the commands report the log records that carry a [FingerprintKey]
+// attribute (cmd/internal/sentrysetup).
+type SentryConfig struct {
+	// DSN is the Sentry project's DSN (SENTRY_DSN, as the reference
+	// reads it, else VPN_SENTRY_DSN). It holds the project's key and is
+	// never logged. Empty reports nothing.
+	DSN string
+	// Environment names the deployment in the events: "production" with
+	// PRODUCTION_MODE=true, else "development".
+	Environment string
+}
+
+// LogValue implements slog.LogValuer: the DSN is only said to be set.
+func (c SentryConfig) LogValue() slog.Value {
+	return slog.GroupValue(slog.Bool("dsn_set", c.DSN != ""), slog.String("environment", c.Environment))
 }
 
 // TrustProxy says which reverse proxies in front of an HTTP endpoint are

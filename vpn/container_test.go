@@ -135,6 +135,7 @@ func TestReferenceContainerEnvironment(t *testing.T) {
 	is.Equal(c.NSSIndex, "")
 	is.Equal(c.Verbose, true)
 	is.Equal(c.TrustProxy, vpn.TrustProxy{})
+	is.Equal(c.Sentry, vpn.SentryConfig{Environment: "production"}) // SENTRY_DSN is unset: nothing is reported
 
 	// One warning, naming the variables that are set and unused.
 	lines := strings.Split(strings.TrimSpace(logs.String()), "\n")

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -193,6 +194,8 @@ type environment struct {
 	Verbose         string `env:"VPN_VERBOSE_LOGS"`
 	VerboseOld      string `env:"DEFAULT_VERBOSE_LOGS"`
 	TrustProxy      string `env:"TRUST_PROXY" envDefault:"false"`
+	SentryDSN       string `env:"SENTRY_DSN"`
+	SentryDSNVPN    string `env:"VPN_SENTRY_DSN"`
 }
 
 // defaultAPIBasePort is the internal API's base port when neither
@@ -303,6 +306,7 @@ func (l Loader) Config() (*Config, error) {
 	}
 	c.Verbose = p.verbose(e)
 	c.TrustProxy = p.trustProxy("TRUST_PROXY", e.TrustProxy)
+	c.Sentry = p.sentry(e)
 	p.portClash(e, c)
 	if p.err != nil {
 		return nil, p.err
@@ -447,6 +451,7 @@ func (l Loader) ConnectProxyConfig() (*ConnectProxyConfig, error) {
 		ServiceID:               int64(p.int("VPN_SERVICE_ID", e.ServiceID, 0, 1<<53)),
 		StatusFileWriteInterval: p.duration("VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS", e.StatusInterval, time.Second, 1),
 		Verbose:                 p.verbose(e),
+		Sentry:                  p.sentry(e),
 	}
 	c.StatusGlob = p.statusGlob(e)
 	if p.err == nil && c.Proxy.Port == 0 {
@@ -778,6 +783,41 @@ func (p *parser) verbose(e *environment) bool {
 		return false
 	}
 	return p.bool(v.name, v.value)
+}
+
+// sentry reads SENTRY_DSN (the reference's name, taken when both are
+// set) or VPN_SENTRY_DSN, and PRODUCTION_MODE for the environment. The
+// DSN holds a key: it is checked for its shape only and never repeated
+// in errors or warnings.
+func (p *parser) sentry(e *environment) SentryConfig {
+	c := SentryConfig{Environment: "development"}
+	if p.production(e) {
+		c.Environment = "production"
+	}
+	name, dsn := "SENTRY_DSN", e.SentryDSN
+	switch {
+	case dsn == "":
+		name, dsn = "VPN_SENTRY_DSN", e.SentryDSNVPN
+	case e.SentryDSNVPN != "" && e.SentryDSNVPN != dsn:
+		p.warn("a variable is set under two names, to different values: taking SENTRY_DSN, as the reference container does",
+			"taken", "SENTRY_DSN", "ignored", "VPN_SENTRY_DSN")
+	}
+	if dsn == "" {
+		return c
+	}
+	u, err := url.Parse(dsn)
+	switch {
+	case err != nil:
+		p.fail(name, "", errors.New("not a URL"))
+	case u.Scheme != "http" && u.Scheme != "https":
+		p.fail(name, "", errors.New("want an http or https URL"))
+	case u.User.Username() == "" || u.Host == "":
+		p.fail(name, "", errors.New("want https://<key>@<host>/<project id>"))
+	case u.Path[strings.LastIndex(u.Path, "/")+1:] == "":
+		p.fail(name, "", errors.New("names no project: want https://<key>@<host>/<project id>"))
+	}
+	c.DSN = dsn
+	return c
 }
 
 // named is a variable's name with its value.

@@ -544,6 +544,7 @@ func TestLoadConnectProxyConfig(t *testing.T) {
 		ServiceID:               42,
 		StatusFileWriteInterval: 10 * time.Second,
 		StatusGlob:              "/tmp/obvpn/server-*.status",
+		Sentry:                  SentryConfig{Environment: "development"},
 	})
 
 	env["NSS_OPENVPN_STATUS_GLOB"] = "/srv/status/*.status"

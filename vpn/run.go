@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -451,6 +452,10 @@ func (r *run) stop(ctx context.Context) {
 	fctx, ucancel := r.s.unlessClosed(fctx)
 	defer ucancel()
 	if err := r.reporter.Flush(fctx); err != nil {
-		r.s.log().Error("could not report every device offline", "err", err, "pending", r.reporter.Pending())
+		fp := slog.String(FingerprintKey, FingerprintStateUpdate)
+		if errors.Is(fctx.Err(), context.Canceled) {
+			fp = slog.Attr{} // a second signal cut the reports short, as asked
+		}
+		r.s.log().Error("could not report every device offline", "err", err, "pending", r.reporter.Pending(), fp)
 	}
 }

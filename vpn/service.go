@@ -100,7 +100,8 @@ func (s *Service) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		log.Warn("service instance registration failed; will retry", "err", err, "retry_in", interval)
+		log.Warn("service instance registration failed; will retry", "err", err, "retry_in", interval,
+			slog.String(FingerprintKey, FingerprintServiceRegistration))
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -117,7 +118,7 @@ func (s *Service) Run(ctx context.Context) error {
 		err := s.API.Heartbeat(hctx, s.ID())
 		endSpan(span, err)
 		if err != nil && ctx.Err() == nil {
-			log.Warn("service instance heartbeat failed", "id", s.ID(), "err", err)
+			log.Warn("service instance heartbeat failed", "id", s.ID(), "err", err, slog.String(FingerprintKey, FingerprintServiceHeartbeat))
 		}
 	}
 }

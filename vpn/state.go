@@ -258,11 +258,11 @@ func (r *Reporter) Run(ctx context.Context) error {
 			}
 			// Back off from the interval, doubling up to MaxBackoff.
 			wait = min(max(2*wait, interval), r.maxBackoff())
-			level := slog.LevelWarn
+			level, fp := slog.LevelWarn, slog.String(FingerprintKey, FingerprintStateUpdate)
 			if errors.Is(err, errNotRegistered) {
-				level = slog.LevelDebug
+				level, fp = slog.LevelDebug, slog.Attr{}
 			}
-			r.logger().Log(ctx, level, "device state report failed; will retry", "err", err, "pending", r.Pending(), "retry_in", wait)
+			r.logger().Log(ctx, level, "device state report failed; will retry", "err", err, "pending", r.Pending(), "retry_in", wait, fp)
 		} else {
 			wait = 0
 		}

@@ -20,6 +20,7 @@
 //	VPN_NSS_INDEX                           the NSS module's index file to keep current, or "off"
 //	                                        (default: NSS_OPENVPN_INDEX, else nss.index next to the status files)
 //	VPN_VERBOSE_LOGS                        debug logs
+//	SENTRY_DSN (or VPN_SENTRY_DSN)          where to report errors (Sentry); PRODUCTION_MODE names the environment
 //
 // The flag -listen overrides the listen address (":<VPN_CONNECT_PROXY_PORT>",
 // every interface), and -nss-index overrides VPN_NSS_INDEX. While it
@@ -35,6 +36,11 @@
 // spans are exported over OTLP/HTTP; without it none are, but the balena
 // API calls and the CONNECTs forwarded to peers still carry a W3C
 // traceparent, and an incoming one is continued.
+//
+// Errors go to Sentry when SENTRY_DSN (or VPN_SENTRY_DSN) is set (see
+// cmd/internal/sentrysetup): the proxy's failures that it logs with a
+// fingerprint (connectproxy.FingerprintKey), without keys or tokens.
+// They are flushed on exit; without a DSN nothing is sent.
 //
 // SIGTERM or SIGINT stops it: it stops listening, waits up to 10 s for the
 // open tunnels, closes the rest and exits 0; a second signal exits at once
@@ -63,6 +69,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/obvpn/obvpn/cmd/internal/otelsetup"
+	"github.com/obvpn/obvpn/cmd/internal/sentrysetup"
 	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/vpn"
@@ -70,7 +77,8 @@ import (
 )
 
 // drainTimeout bounds the wait for open tunnels on SIGTERM; flushTimeout
-// the export of the spans still buffered on exit.
+// the export of the spans, and of the error events, still buffered on
+// exit.
 const (
 	drainTimeout = 10 * time.Second
 	flushTimeout = 5 * time.Second
@@ -152,6 +160,22 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 		fmt.Fprintf(stderr, "connect-proxy: %v\n", err)
 		return 2
 	}
+	errs, err := sentrysetup.Setup(sentrysetup.Options{
+		DSN: cfg.Sentry.DSN, Environment: cfg.Sentry.Environment, RootCAs: roots,
+		Secrets: []string{cfg.Balena.ServiceAPIKey, cfg.Balena.GuestAPIKey},
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "connect-proxy: %v\n", err)
+		return 2
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), flushTimeout)
+		defer cancel()
+		if !errs.Close(sctx) {
+			log.Warn("connect-proxy: error events lost on exit")
+		}
+	}()
+	log = slog.New(errs.Handler(log.Handler(), "connect-proxy"))
 	api := &balena.Client{
 		BaseURL:    cfg.Balena.BaseURL(),
 		ServiceKey: cfg.Balena.ServiceAPIKey,
@@ -191,7 +215,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 	}
 	log.Info("connect-proxy listening", "addr", l.Addr().String(), "balena", cfg.Balena,
 		"service_id", cfg.ServiceID, "forward_port", cfg.Proxy.ForwardPort, "status_glob", cfg.StatusGlob,
-		"tracing_export", tel.Endpoint)
+		"tracing_export", tel.Endpoint, "errors_to_sentry", errs.Enabled())
 	if ready != nil {
 		ready(l.Addr())
 	}

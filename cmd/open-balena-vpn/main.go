@@ -17,6 +17,13 @@
 // spans are exported over OTLP/HTTP; without it none are, but every call
 // to the balena API still carries a W3C traceparent. Buffered spans are
 // flushed on exit.
+//
+// Errors go to Sentry when SENTRY_DSN (or VPN_SENTRY_DSN) is set (see
+// cmd/internal/sentrysetup): the failures that the server logs with a
+// fingerprint (vpn.FingerprintKey, connectproxy.FingerprintKey), without
+// keys or tokens, released as this executable's version, in the
+// environment that PRODUCTION_MODE names. They are flushed on exit.
+// Without a DSN nothing is sent.
 package main
 
 import (
@@ -34,10 +41,12 @@ import (
 	"github.com/lmittmann/tint"
 
 	"github.com/obvpn/obvpn/cmd/internal/otelsetup"
+	"github.com/obvpn/obvpn/cmd/internal/sentrysetup"
 	"github.com/obvpn/obvpn/vpn"
 )
 
-// flushTimeout bounds the export of the spans still buffered on exit.
+// flushTimeout bounds the export of the spans, and of the error events,
+// still buffered on exit.
 const flushTimeout = 5 * time.Second
 
 func main() {
@@ -69,6 +78,28 @@ func run() int {
 			log.Warn("spans lost on exit", "err", err)
 		}
 	}()
+
+	roots, err := cfg.Balena.RootCAs()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "open-balena-vpn: %v\n", err)
+		return 2
+	}
+	errs, err := sentrysetup.Setup(sentrysetup.Options{
+		DSN: cfg.Sentry.DSN, Environment: cfg.Sentry.Environment, RootCAs: roots,
+		Secrets: []string{cfg.Balena.ServiceAPIKey, cfg.Balena.GuestAPIKey, cfg.Metrics.Token},
+	})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "open-balena-vpn: %v\n", err)
+		return 2
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), flushTimeout)
+		defer cancel()
+		if !errs.Close(ctx) {
+			log.Warn("error events lost on exit")
+		}
+	}()
+	log = slog.New(errs.Handler(log.Handler(), "open-balena-vpn"))
 
 	srv := &vpn.Server{Config: cfg, Logger: log}
 	if cfg.Auth.Mode == vpn.AuthScript {
@@ -106,7 +137,7 @@ func run() int {
 			}
 		}
 	}()
-	log.Info("open-balena-vpn starting", "config", cfg, "tracing_export", tel.Endpoint)
+	log.Info("open-balena-vpn starting", "config", cfg, "tracing_export", tel.Endpoint, "errors_to_sentry", errs.Enabled())
 	if err := srv.Run(ctx); err != nil {
 		log.Error("open-balena-vpn failed", "err", err)
 		return 1
