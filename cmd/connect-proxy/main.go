@@ -183,28 +183,10 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 		RootCAs:    roots,
 		Logger:     log,
 	}
-	reg := prometheus.NewRegistry()
-	metrics, err := connectproxy.NewMetrics(reg)
+	h, err := newHandler(cfg, api, resolver, log)
 	if err != nil {
 		log.Error("connect-proxy: metrics", "err", err)
 		return 1
-	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /ping", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "OK") })
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	h := &connectproxy.Handler{
-		Authorizer:  api,
-		Online:      api,
-		Locator:     api,
-		Resolver:    resolver,
-		ServiceID:   cfg.ServiceID,
-		ForwardPort: cfg.Proxy.ForwardPort,
-		RetryDelay:  cfg.StatusFileWriteInterval,
-		IdleTimeout: cfg.Proxy.IdleTimeout,
-		MaxTunnels:  cfg.Proxy.MaxTunnels,
-		Metrics:     metrics,
-		Logger:      log,
-		Next:        mux,
 	}
 	srv := &connectproxy.Server{Handler: h, Logger: log}
 
@@ -221,6 +203,39 @@ func run(ctx context.Context, args []string, stderr io.Writer, log *slog.Logger,
 	}
 	stopIndex := keepIndex(ctx, resolver, nssIndexPath(*indexFlag, resolver.Globs), log)
 	defer stopIndex()
+	return serve(ctx, srv, l, log)
+}
+
+// newHandler is the proxy's handler, with /ping and /metrics (its own
+// registry) for requests that are not CONNECT.
+func newHandler(cfg *vpn.ConnectProxyConfig, api *balena.Client, resolver *nss.Resolver, log *slog.Logger) (*connectproxy.Handler, error) {
+	reg := prometheus.NewRegistry()
+	metrics, err := connectproxy.NewMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /ping", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "OK") })
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	return &connectproxy.Handler{
+		Authorizer:  api,
+		Online:      api,
+		Locator:     api,
+		Resolver:    resolver,
+		ServiceID:   cfg.ServiceID,
+		ForwardPort: cfg.Proxy.ForwardPort,
+		RetryDelay:  cfg.StatusFileWriteInterval,
+		IdleTimeout: cfg.Proxy.IdleTimeout,
+		MaxTunnels:  cfg.Proxy.MaxTunnels,
+		Metrics:     metrics,
+		Logger:      log,
+		Next:        mux,
+	}, nil
+}
+
+// serve serves the proxy on l until ctx ends, then shuts it down within
+// drainTimeout; it returns the exit code.
+func serve(ctx context.Context, srv *connectproxy.Server, l net.Listener, log *slog.Logger) int {
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(l) }()
 	select {
