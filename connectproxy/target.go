@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/obvpn/obvpn/vpn/balena/uuid"
 )
 
 // Target is the destination of a CONNECT request: a port on a device,
@@ -26,7 +28,7 @@ const DefaultPort = 80
 
 // MaxUUIDLen is the length of the longest device UUID a target may name
 // (balena's are 32 or 62 digits).
-const MaxUUIDLen = 128
+const MaxUUIDLen = uuid.MaxLen
 
 // ErrInvalidTarget reports a CONNECT target that does not name a device
 // port. Such requests are answered 403.
@@ -43,7 +45,7 @@ func ParseTarget(s string) (Target, error) {
 		return Target{}, fmt.Errorf("%w %q: %s", ErrInvalidTarget, s, why)
 	}
 	i := 0
-	for i < len(s) && isHex(s[i]) {
+	for i < len(s) && uuid.IsHexDigit(s[i]) {
 		i++
 	}
 	if i == 0 {
@@ -89,10 +91,6 @@ func ParseTarget(s string) (Target, error) {
 		t.Port = uint16(n)
 	}
 	return t, nil
-}
-
-func isHex(c byte) bool {
-	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
 }
 
 // String returns the target as "<uuid>.<tld>:<port>".

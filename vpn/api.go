@@ -16,6 +16,8 @@ import (
 	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
+
+	devuuid "github.com/obvpn/obvpn/vpn/balena/uuid"
 )
 
 // DeviceAuthenticator decides whether a device may connect; *Authenticator
@@ -251,7 +253,7 @@ func (a *InternalAPI) serveClients(w http.ResponseWriter, r *http.Request, insta
 	if !decodeBody(w, r, &ev) {
 		return
 	}
-	if !IsUUID(ev.CommonName) {
+	if !devuuid.Valid(ev.CommonName) {
 		http.Error(w, "Bad Request", http.StatusBadRequest)
 		return
 	}
@@ -312,7 +314,7 @@ func (f *flexUint) UnmarshalJSON(b []byte) error {
 // safeUUID returns s for a log line when it is a UUID, else a placeholder:
 // a malformed username could be a key typed in the wrong field.
 func safeUUID(s string) string {
-	if IsUUID(s) {
+	if devuuid.Valid(s) {
 		return s
 	}
 	return "(malformed)"

@@ -6,13 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strings"
 	"sync"
 	"time"
 
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/obvpn/obvpn/vpn/balena"
+	devuuid "github.com/obvpn/obvpn/vpn/balena/uuid"
 )
 
 // AuthAPI is the part of the balena API that says whether a device may
@@ -119,10 +119,10 @@ func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (
 	a.init()
 	ctx, span := tracer(a.TracerProvider).Start(ctx, "vpn.auth")
 	defer func() { endAuthSpan(span, allowed, err) }()
-	if !IsUUID(uuid) || apiKey == "" {
+	uuid, valid := devuuid.Normalize(uuid) // one device, one cache entry, in any case
+	if !valid || apiKey == "" {
 		return false, ErrBadCredentials
 	}
-	uuid = strings.ToLower(uuid) // one device, one cache entry, in any case
 	span.SetAttributes(attrUUID.String(uuid))
 	h := sha256.New()
 	h.Write([]byte(uuid))
@@ -265,18 +265,3 @@ func (a *Authenticator) logger() *slog.Logger {
 	return slog.New(slog.DiscardHandler)
 }
 
-// IsUUID reports whether s is a device UUID as the balena API issues them:
-// a non-empty run of hex digits (32 or 62 of them in practice) and nothing
-// else, which makes it safe to put in a URL path.
-func IsUUID(s string) bool {
-	if s == "" || len(s) > 128 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
-			return false
-		}
-	}
-	return true
-}

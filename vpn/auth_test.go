@@ -255,17 +255,6 @@ func TestAuthenticatorSweep(t *testing.T) {
 	is.Equal(len(a.cache), 1)
 }
 
-func TestIsUUID(t *testing.T) {
-	for s, want := range map[string]bool{
-		uuidA: true, "ABCDEF": true, "a": true, "": false, "g": false, "abc/def": false, "abc%2f": false,
-		string(make([]byte, 129)): false,
-	} {
-		if got := IsUUID(s); got != want {
-			t.Errorf("IsUUID(%q) = %v, want %v", s, got, want)
-		}
-	}
-}
-
 // TestAuthenticatorLetterCase: a device's UUID in any case is one device:
 // one cache entry, and the API is asked in lower case.
 func TestAuthenticatorLetterCase(t *testing.T) {

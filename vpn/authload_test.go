@@ -15,6 +15,7 @@ import (
 	"github.com/matryer/is"
 
 	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/hook"
 	"github.com/obvpn/obvpn/vpn/balena"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
 )
@@ -60,7 +61,7 @@ func TestAuthBusy(t *testing.T) {
 	internal := &vpn.InternalAPI{Auth: auth, DelayOnAuthFail: delay, Logger: log}
 	srv := httptest.NewServer(internal)
 	t.Cleanup(srv.Close)
-	client := &vpn.APIClient{BaseURL: srv.URL}
+	client := &hook.Client{BaseURL: srv.URL}
 	ctx := context.Background()
 
 	api.FailNext(balenatest.DeviceAuth, 1, http.StatusServiceUnavailable)
@@ -73,7 +74,7 @@ func TestAuthBusy(t *testing.T) {
 	start := time.Now()
 	err = client.Auth(ctx, d.UUID, d.Key)
 	took := time.Since(start)
-	is.True(errors.Is(err, vpn.ErrDenied))
+	is.True(errors.Is(err, hook.ErrDenied))
 	is.Equal(api.Calls(balenatest.DeviceAuth), 2) // asked again: the first 503 was not cached
 	if took < delay {
 		t.Errorf("denied after %v, want DelayOnAuthFail (%v) first", took, delay)

@@ -2,6 +2,7 @@ package vpn
 
 import (
 	"context"
+	"github.com/obvpn/obvpn/vpn/hook"
 	"net/http/httptest"
 	"os"
 	"os/user"
@@ -208,13 +209,13 @@ func TestInternalAPIDeferred(t *testing.T) {
 		is.Equal(len(b), 0) // unanswered: OpenVPN's hand-window decides
 		is.Equal(do(api, "127.0.0.1:5000", "POST", "/api/v1/auth/", body("good", acf)).Code, 503)
 	})
-	t.Run("through APIClient", func(t *testing.T) {
+	t.Run("through hook.Client", func(t *testing.T) {
 		is := is.New(t)
 		api := &InternalAPI{Auth: &gatedAuth{}, ControlDir: dir}
 		defer api.Close()
 		srv := httptest.NewServer(api)
 		defer srv.Close()
-		c := &APIClient{BaseURL: srv.URL}
+		c := &hook.Client{BaseURL: srv.URL}
 		ctx := context.Background()
 		acf := controlFile(t, dir, "openvpn_acf_client.tmp")
 		deferred, err := c.AuthDeferred(ctx, uuidA, "good", acf)
@@ -231,7 +232,7 @@ func TestInternalAPIDeferred(t *testing.T) {
 		// A server without deferral answers at once.
 		old := httptest.NewServer(&InternalAPI{Auth: &gatedAuth{}})
 		defer old.Close()
-		deferred, err = (&APIClient{BaseURL: old.URL}).AuthDeferred(ctx, uuidA, "good", acf)
+		deferred, err = (&hook.Client{BaseURL: old.URL}).AuthDeferred(ctx, uuidA, "good", acf)
 		is.NoErr(err)
 		is.True(!deferred)
 	})

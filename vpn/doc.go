@@ -22,8 +22,9 @@
 //     batched, retried reports to a [StateAPI] of which devices are online.
 //   - [Service]: the service instance's registration and heartbeat with a
 //     [ServiceAPI].
-//   - [InternalAPI] and [APIClient]: the loopback HTTP API that OpenVPN's
-//     script-mode hooks (cmd/vpn-auth, cmd/vpn-client-event) call.
+//   - [InternalAPI]: the loopback HTTP API that OpenVPN's script-mode
+//     hooks (cmd/vpn-auth, cmd/vpn-client-event) call through the small
+//     client of package vpn/hook.
 //   - [Metrics], [RenderHAProxy] and [HAProxyRuntime], [Limiter]: the
 //     Prometheus metrics, HAProxy's configuration and runtime API, and
 //     per-device bandwidth limits with tc.

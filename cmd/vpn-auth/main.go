@@ -35,7 +35,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/balena/uuid"
+	"github.com/obvpn/obvpn/vpn/hook"
 )
 
 // Exit statuses, as OpenVPN reads them.
@@ -75,7 +76,7 @@ func run(args []string, getenv func(string) string, stderr io.Writer) int {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	client := &vpn.APIClient{BaseURL: *api}
+	client := &hook.Client{BaseURL: *api}
 	var err error
 	if acf := getenv("auth_control_file"); acf != "" && !*sync {
 		var deferred bool
@@ -88,7 +89,7 @@ func run(args []string, getenv func(string) string, stderr io.Writer) int {
 	switch {
 	case err == nil:
 		return exitAllowed
-	case errors.Is(err, vpn.ErrDenied):
+	case errors.Is(err, hook.ErrDenied):
 		fmt.Fprintf(stderr, "vpn-auth: device %s denied\n", printable(user))
 	default:
 		fmt.Fprintf(stderr, "vpn-auth: device %s: %v\n", printable(user), err)
@@ -121,7 +122,7 @@ func readCredentials(name string) (user, pass string, err error) {
 // printable returns the user name for a log line when it looks like a
 // UUID: anything else might be a key typed into the wrong field.
 func printable(user string) string {
-	if vpn.IsUUID(user) {
+	if uuid.Valid(user) {
 		return user
 	}
 	return "(malformed user name)"

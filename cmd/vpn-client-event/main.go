@@ -23,7 +23,7 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/hook"
 )
 
 func main() {
@@ -43,7 +43,7 @@ func run(args []string, getenv func(string) string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "usage: vpn-client-event -api URL -instance N [dynamic-config-file]")
 		return 2
 	}
-	ev := vpn.ClientEvent{CommonName: getenv("common_name")}
+	ev := hook.ClientEvent{CommonName: getenv("common_name")}
 	for _, f := range []struct {
 		name string
 		dst  *uint64
@@ -57,7 +57,7 @@ func run(args []string, getenv func(string) string, stderr io.Writer) int {
 			*f.dst = n
 		}
 	}
-	client := &vpn.APIClient{BaseURL: *api}
+	client := &hook.Client{BaseURL: *api}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 	var err error

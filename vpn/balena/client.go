@@ -51,6 +51,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-retryablehttp"
+
+	"github.com/obvpn/obvpn/vpn/balena/uuid"
 	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/propagation"
@@ -113,28 +115,14 @@ type Client struct {
 // hexadecimal digits only. Such a UUID is never sent.
 var ErrInvalidUUID = errors.New("balena: invalid device UUID")
 
-// ValidUUID reports whether uuid is a device UUID that may be put in a URL:
-// one or more hexadecimal digits, at most 128.
-func ValidUUID(uuid string) bool {
-	if len(uuid) == 0 || len(uuid) > 128 {
-		return false
-	}
-	for i := 0; i < len(uuid); i++ {
-		c := uuid[i]
-		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
-			return false
-		}
-	}
-	return true
-}
-
 // checkUUID returns uuid in lower case, the one spelling of a device's
 // UUID that the API is sent, or an error wrapping [ErrInvalidUUID].
-func checkUUID(uuid string) (string, error) {
-	if !ValidUUID(uuid) {
-		return "", fmt.Errorf("%w: %q", ErrInvalidUUID, uuid)
+func checkUUID(s string) (string, error) {
+	n, ok := uuid.Normalize(s)
+	if !ok {
+		return "", fmt.Errorf("%w: %q", ErrInvalidUUID, s)
 	}
-	return strings.ToLower(uuid), nil
+	return n, nil
 }
 
 // ErrBusy is the API's 503 Service Unavailable: "busy, try later". It is

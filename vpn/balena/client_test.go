@@ -447,14 +447,3 @@ func TestContext(t *testing.T) {
 	_, err := c.DeviceOnline(ctx, 1)
 	is.True(errors.Is(err, context.Canceled))
 }
-
-func TestValidUUID(t *testing.T) {
-	for s, want := range map[string]bool{
-		"0": true, "abcdef0123456789ABCDEF": true, "": false, "x": false, "ab-cd": false, "abc.vpn": false,
-		strings.Repeat("f", 128): true, strings.Repeat("f", 129): false,
-	} {
-		if got := balena.ValidUUID(s); got != want {
-			t.Errorf("ValidUUID(%q) = %v, want %v", s, got, want)
-		}
-	}
-}

@@ -1,4 +1,10 @@
-package vpn
+// Package hook is the client side of the VPN server's internal API, as
+// OpenVPN's script-mode hooks call it: device authentication (at once, or
+// deferred through OpenVPN's auth_control_file) and client connect and
+// disconnect events. It is small on purpose: cmd/vpn-auth and
+// cmd/vpn-client-event, which OpenVPN runs on every connection, link this
+// package and not the server (package vpn, whose InternalAPI answers).
+package hook
 
 import (
 	"bytes"
@@ -11,9 +17,9 @@ import (
 	"strings"
 )
 
-// APIClient calls the [InternalAPI], as OpenVPN's script-mode hooks do
-// (cmd/vpn-auth and cmd/vpn-client-event).
-type APIClient struct {
+// Client calls the server's internal API (vpn.InternalAPI), as OpenVPN's
+// script-mode hooks do (cmd/vpn-auth and cmd/vpn-client-event).
+type Client struct {
 	// BaseURL is the internal API's URL, such as "http://127.0.0.1:30001",
 	// without a trailing slash.
 	BaseURL string
@@ -30,7 +36,7 @@ var ErrDenied = errors.New("denied by the internal API")
 // Auth asks whether the device may connect: nil when allowed, an error
 // wrapping [ErrDenied] when refused, another error when the API could not
 // be asked.
-func (c *APIClient) Auth(ctx context.Context, username, password string) error {
+func (c *Client) Auth(ctx context.Context, username, password string) error {
 	return c.send(ctx, http.MethodPost, "/api/v1/auth/", map[string]string{"username": username, "password": password})
 }
 
@@ -41,7 +47,7 @@ func (c *APIClient) Auth(ctx context.Context, username, password string) error {
 // the API answers at once instead (a server without deferral), deferred
 // is false and err is Auth's. When it refuses the file (400), AuthDeferred
 // asks again as Auth does.
-func (c *APIClient) AuthDeferred(ctx context.Context, username, password, controlFile string) (deferred bool, err error) {
+func (c *Client) AuthDeferred(ctx context.Context, username, password, controlFile string) (deferred bool, err error) {
 	body := map[string]string{"username": username, "password": password, "auth_control_file": controlFile}
 	status, err := c.do(ctx, http.MethodPost, "/api/v1/auth/", body)
 	switch {
@@ -65,17 +71,17 @@ type ClientEvent struct {
 }
 
 // Connected reports that the device ev.CommonName connected to instance.
-func (c *APIClient) Connected(ctx context.Context, instance int, ev ClientEvent) error {
+func (c *Client) Connected(ctx context.Context, instance int, ev ClientEvent) error {
 	return c.send(ctx, http.MethodPost, fmt.Sprintf("/api/v2/%d/clients/", instance), ev)
 }
 
 // Disconnected reports that the device ev.CommonName disconnected from
 // instance.
-func (c *APIClient) Disconnected(ctx context.Context, instance int, ev ClientEvent) error {
+func (c *Client) Disconnected(ctx context.Context, instance int, ev ClientEvent) error {
 	return c.send(ctx, http.MethodDelete, fmt.Sprintf("/api/v2/%d/clients/", instance), ev)
 }
 
-func (c *APIClient) send(ctx context.Context, method, path string, body any) error {
+func (c *Client) send(ctx context.Context, method, path string, body any) error {
 	status, err := c.do(ctx, method, path, body)
 	if err != nil {
 		return err
@@ -95,7 +101,7 @@ func answer(method, path string, status int) error {
 }
 
 // do sends a request and returns the answer's status.
-func (c *APIClient) do(ctx context.Context, method, path string, body any) (int, error) {
+func (c *Client) do(ctx context.Context, method, path string, body any) (int, error) {
 	b, err := json.Marshal(body)
 	if err != nil {
 		return 0, err
