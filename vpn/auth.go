@@ -264,4 +264,3 @@ func (a *Authenticator) logger() *slog.Logger {
 	}
 	return slog.New(slog.DiscardHandler)
 }
-

@@ -15,9 +15,9 @@ import (
 	"github.com/matryer/is"
 
 	"github.com/obvpn/obvpn/vpn"
-	"github.com/obvpn/obvpn/vpn/hook"
 	"github.com/obvpn/obvpn/vpn/balena"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/hook"
 )
 
 // productionClient is a client of api with the settings the server gives
