@@ -2,6 +2,7 @@ package openvpnmgmt_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/matryer/is"
+	"golang.org/x/sys/unix"
 
 	"github.com/obvpn/obvpn/openvpnmgmt"
 	"github.com/obvpn/obvpn/openvpnmgmt/mgmttest"
@@ -540,4 +542,224 @@ func TestHistoryAndRestart(t *testing.T) {
 	is.Equal(len(echoes), 0)
 	is.NoErr(c.ClientKill(ctx, 9, openvpnmgmt.KillRestart))
 	is.Equal(s.Commands(), []string{"log all", "state all", "echo all", "client-kill 9 RESTART"})
+}
+
+// writeNotifier is a connection that reports each Write before it starts:
+// the event that a command holds the write lock.
+type writeNotifier struct {
+	net.Conn
+	writing chan struct{} // buffered
+}
+
+func (c *writeNotifier) Write(b []byte) (int, error) {
+	select {
+	case c.writing <- struct{}{}:
+	default:
+	}
+	return c.Conn.Write(b)
+}
+
+// stuckServer returns a client connection to a server that accepts and
+// does not read until read is called, with the client's send buffer
+// already full: every write of the client blocks. It is a unix socket,
+// where the send buffer frees only when the server reads (TCP frees it
+// when segments are acknowledged, at a time of the kernel's choosing).
+// read makes the server answer "SUCCESS: <line>" to each non-empty line
+// from then on, and returns the lines it answered.
+func stuckServer(t *testing.T) (conn *net.UnixConn, read func() <-chan string) {
+	t.Helper()
+	l, err := net.Listen("unix", t.TempDir()+"/mgmt.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		s, err := l.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- s
+	}()
+	c, err := net.Dial("unix", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	srv := <-accepted
+	if srv == nil {
+		t.Fatal("no connection")
+	}
+	t.Cleanup(func() { srv.Close() })
+	conn = c.(*net.UnixConn)
+	if err := conn.SetWriteBuffer(4096); err != nil {
+		t.Fatal(err)
+	}
+	// Fill the send buffer with empty lines, which OpenVPN would ignore,
+	// until the kernel takes no more.
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	filled := 0
+	var werr error
+	err = rc.Write(func(fd uintptr) bool {
+		nl := bytes.Repeat([]byte("\n"), 512)
+		for {
+			n, err := unix.Write(int(fd), nl)
+			if err == unix.EAGAIN {
+				return true
+			}
+			if err != nil {
+				werr = err
+				return true
+			}
+			filled += n
+		}
+	})
+	if err != nil || werr != nil || filled == 0 {
+		t.Fatalf("filling the send buffer: %v, %v, %d bytes", err, werr, filled)
+	}
+	read = func() <-chan string {
+		lines := make(chan string, 16)
+		go func() {
+			defer close(lines)
+			br := bufio.NewReader(srv)
+			for {
+				line, err := br.ReadString('\n')
+				if err != nil {
+					return
+				}
+				if line = strings.TrimSuffix(line, "\n"); line == "" {
+					continue
+				}
+				lines <- line
+				if _, err := io.WriteString(srv, "SUCCESS: "+line+"\r\n"); err != nil {
+					return
+				}
+			}
+		}()
+		return lines
+	}
+	return conn, read
+}
+
+// TestWriteHonoursContext: OpenVPN does not read, so writes block. A
+// command's ctx ends the wait for the write lock and the write itself, in
+// time; a command of which nothing was written leaves the client usable.
+func TestWriteHonoursContext(t *testing.T) {
+	conn, read := stuckServer(t)
+	nc := &writeNotifier{Conn: conn, writing: make(chan struct{}, 8)}
+	c, err := openvpnmgmt.NewClient(context.Background(), nc, openvpnmgmt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+
+	// A holds the write lock, blocked in its write until cancelled.
+	ctxA, cancelA := context.WithCancel(context.Background())
+	defer cancelA()
+	errA := make(chan error, 1)
+	go func() { _, err := c.Raw(ctxA, "echo a", false); errA <- err }()
+	select {
+	case <-nc.writing:
+	case <-time.After(5 * time.Second):
+		t.Fatal("command a did not start writing")
+	}
+
+	// B waits for the lock and gives up when its ctx ends.
+	const short = 100 * time.Millisecond
+	inTime := func(name string, err error, want error, took time.Duration) {
+		t.Helper()
+		if !errors.Is(err, want) {
+			t.Fatalf("%s: got %v, want %v", name, err, want)
+		}
+		if took > short+2*time.Second {
+			t.Fatalf("%s: returned after %v, its ctx ended after %v", name, took, short)
+		}
+	}
+	ctxB, cancelB := context.WithTimeout(context.Background(), short)
+	defer cancelB()
+	start := time.Now()
+	_, err = c.Raw(ctxB, "echo b", false)
+	inTime("b, waiting for the lock", err, context.DeadlineExceeded, time.Since(start))
+	if len(nc.writing) != 0 {
+		t.Fatal("b wrote while a held the lock")
+	}
+
+	// A's write ends with its ctx.
+	cancelA()
+	select {
+	case err := <-errA:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("a: got %v, want %v", err, context.Canceled)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a's write did not end with its ctx")
+	}
+
+	// C blocks in its write until its deadline.
+	ctxC, cancelC := context.WithTimeout(context.Background(), short)
+	defer cancelC()
+	start = time.Now()
+	_, err = c.Raw(ctxC, "echo c", false)
+	inTime("c, writing", err, context.DeadlineExceeded, time.Since(start))
+	if len(nc.writing) != 1 {
+		t.Fatal("c did not write")
+	}
+	<-nc.writing
+
+	// Nothing of a or c reached the stream: the client is still usable.
+	if err := c.Err(); err != nil {
+		t.Fatalf("the client ended: %v", err)
+	}
+	lines := read()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	got, err := c.Raw(ctx, "echo d", false)
+	if err != nil || len(got) != 1 || got[0] != "echo d" {
+		t.Fatalf("got %q, %v; want the reply to echo d", got, err)
+	}
+	if line := <-lines; line != "echo d" {
+		t.Fatalf("the server read %q first, want echo d", line)
+	}
+}
+
+// TestWriteCutCloses: a command's ctx that ends in the middle of its write
+// closes the client, with ErrWriteCut.
+func TestWriteCutCloses(t *testing.T) {
+	client, server := net.Pipe() // a write returns when the reader has taken all of it
+	t.Cleanup(func() { server.Close() })
+	c, err := openvpnmgmt.NewClient(context.Background(), client, openvpnmgmt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	took := make(chan []byte, 1)
+	go func() {
+		b := make([]byte, 5)
+		n, _ := server.Read(b) // the first 5 bytes, then nothing
+		took <- b[:n]
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	_, err = c.Raw(ctx, "echo partial", false)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %v, want %v", err, context.DeadlineExceeded)
+	}
+	if b := <-took; string(b) != "echo " {
+		t.Fatalf("the server read %q", b)
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the client did not close")
+	}
+	if !errors.Is(c.Err(), openvpnmgmt.ErrWriteCut) {
+		t.Fatalf("Err = %v, want %v", c.Err(), openvpnmgmt.ErrWriteCut)
+	}
+	if err := c.HoldRelease(context.Background()); !errors.Is(err, openvpnmgmt.ErrClosed) {
+		t.Fatalf("a command after the cut: %v, want %v", err, openvpnmgmt.ErrClosed)
+	}
 }
