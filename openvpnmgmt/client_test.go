@@ -10,7 +10,6 @@ import (
 	"net"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -457,38 +456,15 @@ func TestLongLineGoesAlone(t *testing.T) {
 // output waits, so a write can block; a reply that arrives meanwhile must
 // still reach its command (the reader never waits for a writer).
 func TestReplyWhileAWriteBlocks(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		s, err := l.Accept()
-		if err != nil {
-			close(accepted)
-			return
-		}
-		s.(*net.TCPConn).SetReadBuffer(4096)
-		accepted <- s // and never read
-	}()
-	conn, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn.(*net.TCPConn).SetWriteBuffer(4096)
+	conn, srv := unixPair(t)
+	nc := &writeNotifier{Conn: conn, writing: make(chan struct{}, 8)}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := openvpnmgmt.NewClient(ctx, conn, openvpnmgmt.Options{})
+	c, err := openvpnmgmt.NewClient(ctx, nc, openvpnmgmt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	srv := <-accepted
-	if srv == nil {
-		t.Fatal("no connection")
-	}
-	defer srv.Close()
 
 	first := make(chan error, 1)
 	go func() { _, err := c.Raw(ctx, "echo one", false); first <- err }()
@@ -496,16 +472,19 @@ func TestReplyWhileAWriteBlocks(t *testing.T) {
 	if line, err := bufio.NewReader(srv).ReadString('\n'); err != nil || line != "echo one\n" {
 		t.Fatalf("got %q, %v; want echo one", line, err)
 	}
-	// From now on the server reads nothing. Enough commands to fill both
-	// socket buffers: a writer blocks.
-	var wg sync.WaitGroup
-	for range 400 {
-		wg.Add(1)
-		go func() { defer wg.Done(); c.Raw(ctx, "echo "+strings.Repeat("x", 700), false) }()
+	<-nc.writing // echo one's
+	// From now on the server reads nothing, and the send buffer is full:
+	// the next writer blocks.
+	fillSendBuffer(t, conn)
+	blocked := make(chan struct{})
+	go func() { defer close(blocked); c.Raw(ctx, "echo "+strings.Repeat("x", 700), false) }()
+	defer func() { <-blocked }()
+	defer c.Close() // before the wait: unblocks the writer
+	select {
+	case <-nc.writing:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the second command did not start writing")
 	}
-	defer wg.Wait()
-	defer c.Close()                    // before the wait: unblocks the writer
-	time.Sleep(100 * time.Millisecond) // the writers get going; not a synchronisation
 	if _, err := io.WriteString(srv, "SUCCESS: one\r\n"); err != nil {
 		t.Fatal(err)
 	}
@@ -559,14 +538,11 @@ func (c *writeNotifier) Write(b []byte) (int, error) {
 	return c.Conn.Write(b)
 }
 
-// stuckServer returns a client connection to a server that accepts and
-// does not read until read is called, with the client's send buffer
-// already full: every write of the client blocks. It is a unix socket,
-// where the send buffer frees only when the server reads (TCP frees it
-// when segments are acknowledged, at a time of the kernel's choosing).
-// read makes the server answer "SUCCESS: <line>" to each non-empty line
-// from then on, and returns the lines it answered.
-func stuckServer(t *testing.T) (conn *net.UnixConn, read func() <-chan string) {
+// unixPair returns the two ends of a connection over a unix socket, with
+// a small send buffer on the client's end. On a unix socket, unlike TCP,
+// the send buffer frees only when the server reads, so fillSendBuffer
+// makes every later write block until then.
+func unixPair(t *testing.T) (client *net.UnixConn, server net.Conn) {
 	t.Helper()
 	l, err := net.Listen("unix", t.TempDir()+"/mgmt.sock")
 	if err != nil {
@@ -587,17 +563,22 @@ func stuckServer(t *testing.T) (conn *net.UnixConn, read func() <-chan string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	srv := <-accepted
-	if srv == nil {
+	server = <-accepted
+	if server == nil {
 		t.Fatal("no connection")
 	}
-	t.Cleanup(func() { srv.Close() })
-	conn = c.(*net.UnixConn)
-	if err := conn.SetWriteBuffer(4096); err != nil {
+	t.Cleanup(func() { server.Close() })
+	client = c.(*net.UnixConn)
+	if err := client.SetWriteBuffer(4096); err != nil {
 		t.Fatal(err)
 	}
-	// Fill the send buffer with empty lines, which OpenVPN would ignore,
-	// until the kernel takes no more.
+	return client, server
+}
+
+// fillSendBuffer writes empty lines, which OpenVPN would ignore, to conn
+// until the kernel takes no more.
+func fillSendBuffer(t *testing.T, conn *net.UnixConn) {
+	t.Helper()
 	rc, err := conn.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
@@ -621,35 +602,38 @@ func stuckServer(t *testing.T) (conn *net.UnixConn, read func() <-chan string) {
 	if err != nil || werr != nil || filled == 0 {
 		t.Fatalf("filling the send buffer: %v, %v, %d bytes", err, werr, filled)
 	}
-	read = func() <-chan string {
-		lines := make(chan string, 16)
-		go func() {
-			defer close(lines)
-			br := bufio.NewReader(srv)
-			for {
-				line, err := br.ReadString('\n')
-				if err != nil {
-					return
-				}
-				if line = strings.TrimSuffix(line, "\n"); line == "" {
-					continue
-				}
-				lines <- line
-				if _, err := io.WriteString(srv, "SUCCESS: "+line+"\r\n"); err != nil {
-					return
-				}
+}
+
+// answer makes srv answer "SUCCESS: <line>" to each non-empty line, and
+// returns the lines it answered.
+func answer(srv net.Conn) <-chan string {
+	lines := make(chan string, 16)
+	go func() {
+		defer close(lines)
+		br := bufio.NewReader(srv)
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return
 			}
-		}()
-		return lines
-	}
-	return conn, read
+			if line = strings.TrimSuffix(line, "\n"); line == "" {
+				continue
+			}
+			lines <- line
+			if _, err := io.WriteString(srv, "SUCCESS: "+line+"\r\n"); err != nil {
+				return
+			}
+		}
+	}()
+	return lines
 }
 
 // TestWriteHonoursContext: OpenVPN does not read, so writes block. A
 // command's ctx ends the wait for the write lock and the write itself, in
 // time; a command of which nothing was written leaves the client usable.
 func TestWriteHonoursContext(t *testing.T) {
-	conn, read := stuckServer(t)
+	conn, srv := unixPair(t)
+	fillSendBuffer(t, conn) // OpenVPN does not read: every write blocks
 	nc := &writeNotifier{Conn: conn, writing: make(chan struct{}, 8)}
 	c, err := openvpnmgmt.NewClient(context.Background(), nc, openvpnmgmt.Options{})
 	if err != nil {
@@ -714,7 +698,7 @@ func TestWriteHonoursContext(t *testing.T) {
 	if err := c.Err(); err != nil {
 		t.Fatalf("the client ended: %v", err)
 	}
-	lines := read()
+	lines := answer(srv)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	got, err := c.Raw(ctx, "echo d", false)
