@@ -21,6 +21,12 @@
 // TCP sockets; half-closes are passed on. [NewMetrics] makes the
 // Prometheus collectors of SPEC §9.
 //
+// [Dialer] is the client side, for programs that reach devices through
+// such a proxy: its DialContext returns a tunnel to "<uuid>.balena:<port>"
+// (an http.Transport's DialContext, or golang.org/x/net/proxy's
+// proxy.FromURL after [RegisterDialerType]). A Handler forwards to its
+// peers with the Dialer's request and handshake.
+//
 // The package is not a general-purpose forward proxy: it only reaches
 // devices by UUID, it does not speak HTTP/2 or TLS itself (serve it behind
 // TLS with an http.Server if needed, at the cost of splicing), and it does

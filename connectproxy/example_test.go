@@ -4,13 +4,18 @@ import (
 	"bufio"
 	"context"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
+	"net/url"
 	"strings"
 	"time"
+
+	"golang.org/x/net/proxy"
 
 	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
@@ -119,6 +124,68 @@ func ExampleParseTarget() {
 	// 0123456789abcdef balena 22222 <nil>
 	// 0123456789abcdef.resin:80
 	// connectproxy: invalid target "example.com:443": want <uuid>.balena[:<port>]
+}
+
+// An http.Client that reaches a device's web page through the proxy: the
+// Dialer is its Transport's DialContext, and asks the proxy for a tunnel
+// to "<uuid>.balena:<port>" with the caller's key.
+func ExampleDialer() {
+	// A device's web page, and a proxy that lets the key "let-me-in" reach
+	// it (every device is on loopback here).
+	page := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host, _, _ := net.SplitHostPort(r.Host)
+		fmt.Fprintf(w, "hello from %s", host)
+	}))
+	defer page.Close()
+	pagePort := uint16(page.Listener.Addr().(*net.TCPAddr).Port)
+	srv := &connectproxy.Server{Handler: &connectproxy.Handler{
+		Authorizer: connectproxy.AuthorizerFunc(func(ctx context.Context, uuid string, port uint16, key string) (int64, bool, error) {
+			return 0, key == "let-me-in" && port == pagePort, nil
+		}),
+		Resolver: connectproxy.ResolverFunc(func(name string) (netip.Addr, error) {
+			return netip.MustParseAddr("127.0.0.1"), nil
+		}),
+	}}
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	go srv.Serve(l)
+	defer srv.Shutdown(context.Background())
+
+	d := &connectproxy.Dialer{ProxyAddr: l.Addr().String(), Key: "let-me-in"}
+	client := &http.Client{Transport: &http.Transport{DialContext: d.DialContext}}
+	defer client.CloseIdleConnections()
+	resp, err := client.Get(fmt.Sprintf("http://0123456789abcdef.balena:%d/", pagePort))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	fmt.Println(resp.Status, string(body))
+
+	// Without the key, the proxy refuses the tunnel.
+	d = &connectproxy.Dialer{ProxyAddr: l.Addr().String()}
+	_, err = d.DialContext(context.Background(), "tcp", fmt.Sprintf("0123456789abcdef.balena:%d", pagePort))
+	var ce *connectproxy.ConnectError
+	fmt.Println(errors.As(err, &ce), ce.StatusCode)
+	// Output:
+	// 200 OK hello from 0123456789abcdef.balena
+	// true 407
+}
+
+// A program registers the Dialer once, from main; proxy.FromURL then
+// makes one of an "http://" proxy URL with the key as its password.
+func ExampleRegisterDialerType() {
+	connectproxy.RegisterDialerType()
+	u, _ := url.Parse("http://balena:let-me-in@vpn.example.com:3128")
+	d, err := proxy.FromURL(u, proxy.Direct)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	cd := d.(proxy.ContextDialer) // for an http.Transport's DialContext
+	fmt.Printf("%T %s\n", cd, d.(*connectproxy.Dialer).ProxyAddr)
+	// Output:
+	// *connectproxy.Dialer vpn.example.com:3128
 }
 
 // dialConnect sends a CONNECT request with key as the proxy password and

@@ -1,16 +1,13 @@
 package connectproxy
 
 import (
-	"bufio"
 	"context"
-	"encoding/base64"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
-	"net/textproto"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -74,69 +71,33 @@ func (h *Handler) forward(ctx context.Context, r *http.Request, t Target, key st
 	}
 	log.Info("connectproxy: forwarding", "service_instance", sid, "peer", peer)
 
-	var b strings.Builder
-	target := t.UUID + ".balena:" + strconv.Itoa(int(t.Port))
-	b.WriteString("CONNECT " + target + " HTTP/1.0\r\nHost: " + target + "\r\n")
-	if key != "" {
-		b.WriteString("Proxy-Authorization: Basic " + base64.StdEncoding.EncodeToString([]byte("balena:"+key)) + "\r\n")
-	}
-	b.WriteString(h.traceHeaders(ctx))
-	b.WriteString("Forwarded: ")
-	for _, v := range fwd {
-		b.WriteString(v + ", ")
-	}
-	b.WriteString(h.signature() + "\r\n\r\n")
-
-	early, err := handshake(ctx, conn, b.String())
-	if err != nil {
-		conn.Close()
-		err = fmt.Errorf("forwarding to service instance %d at %s: %w", sid, peer, err)
-		if netFailure(err) {
-			// The peer's connection failed (reset, timed out); a peer that
-			// refuses (not 200) or hangs up (EOF) answered.
-			err = mark(ctx, FingerprintForward, err)
+	d := Dialer{Key: key, Header: h.traceHeader(ctx), Forwarded: append(slices.Clip(fwd), h.signature())}
+	req, err := d.request(t.UUID + ".balena:" + strconv.Itoa(int(t.Port)))
+	if err == nil {
+		var early []byte
+		if early, err = handshake(ctx, conn, req); err == nil {
+			return conn, early, nil
 		}
-		return nil, nil, err
 	}
-	return conn, early, nil
+	conn.Close()
+	err = fmt.Errorf("forwarding to service instance %d at %s: %w", sid, peer, err)
+	if netFailure(err) {
+		// The peer's connection failed (reset, timed out); a peer that
+		// refuses (not 200) or hangs up (EOF) answered.
+		err = mark(ctx, FingerprintForward, err)
+	}
+	return nil, nil, err
 }
 
-// handshake sends a CONNECT request on conn and reads the answer's head.
-// It returns the bytes that arrived after the head.
+// handshake sends a CONNECT request on conn and reads the answer's head,
+// as a Dialer does; a failure is the peer's (ErrPeer). It returns the
+// bytes that arrived after the head.
 func handshake(ctx context.Context, conn net.Conn, req string) ([]byte, error) {
-	deadline := time.Now().Add(handshakeTimeout)
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	_ = conn.SetDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
-	defer func() {
-		stop()
-		_ = conn.SetDeadline(time.Time{})
-	}()
-
-	if _, err := io.WriteString(conn, req); err != nil {
-		return nil, err
-	}
-	br := bufio.NewReaderSize(&io.LimitedReader{R: conn, N: maxPeerHead}, 4096)
-	tp := textproto.NewReader(br)
-	line, err := tp.ReadLine()
+	early, err := exchange(ctx, conn, req)
 	if err != nil {
-		return nil, fmt.Errorf("%w: reading its answer: %w", ErrPeer, ctxErr(ctx, err))
+		return nil, fmt.Errorf("%w: %w", ErrPeer, err)
 	}
-	proto, rest, _ := strings.Cut(line, " ")
-	code, _, _ := strings.Cut(rest, " ")
-	if !strings.HasPrefix(proto, "HTTP/1.") || code != "200" {
-		return nil, fmt.Errorf("%w: %q", ErrPeer, truncate(line, 100))
-	}
-	if _, err := tp.ReadMIMEHeader(); err != nil {
-		return nil, fmt.Errorf("%w: reading its answer: %w", ErrPeer, ctxErr(ctx, err))
-	}
-	if n := br.Buffered(); n > 0 {
-		b, _ := br.Peek(n)
-		return append([]byte(nil), b...), nil
-	}
-	return nil, nil
+	return early, nil
 }
 
 // ctxErr returns the context's error if the context ended (or its

@@ -5,13 +5,14 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"strings"
+	"slices"
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
+	"golang.org/x/net/http/httpguts"
 )
 
 // The spans of a CONNECT, named short and stable:
@@ -138,21 +139,20 @@ func (h *Handler) dial(ctx context.Context, addr string) (net.Conn, error) {
 	return c, err
 }
 
-// traceHeaders returns the header lines that carry ctx's trace to a peer
-// ("Traceparent: …\r\n"), or "" for none.
-func (h *Handler) traceHeaders(ctx context.Context) string {
+// traceHeader returns the header fields that carry ctx's trace to a peer
+// (traceparent, …), without those that a request cannot carry.
+func (h *Handler) traceHeader(ctx context.Context) http.Header {
 	hdr := http.Header{}
 	h.propagator().Inject(ctx, propagation.HeaderCarrier(hdr))
-	var b strings.Builder
 	for k, vs := range hdr {
-		for _, v := range vs {
-			if strings.ContainsAny(v, "\r\n") {
-				continue
-			}
-			b.WriteString(k + ": " + v + "\r\n")
+		vs = slices.DeleteFunc(vs, func(v string) bool { return !httpguts.ValidHeaderFieldValue(v) })
+		if len(vs) == 0 || !httpguts.ValidHeaderFieldName(k) {
+			delete(hdr, k)
+			continue
 		}
+		hdr[k] = vs
 	}
-	return b.String()
+	return hdr
 }
 
 // startForward starts the span of a forward to service instance sid.

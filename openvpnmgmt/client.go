@@ -15,6 +15,14 @@
 // [ErrQueueOverflow] from [Client.Err], because dropping a CONNECT would
 // leave a device waiting for an answer that never comes.
 //
+// A command's ctx bounds all of it: the wait for its turn to write, the
+// write itself (OpenVPN stops reading its management socket while its own
+// output waits, so a write can block), and the wait for the reply. A
+// command whose ctx ends before any of its bytes is written is withdrawn,
+// and the client stays usable; one cut off in the middle of its write
+// closes the connection, since OpenVPN would read the rest of the stream
+// as garbage ([ErrWriteCut]).
+//
 // The package speaks the protocol only: what to answer to a device, and
 // when, is the caller's business (package vpn).
 package openvpnmgmt
@@ -28,6 +36,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -40,6 +49,13 @@ var ErrClosed = errors.New("openvpnmgmt: connection closed")
 // ErrQueueOverflow reports events that the consumer did not take in time:
 // more than MaxQueue waited.
 var ErrQueueOverflow = errors.New("openvpnmgmt: event queue overflow")
+
+// ErrWriteCut is what [Client.Err] reports after a command's context ended
+// while only part of its line(s) was written: OpenVPN would take the rest
+// of the stream for garbage, so the client closed the connection. A
+// command whose context ends before any of its bytes is written leaves the
+// client usable.
+var ErrWriteCut = errors.New("openvpnmgmt: a command's write was cut short by its context")
 
 // ErrBadPassword reports a management password that OpenVPN refused.
 var ErrBadPassword = errors.New("openvpnmgmt: management password refused")
@@ -77,12 +93,14 @@ type Client struct {
 	opts Options
 	log  *slog.Logger
 
-	// writeMu orders the writes: a command takes its place in pending and
-	// writes its line(s) under it. mu guards pending and the rest; the
-	// reader takes only mu, so that a write that blocks (OpenVPN not
-	// reading while its own output waits) never keeps replies from being
-	// read. writeMu is taken before mu.
-	writeMu   sync.Mutex
+	// wlock is the write lock, a channel of one slot so that a command
+	// waiting for it gives up when its ctx ends: a command takes its place
+	// in pending and writes its line(s) under it. mu guards pending and
+	// the rest; the reader takes only mu, so that a write that blocks
+	// (OpenVPN not reading while its own output waits) never keeps replies
+	// from being read. wlock is taken before mu.
+	wlock     chan struct{}
+	wdl       time.Time // the connection's write deadline; under wlock
 	mu        sync.Mutex
 	pending   []*call         // the commands waiting for replies, in order; under mu
 	aloneBusy bool            // a line that goes alone is waiting or in flight; under mu
@@ -138,6 +156,7 @@ func NewClient(ctx context.Context, conn net.Conn, opts Options) (*Client, error
 		conn:    conn,
 		opts:    opts,
 		log:     opts.Logger,
+		wlock:   make(chan struct{}, 1),
 		signal:  make(chan struct{}, 1),
 		events:  make(chan Event),
 		done:    make(chan struct{}),
@@ -167,11 +186,10 @@ func (c *Client) login(ctx context.Context, br *bufio.Reader, password string) e
 	if strings.ContainsAny(password, "\r\n") {
 		return errors.New("openvpnmgmt: password with a line end")
 	}
-	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(time.Unix(1, 0)) })
+	stop := cutOnDone(ctx, c.conn.SetDeadline)
 	defer func() {
-		if stop() {
-			c.conn.SetDeadline(time.Time{})
-		}
+		stop()
+		c.conn.SetDeadline(time.Time{}) // the reader has not started yet
 	}()
 	const prompt = "ENTER PASSWORD:"
 	var got []byte
@@ -203,6 +221,32 @@ func (c *Client) login(ctx context.Context, br *bufio.Reader, password string) e
 	}
 }
 
+// aLongTimeAgo is a deadline in the past: it makes blocked I/O return.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// cutOnDone makes set(aLongTimeAgo) run when ctx ends, to interrupt I/O
+// that blocks (set is a conn's SetDeadline or SetWriteDeadline). The
+// returned function cancels that and reports whether it ran; when it did,
+// it has finished by the time the function returns, so that the caller
+// can set the deadline again without a late set undoing it.
+func cutOnDone(ctx context.Context, set func(time.Time) error) (stop func() (cut bool)) {
+	if ctx.Done() == nil {
+		return func() bool { return false }
+	}
+	ran := make(chan struct{})
+	stopFunc := context.AfterFunc(ctx, func() {
+		set(aLongTimeAgo)
+		close(ran)
+	})
+	return func() bool {
+		if stopFunc() {
+			return false
+		}
+		<-ran
+		return true
+	}
+}
+
 func ctxErr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
@@ -218,8 +262,9 @@ func (c *Client) Events() <-chan Event { return c.events }
 func (c *Client) Done() <-chan struct{} { return c.done }
 
 // Err returns why the connection ended: nil while it runs, ErrClosed
-// after Close, io.EOF when OpenVPN closed it, ErrQueueOverflow, or a read
-// error.
+// after Close, io.EOF when OpenVPN closed it, ErrQueueOverflow, ErrWriteCut
+// (wrapped) after a write that a command's context cut short, or a read or
+// write error.
 func (c *Client) Err() error {
 	select {
 	case <-c.done:
@@ -526,9 +571,16 @@ const pipelinedLineLength = MaxLineLength - 255
 // reply. Commands are pipelined: written at once, in the order of the
 // calls, before the earlier ones are answered; a line longer than
 // pipelinedLineLength is written alone, once every earlier command is
-// answered, and no later one is written before its reply. The command
-// keeps its place in the reply order even when ctx ends first; its reply
-// is then dropped.
+// answered, and no later one is written before its reply.
+//
+// ctx bounds the whole command: the wait for the write lock and for the
+// turn of a line that goes alone, the write (its deadline is ctx's, and
+// ctx's end interrupts it), and the wait for the reply. When ctx ends
+// before any byte is written, the command is withdrawn and the client
+// stays usable; when it ends in the middle of the write, the client
+// closes the connection (Err reports ErrWriteCut). A command written in
+// full keeps its place in the reply order even when ctx ends first; its
+// reply is then dropped.
 func (c *Client) roundTrip(ctx context.Context, name string, multiLine bool, lines ...string) ([]string, error) {
 	alone := false
 	for _, l := range lines {
@@ -546,22 +598,14 @@ func (c *Client) roundTrip(ctx context.Context, name string, multiLine bool, lin
 	if err := c.enter(ctx, alone); err != nil {
 		return nil, err
 	}
-	// writeMu and mu are held.
+	// The write lock and mu are held.
 	c.pending = append(c.pending, p)
 	if alone {
 		c.aloneBusy = true
 	}
 	c.mu.Unlock()
-	_, err := io.WriteString(c.conn, strings.Join(lines, "\n")+"\n")
-	c.writeMu.Unlock()
-	if err != nil {
-		select {
-		case <-c.done:
-			return nil, ErrClosed // closed while we wrote
-		default:
-		}
-		c.finish(err)
-		return nil, fmt.Errorf("openvpnmgmt: %s: %w", name, err)
+	if err := c.write(ctx, p, strings.Join(lines, "\n")+"\n"); err != nil {
+		return nil, err
 	}
 	select {
 	case r := <-p.reply:
@@ -571,28 +615,101 @@ func (c *Client) roundTrip(ctx context.Context, name string, multiLine bool, lin
 	}
 }
 
-// enter returns with writeMu and mu held once a command may be written:
-// at once unless a line that goes alone is waiting or in flight; for a
-// line that goes alone (alone), once it has the connection to itself.
+// write writes p's bytes s, with the write lock held, and releases the
+// lock. The write's deadline is ctx's, and ctx's end interrupts it.
+func (c *Client) write(ctx context.Context, p *call, s string) error {
+	defer c.unlockWrite()
+	dl, _ := ctx.Deadline()
+	if !dl.Equal(c.wdl) {
+		c.conn.SetWriteDeadline(dl)
+		c.wdl = dl
+	}
+	stop := cutOnDone(ctx, c.conn.SetWriteDeadline)
+	n, err := io.WriteString(c.conn, s)
+	if stop() {
+		c.wdl = aLongTimeAgo // the next write sets its own
+	}
+	if err == nil {
+		return nil
+	}
+	select {
+	case <-c.done:
+		return ErrClosed // closed while we wrote
+	default:
+	}
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		c.finish(err)
+		return fmt.Errorf("openvpnmgmt: %s: %w", p.name, err)
+	}
+	cerr := ctx.Err()
+	if cerr == nil {
+		cerr = context.DeadlineExceeded // ctx's deadline, a moment before ctx knows it
+	}
+	if n > 0 {
+		c.finish(fmt.Errorf("%w (%s: %d of %d bytes written)", ErrWriteCut, p.name, n, len(s)))
+		return fmt.Errorf("openvpnmgmt: %s: written in part, the connection is closed: %w", p.name, cerr)
+	}
+	c.withdraw(p)
+	return cerr
+}
+
+// withdraw takes p, of which nothing was written, out of pending. It is
+// the last entry: the write lock is held since it was added.
+func (c *Client) withdraw(p *call) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if i := len(c.pending) - 1; i >= 0 && c.pending[i] == p {
+		c.pending = c.pending[:i]
+		if p.alone {
+			c.aloneBusy = false
+			c.wakeLocked()
+		}
+	}
+}
+
+// lockWrite takes the write lock, unless ctx ends or the client is closed
+// first.
+func (c *Client) lockWrite(ctx context.Context) error {
+	select {
+	case c.wlock <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c.done:
+		return ErrClosed
+	}
+}
+
+func (c *Client) unlockWrite() { <-c.wlock }
+
+// enter returns with the write lock and mu held once a command may be
+// written: at once unless a line that goes alone is waiting or in flight;
+// for a line that goes alone (alone), once it has the connection to
+// itself.
 func (c *Client) enter(ctx context.Context, alone bool) error {
 	reserved := false // this call holds aloneBusy
 	for {
-		c.writeMu.Lock()
-		c.mu.Lock()
-		var err error
-		select {
-		case <-c.done:
-			err = ErrClosed
-		default:
-			err = ctx.Err()
+		err := c.lockWrite(ctx)
+		if err == nil {
+			c.mu.Lock()
+			select {
+			case <-c.done:
+				err = ErrClosed
+			default:
+				err = ctx.Err()
+			}
+			if err != nil {
+				c.mu.Unlock()
+				c.unlockWrite()
+			}
 		}
 		if err != nil {
 			if reserved {
+				c.mu.Lock()
 				c.aloneBusy = false
 				c.wakeLocked()
+				c.mu.Unlock()
 			}
-			c.mu.Unlock()
-			c.writeMu.Unlock()
 			return err
 		}
 		switch {
@@ -608,7 +725,7 @@ func (c *Client) enter(ctx context.Context, alone bool) error {
 		wake := make(chan struct{})
 		c.waiters = append(c.waiters, wake)
 		c.mu.Unlock()
-		c.writeMu.Unlock()
+		c.unlockWrite()
 		select {
 		case <-wake:
 		case <-ctx.Done():

@@ -2,6 +2,7 @@ package openvpnmgmt_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,11 +10,11 @@ import (
 	"net"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/matryer/is"
+	"golang.org/x/sys/unix"
 
 	"github.com/obvpn/obvpn/openvpnmgmt"
 	"github.com/obvpn/obvpn/openvpnmgmt/mgmttest"
@@ -455,38 +456,15 @@ func TestLongLineGoesAlone(t *testing.T) {
 // output waits, so a write can block; a reply that arrives meanwhile must
 // still reach its command (the reader never waits for a writer).
 func TestReplyWhileAWriteBlocks(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		s, err := l.Accept()
-		if err != nil {
-			close(accepted)
-			return
-		}
-		s.(*net.TCPConn).SetReadBuffer(4096)
-		accepted <- s // and never read
-	}()
-	conn, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn.(*net.TCPConn).SetWriteBuffer(4096)
+	conn, srv := unixPair(t)
+	nc := &writeNotifier{Conn: conn, writing: make(chan struct{}, 8)}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := openvpnmgmt.NewClient(ctx, conn, openvpnmgmt.Options{})
+	c, err := openvpnmgmt.NewClient(ctx, nc, openvpnmgmt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	srv := <-accepted
-	if srv == nil {
-		t.Fatal("no connection")
-	}
-	defer srv.Close()
 
 	first := make(chan error, 1)
 	go func() { _, err := c.Raw(ctx, "echo one", false); first <- err }()
@@ -494,16 +472,19 @@ func TestReplyWhileAWriteBlocks(t *testing.T) {
 	if line, err := bufio.NewReader(srv).ReadString('\n'); err != nil || line != "echo one\n" {
 		t.Fatalf("got %q, %v; want echo one", line, err)
 	}
-	// From now on the server reads nothing. Enough commands to fill both
-	// socket buffers: a writer blocks.
-	var wg sync.WaitGroup
-	for range 400 {
-		wg.Add(1)
-		go func() { defer wg.Done(); c.Raw(ctx, "echo "+strings.Repeat("x", 700), false) }()
+	<-nc.writing // echo one's
+	// From now on the server reads nothing, and the send buffer is full:
+	// the next writer blocks.
+	fillSendBuffer(t, conn)
+	blocked := make(chan struct{})
+	go func() { defer close(blocked); c.Raw(ctx, "echo "+strings.Repeat("x", 700), false) }()
+	defer func() { <-blocked }()
+	defer c.Close() // before the wait: unblocks the writer
+	select {
+	case <-nc.writing:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the second command did not start writing")
 	}
-	defer wg.Wait()
-	defer c.Close()                    // before the wait: unblocks the writer
-	time.Sleep(100 * time.Millisecond) // the writers get going; not a synchronisation
 	if _, err := io.WriteString(srv, "SUCCESS: one\r\n"); err != nil {
 		t.Fatal(err)
 	}
@@ -540,4 +521,229 @@ func TestHistoryAndRestart(t *testing.T) {
 	is.Equal(len(echoes), 0)
 	is.NoErr(c.ClientKill(ctx, 9, openvpnmgmt.KillRestart))
 	is.Equal(s.Commands(), []string{"log all", "state all", "echo all", "client-kill 9 RESTART"})
+}
+
+// writeNotifier is a connection that reports each Write before it starts:
+// the event that a command holds the write lock.
+type writeNotifier struct {
+	net.Conn
+	writing chan struct{} // buffered
+}
+
+func (c *writeNotifier) Write(b []byte) (int, error) {
+	select {
+	case c.writing <- struct{}{}:
+	default:
+	}
+	return c.Conn.Write(b)
+}
+
+// unixPair returns the two ends of a connection over a unix socket, with
+// a small send buffer on the client's end. On a unix socket, unlike TCP,
+// the send buffer frees only when the server reads, so fillSendBuffer
+// makes every later write block until then.
+func unixPair(t *testing.T) (client *net.UnixConn, server net.Conn) {
+	t.Helper()
+	l, err := net.Listen("unix", t.TempDir()+"/mgmt.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		s, err := l.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- s
+	}()
+	c, err := net.Dial("unix", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	server = <-accepted
+	if server == nil {
+		t.Fatal("no connection")
+	}
+	t.Cleanup(func() { server.Close() })
+	client = c.(*net.UnixConn)
+	if err := client.SetWriteBuffer(4096); err != nil {
+		t.Fatal(err)
+	}
+	return client, server
+}
+
+// fillSendBuffer writes empty lines, which OpenVPN would ignore, to conn
+// until the kernel takes no more.
+func fillSendBuffer(t *testing.T, conn *net.UnixConn) {
+	t.Helper()
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	filled := 0
+	var werr error
+	err = rc.Write(func(fd uintptr) bool {
+		nl := bytes.Repeat([]byte("\n"), 512)
+		for {
+			n, err := unix.Write(int(fd), nl)
+			if err == unix.EAGAIN {
+				return true
+			}
+			if err != nil {
+				werr = err
+				return true
+			}
+			filled += n
+		}
+	})
+	if err != nil || werr != nil || filled == 0 {
+		t.Fatalf("filling the send buffer: %v, %v, %d bytes", err, werr, filled)
+	}
+}
+
+// answer makes srv answer "SUCCESS: <line>" to each non-empty line, and
+// returns the lines it answered.
+func answer(srv net.Conn) <-chan string {
+	lines := make(chan string, 16)
+	go func() {
+		defer close(lines)
+		br := bufio.NewReader(srv)
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if line = strings.TrimSuffix(line, "\n"); line == "" {
+				continue
+			}
+			lines <- line
+			if _, err := io.WriteString(srv, "SUCCESS: "+line+"\r\n"); err != nil {
+				return
+			}
+		}
+	}()
+	return lines
+}
+
+// TestWriteHonoursContext: OpenVPN does not read, so writes block. A
+// command's ctx ends the wait for the write lock and the write itself, in
+// time; a command of which nothing was written leaves the client usable.
+func TestWriteHonoursContext(t *testing.T) {
+	conn, srv := unixPair(t)
+	fillSendBuffer(t, conn) // OpenVPN does not read: every write blocks
+	nc := &writeNotifier{Conn: conn, writing: make(chan struct{}, 8)}
+	c, err := openvpnmgmt.NewClient(context.Background(), nc, openvpnmgmt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+
+	// A holds the write lock, blocked in its write until cancelled.
+	ctxA, cancelA := context.WithCancel(context.Background())
+	defer cancelA()
+	errA := make(chan error, 1)
+	go func() { _, err := c.Raw(ctxA, "echo a", false); errA <- err }()
+	select {
+	case <-nc.writing:
+	case <-time.After(5 * time.Second):
+		t.Fatal("command a did not start writing")
+	}
+
+	// B waits for the lock and gives up when its ctx ends.
+	const short = 100 * time.Millisecond
+	inTime := func(name string, err error, want error, took time.Duration) {
+		t.Helper()
+		if !errors.Is(err, want) {
+			t.Fatalf("%s: got %v, want %v", name, err, want)
+		}
+		if took > short+2*time.Second {
+			t.Fatalf("%s: returned after %v, its ctx ended after %v", name, took, short)
+		}
+	}
+	ctxB, cancelB := context.WithTimeout(context.Background(), short)
+	defer cancelB()
+	start := time.Now()
+	_, err = c.Raw(ctxB, "echo b", false)
+	inTime("b, waiting for the lock", err, context.DeadlineExceeded, time.Since(start))
+	if len(nc.writing) != 0 {
+		t.Fatal("b wrote while a held the lock")
+	}
+
+	// A's write ends with its ctx.
+	cancelA()
+	select {
+	case err := <-errA:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("a: got %v, want %v", err, context.Canceled)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a's write did not end with its ctx")
+	}
+
+	// C blocks in its write until its deadline.
+	ctxC, cancelC := context.WithTimeout(context.Background(), short)
+	defer cancelC()
+	start = time.Now()
+	_, err = c.Raw(ctxC, "echo c", false)
+	inTime("c, writing", err, context.DeadlineExceeded, time.Since(start))
+	if len(nc.writing) != 1 {
+		t.Fatal("c did not write")
+	}
+	<-nc.writing
+
+	// Nothing of a or c reached the stream: the client is still usable.
+	if err := c.Err(); err != nil {
+		t.Fatalf("the client ended: %v", err)
+	}
+	lines := answer(srv)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	got, err := c.Raw(ctx, "echo d", false)
+	if err != nil || len(got) != 1 || got[0] != "echo d" {
+		t.Fatalf("got %q, %v; want the reply to echo d", got, err)
+	}
+	if line := <-lines; line != "echo d" {
+		t.Fatalf("the server read %q first, want echo d", line)
+	}
+}
+
+// TestWriteCutCloses: a command's ctx that ends in the middle of its write
+// closes the client, with ErrWriteCut.
+func TestWriteCutCloses(t *testing.T) {
+	client, server := net.Pipe() // a write returns when the reader has taken all of it
+	t.Cleanup(func() { server.Close() })
+	c, err := openvpnmgmt.NewClient(context.Background(), client, openvpnmgmt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	took := make(chan []byte, 1)
+	go func() {
+		b := make([]byte, 5)
+		n, _ := server.Read(b) // the first 5 bytes, then nothing
+		took <- b[:n]
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	_, err = c.Raw(ctx, "echo partial", false)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %v, want %v", err, context.DeadlineExceeded)
+	}
+	if b := <-took; string(b) != "echo " {
+		t.Fatalf("the server read %q", b)
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the client did not close")
+	}
+	if !errors.Is(c.Err(), openvpnmgmt.ErrWriteCut) {
+		t.Fatalf("Err = %v, want %v", c.Err(), openvpnmgmt.ErrWriteCut)
+	}
+	if err := c.HoldRelease(context.Background()); !errors.Is(err, openvpnmgmt.ErrClosed) {
+		t.Fatalf("a command after the cut: %v, want %v", err, openvpnmgmt.ErrClosed)
+	}
 }

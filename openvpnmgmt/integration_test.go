@@ -45,7 +45,7 @@ func TestRealOpenVPN(t *testing.T) {
 	var mu sync.Mutex
 	seen := map[string][]*openvpnmgmt.ClientEvent{} // "KIND uuid"
 	cids := map[string]uint64{}
-	var bytecount []uint64
+	bytecount := make(chan uint64, 1) // the first BYTECOUNT_CLI's client
 	got := make(chan string, 100)
 	loopDone := make(chan struct{})
 	defer func() { c.Close(); <-loopDone }() // no answer after the test
@@ -79,9 +79,10 @@ func TestRealOpenVPN(t *testing.T) {
 				case <-ctx.Done():
 				}
 			case *openvpnmgmt.ByteCountClientEvent:
-				mu.Lock()
-				bytecount = append(bytecount, ev.CID)
-				mu.Unlock()
+				select {
+				case bytecount <- ev.CID:
+				default:
+				}
 			}
 		}
 	}()
@@ -133,16 +134,10 @@ func TestRealOpenVPN(t *testing.T) {
 	is.True(est.Env.Value("ifconfig_pool_remote_ip") != "")
 
 	// BYTECOUNT_CLI arrives every second for the connected client.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		mu.Lock()
-		n := len(bytecount)
-		mu.Unlock()
-		if n > 0 || time.Now().After(deadline) {
-			is.True(n > 0)
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
+	select {
+	case <-bytecount:
+	case <-ctx.Done():
+		t.Fatal("no BYTECOUNT_CLI event")
 	}
 
 	// status 2 and 3 parse and hold the client.

@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/rand"
 	_ "embed"
-	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -15,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -25,6 +25,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
 	"github.com/obvpn/obvpn/vpn/vpntest"
@@ -547,36 +548,22 @@ func (f *fleet) reach(ctx context.Context, h *host, d *device) (time.Duration, e
 	}
 }
 
-// fetch sends CONNECT target to the proxy from inside the world, with key
-// as the password of its Proxy-Authorization (none if empty), and returns
-// the body of GET / through the tunnel.
+// fetch asks the proxy, from inside the world, for a tunnel to target,
+// with key as its credentials (none if empty), and returns the body of
+// GET / through the tunnel.
 func fetch(ctx context.Context, world *vpntest.Netns, proxy, target, key string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	conn, err := world.Dial(ctx, "tcp", proxy)
+	d := &connectproxy.Dialer{ProxyAddr: proxy, Key: key, DialProxy: world.Dial}
+	client := &http.Client{Transport: &http.Transport{DialContext: d.DialContext, DisableKeepAlives: true}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+target+"/", nil)
 	if err != nil {
 		return nil, err
 	}
-	defer conn.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		_ = conn.SetDeadline(dl)
+	resp, err := client.Do(req)
+	if ue := (*url.Error)(nil); errors.As(err, &ue) {
+		err = ue.Err // the dialer's error names the target already
 	}
-	auth := ""
-	if key != "" {
-		auth = "Proxy-Authorization: Basic " + base64.StdEncoding.EncodeToString([]byte("balena:"+key)) + "\r\n"
-	}
-	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n", target, target, auth)
-	br := bufio.NewReader(conn)
-	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
-	if err != nil {
-		return nil, err
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("CONNECT: %s", resp.Status)
-	}
-	fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", target)
-	resp, err = http.ReadResponse(br, nil)
 	if err != nil {
 		return nil, err
 	}

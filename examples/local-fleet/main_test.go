@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
@@ -153,18 +154,18 @@ func TestStaysUp(t *testing.T) {
 	if !strings.Contains(out.String(), "curl -x http://"+proxy+" --proxytunnel http://"+uuid+".balena/") {
 		t.Errorf("instructions lack the curl command:\n%s", out)
 	}
-	conn, err := net.DialTimeout("tcp", proxy, 5*time.Second)
+	d := &connectproxy.Dialer{ProxyAddr: proxy}
+	client := &http.Client{Transport: &http.Transport{DialContext: d.DialContext, DisableKeepAlives: true}, Timeout: 10 * time.Second}
+	resp, err := client.Get("http://" + uuid + ".balena/")
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("through the relayed proxy: %v", err)
 	}
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	fmt.Fprintf(conn, "CONNECT %s.balena:80 HTTP/1.1\r\nHost: %[1]s.balena:80\r\n\r\nGET / HTTP/1.0\r\n\r\n", uuid)
-	page, _ := io.ReadAll(conn)
-	conn.Close()
-	if !bytes.HasPrefix(page, []byte("HTTP/1.0 200")) || !bytes.Contains(page, []byte("hello from device "+uuid)) {
-		t.Errorf("through the relayed proxy: %q", page)
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !bytes.Contains(page, []byte("hello from device "+uuid)) {
+		t.Errorf("through the relayed proxy: %s %q", resp.Status, page)
 	}
-	resp, err := http.Get("http://" + metrics + "/cluster_metrics")
+	resp, err = http.Get("http://" + metrics + "/cluster_metrics")
 	if err != nil {
 		t.Fatal(err)
 	}

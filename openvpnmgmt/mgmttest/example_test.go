@@ -42,8 +42,8 @@ func Example() {
 	srv.Send(">CLIENT:CONNECT,4,0", ">CLIENT:ENV,username=0123456789abcdef", ">CLIENT:ENV,password=good", ">CLIENT:ENV,END")
 	srv.Send(">CLIENT:CONNECT,5,0", ">CLIENT:ENV,username=fedcba9876543210", ">CLIENT:ENV,password=stolen", ">CLIENT:ENV,END")
 
-	for len(srv.Commands()) < 2 && ctx.Err() == nil {
-		time.Sleep(10 * time.Millisecond) // a test would wait with a helper
+	if err := srv.WaitCommand(ctx, "client-deny 5 0"); err != nil { // the second answer
+		panic(err)
 	}
 	for _, cmd := range srv.Commands() {
 		fmt.Println(cmd)

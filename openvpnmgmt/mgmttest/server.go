@@ -5,12 +5,15 @@
 // A Server listens on 127.0.0.1, greets each connection with OpenVPN's
 // >INFO banner, answers commands from handlers (SUCCESS for the commands a
 // server knows when no handler is set, ERROR for the others), records every
-// command it reads, and pushes real-time lines on demand. It serves one
-// client at a time, as OpenVPN does.
+// command it reads (Commands; WaitCommand waits for one), and pushes
+// real-time lines on demand. It serves one client at a time, as OpenVPN
+// does.
 package mgmttest
 
 import (
 	"bufio"
+	"context"
+	"errors"
 	"fmt"
 	"net"
 	"strings"
@@ -29,8 +32,10 @@ type Server struct {
 	mu       sync.Mutex
 	handlers map[string]HandlerFunc
 	commands []string
+	added    chan struct{} // closed and replaced when a command is recorded; under mu
 	conn     net.Conn
 	ready    chan struct{} // closed when a client is connected
+	done     chan struct{} // closed by Close
 	closed   bool
 	wg       sync.WaitGroup
 }
@@ -54,7 +59,8 @@ func Start() (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{l: l, handlers: map[string]HandlerFunc{}, ready: make(chan struct{})}
+	s := &Server{l: l, handlers: map[string]HandlerFunc{}, added: make(chan struct{}),
+		ready: make(chan struct{}), done: make(chan struct{})}
 	s.wg.Add(1)
 	go s.accept()
 	return s, nil
@@ -86,6 +92,38 @@ func (s *Server) Commands() []string {
 	return append([]string(nil), s.commands...)
 }
 
+// ErrServerClosed reports a wait that the server's Close ended.
+var ErrServerClosed = errors.New("mgmttest: server closed")
+
+// WaitCommand waits until the server has read a command line that
+// contains want (a client-auth command: its line and its config lines,
+// joined by "\n", as Commands returns them), and returns nil. The command
+// may have come before the call: WaitCommand looks at every command since
+// the server started. It returns ctx's error when ctx ends first, and
+// ErrServerClosed when the server is closed first.
+func (s *Server) WaitCommand(ctx context.Context, want string) error {
+	from := 0 // the commands before it are looked at
+	for {
+		s.mu.Lock()
+		for _, c := range s.commands[from:] {
+			if strings.Contains(c, want) {
+				s.mu.Unlock()
+				return nil
+			}
+		}
+		from = len(s.commands)
+		added := s.added
+		s.mu.Unlock()
+		select {
+		case <-added:
+		case <-ctx.Done():
+			return fmt.Errorf("mgmttest: waiting for a command with %q: %w", want, ctx.Err())
+		case <-s.done:
+			return fmt.Errorf("mgmttest: waiting for a command with %q: %w", want, ErrServerClosed)
+		}
+	}
+}
+
 // Connected returns a channel that is closed once a client is connected.
 func (s *Server) Connected() <-chan struct{} { return s.ready }
 
@@ -111,6 +149,7 @@ func (s *Server) Close() {
 		return
 	}
 	s.closed = true
+	close(s.done)
 	s.l.Close()
 	if s.conn != nil {
 		s.conn.Close()
@@ -197,6 +236,8 @@ func (s *Server) serve(conn net.Conn, first bool) {
 		}
 		s.mu.Lock()
 		s.commands = append(s.commands, line)
+		close(s.added)
+		s.added = make(chan struct{})
 		h := s.handlers[name]
 		s.mu.Unlock()
 		var reply []string
