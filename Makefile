@@ -109,7 +109,7 @@ IMAGE ?= localhost/obvpn/open-balena-vpn:local
 GO_IMAGE ?= localhost/obvpn/golang:1.26-bookworm
 DEBIAN_IMAGE ?= localhost/obvpn/debian:bookworm-slim
 IMAGE_CACHE ?= $(HOME)/.cache/obvpn-image
-IMAGE_PACKAGES = podman runc mmdebstrap podman-compose uidmap iptables openvpn iproute2
+IMAGE_PACKAGES = podman runc catatonit mmdebstrap podman-compose uidmap iptables openvpn iproute2
 PODMAN_CONF = $(IMAGE_CACHE)/containers.conf
 export CONTAINERS_CONF := $(PODMAN_CONF)
 
@@ -119,7 +119,7 @@ image-tools:
 	@if [ "$$(id -u)" != 0 ]; then \
 		echo "make image needs root (mmdebstrap, rootful podman): run it as root, e.g. sudo make image"; exit 1; \
 	fi
-	@for c in podman runc mmdebstrap podman-compose iptables; do command -v $$c >/dev/null || missing=1; done; \
+	@for c in podman runc mmdebstrap podman-compose iptables /usr/libexec/podman/catatonit; do command -v $$c >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing $(IMAGE_PACKAGES)…"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(IMAGE_PACKAGES) >/dev/null; \

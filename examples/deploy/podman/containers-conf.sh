@@ -8,7 +8,7 @@
 #     may set: podman's defaults (1048576 open files) are above the hard
 #     limits of a machine whose root lacks CAP_SYS_RESOURCE, and runc then
 #     fails with "error setting rlimits";
-#   - cgroupfs and a file for events, which need no systemd.
+#   - cgroupfs, and files for events and logs, which need no systemd.
 set -euo pipefail
 nofile=$(ulimit -Hn)
 nproc=$(ulimit -Hu)
@@ -18,6 +18,7 @@ nproc=$(ulimit -Hu)
 cat <<CONF
 [containers]
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
+log_driver = "k8s-file"
 
 [engine]
 runtime = "runc"
