@@ -140,3 +140,15 @@ image: base-images
 		--build-arg GO_IMAGE=$(GO_IMAGE) --build-arg DEBIAN_IMAGE=$(DEBIAN_IMAGE) \
 		--build-arg GOPROXY=off --build-arg GOFLAGS=-mod=readonly \
 		-v "$$($(GO) env GOMODCACHE):/go/pkg/mod:ro" -v "$(IMAGE_CACHE)/go-build:/root/.cache/go-build" .
+
+# The live tests of the image: make image-test runs the image as
+# compose.yaml configures it, with real devices (TestImageLive); make
+# compose-test brings compose.yaml up and down with podman-compose
+# (TestComposeUp). Both build the image first, need root, and fail rather
+# than skip (OBVPN_E2E=1).
+image-test: image
+	cd examples/deploy && OBVPN_E2E=1 $(GO) test -race -count=1 -run '^TestImageLive$$' -v . -args -image $(IMAGE)
+
+compose-test: image
+	podman tag $(IMAGE) obvpn/open-balena-vpn:local
+	cd examples/deploy && OBVPN_E2E=1 $(GO) test -race -count=1 -run '^TestComposeUp$$' -v .

@@ -72,50 +72,13 @@ func TestImageLive(t *testing.T) {
 		requireMissing(t, "the image %s is not built (make image): %v", image, err)
 	}
 
-	// The balena API, in the world.
-	if out, err := exec.Command("ip", "-n", world.Name, "addr", "add", liveAPIAddr+"/32", "dev", "lo").CombinedOutput(); err != nil {
-		t.Fatalf("ip addr add: %v: %s", err, out)
-	}
-	api := balenatest.New()
-	l, err := world.Listen("tcp", liveAPIAddr+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := &http.Server{Handler: api}
-	go hs.Serve(l)
-	t.Cleanup(func() { hs.Close() })
-
-	// Two devices, each in a namespace of its own with a service on its
-	// VPN address, which a user's key may reach.
-	type device struct {
-		balenatest.Device
-		ns     *vpntest.Device
-		client *vpntest.Process
-	}
-	devices := make([]*device, 2)
-	for i := range devices {
-		d := &device{Device: api.AddDevice(balenatest.Device{
-			UUID: fmt.Sprintf("%032x", 0xd0+i), Key: fmt.Sprintf("device-key-%d", i)})}
-		d.ns = vpntest.NewDevice(t, world)
-		api.Grant("user-key", d.UUID, liveServicePort)
-		sl, err := d.ns.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", liveServicePort)) // the device's own namespace
-		if err != nil {
-			t.Fatal(err)
-		}
-		uuid := d.UUID
-		ds := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			fmt.Fprintf(w, "device %s\n", uuid)
-		})}
-		go ds.Serve(sl)
-		t.Cleanup(func() { ds.Close() })
-		devices[i] = d
-	}
+	w := newLiveWorld(t, world, 2)
+	api, devices := w.api, w.devices
 
 	// The container, with compose.yaml's settings and this API.
-	pki := pki(t)
 	host := requiredTestValues(t)
 	host["VPN_SERVICE_API_KEY"] = api.ServiceKey
-	host["BALENA_API_INTERNAL_HOST"] = l.Addr().String()
+	host["BALENA_API_INTERNAL_HOST"] = w.apiAddr
 	host["VPN_INSTANCE_COUNT"] = "2"
 	env, err := composeEnvironment(svc, host)
 	if err != nil {
@@ -155,21 +118,7 @@ func TestImageLive(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The devices connect to the published VPN port on the world's side
-	// of their links.
-	caFile := writeSearchable(t, "ca.crt", mustDecode(t, pki.CA))
-	vpnPort := publishedPort(t, svc, 443)
-	for _, d := range devices {
-		d.client = vpntest.StartClient(t, vpntest.ClientOptions{Profile: vpntest.BalenaOS, Netns: d.ns.Netns,
-			Remote: net.JoinHostPort(d.ns.WorldAddr.String(), strconv.Itoa(vpnPort)), CA: caFile,
-			Username: d.UUID, Password: d.Key, Tunnel: true})
-	}
-	for _, d := range devices {
-		if _, err := d.client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
-			t.Fatalf("device %s: %v", d.UUID, err)
-		}
-	}
-	waitDevices(ctx, t, api, devices[0].UUID, devices[1].UUID, true)
+	w.connect(ctx, t, publishedPort(t, svc, 443))
 
 	// Compose's healthcheck, run as podman runs it (podman schedules it
 	// with systemd timers, which this machine may not have).
@@ -179,14 +128,7 @@ func TestImageLive(t *testing.T) {
 
 	// Through the published CONNECT proxy, with a user's key.
 	proxyAddr := net.JoinHostPort(devices[0].ns.WorldAddr.String(), strconv.Itoa(publishedPort(t, svc, 3128)))
-	for _, d := range devices {
-		got, err := getThroughProxy(ctx, world, proxyAddr, "user-key", fmt.Sprintf("%s.balena:%d", d.UUID, liveServicePort))
-		if err != nil {
-			t.Errorf("device %s through the proxy: %v", d.UUID, err)
-		} else if want := "device " + d.UUID + "\n"; got != want {
-			t.Errorf("device %s through the proxy: got %q, want %q", d.UUID, got, want)
-		}
-	}
+	w.throughProxy(ctx, t, proxyAddr)
 	if _, err := getThroughProxy(ctx, world, proxyAddr, "not-a-key", fmt.Sprintf("%s.balena:%d", devices[0].UUID, liveServicePort)); err == nil || !strings.Contains(err.Error(), "407") {
 		t.Errorf("an unknown key through the proxy: %v, want 407", err)
 	}
@@ -245,8 +187,115 @@ func TestImageLive(t *testing.T) {
 		t.Errorf("the log has no end of the drain: %v", err)
 	}
 	t.Logf("podman stop: %v (grace period %v)", took.Round(time.Millisecond), grace)
-	for _, d := range devices {
-		if got, _ := api.Device(d.UUID); got.ConnectedToVPN {
+	w.offline(t)
+}
+
+// liveWorld is the balena API and the devices of a live test, in the
+// test's world namespace.
+type liveWorld struct {
+	world   *vpntest.Netns
+	api     *balenatest.API
+	apiAddr string // host:port
+	devices []*liveDevice
+}
+
+type liveDevice struct {
+	balenatest.Device
+	ns     *vpntest.Device
+	client *vpntest.Process
+}
+
+// newLiveWorld serves the balena API in world, at liveAPIAddr, and makes n
+// devices, each in a namespace of its own with a service on
+// liveServicePort that the key "user-key" may reach.
+func newLiveWorld(t *testing.T, world *vpntest.Netns, n int) *liveWorld {
+	t.Helper()
+	if out, err := exec.Command("ip", "-n", world.Name, "addr", "add", liveAPIAddr+"/32", "dev", "lo").CombinedOutput(); err != nil {
+		t.Fatalf("ip addr add: %v: %s", err, out)
+	}
+	w := &liveWorld{world: world, api: balenatest.New()}
+	l, err := world.Listen("tcp", liveAPIAddr+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.apiAddr = l.Addr().String()
+	hs := &http.Server{Handler: w.api}
+	go hs.Serve(l)
+	t.Cleanup(func() { hs.Close() })
+	for i := range n {
+		d := &liveDevice{Device: w.api.AddDevice(balenatest.Device{
+			UUID: fmt.Sprintf("%032x", 0xd0+i), Key: fmt.Sprintf("device-key-%d", i)})}
+		d.ns = vpntest.NewDevice(t, world)
+		w.api.Grant("user-key", d.UUID, liveServicePort)
+		// On every address of the device's own namespace: the VPN's
+		// comes later.
+		sl, err := d.ns.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", liveServicePort))
+		if err != nil {
+			t.Fatal(err)
+		}
+		uuid := d.UUID
+		ds := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "device %s\n", uuid)
+		})}
+		go ds.Serve(sl)
+		t.Cleanup(func() { ds.Close() })
+		w.devices = append(w.devices, d)
+	}
+	return w
+}
+
+// connect starts every device's openvpn (balenaOS's configuration) to
+// vpnPort on the world's side of its link, where the container's port is
+// published, and waits until the API holds them online.
+func (w *liveWorld) connect(ctx context.Context, t *testing.T, vpnPort int) {
+	t.Helper()
+	caFile := writeSearchable(t, "ca.crt", mustDecode(t, pki(t).CA))
+	for _, d := range w.devices {
+		d.client = vpntest.StartClient(t, vpntest.ClientOptions{Profile: vpntest.BalenaOS, Netns: d.ns.Netns,
+			Remote: net.JoinHostPort(d.ns.WorldAddr.String(), strconv.Itoa(vpnPort)), CA: caFile,
+			Username: d.UUID, Password: d.Key, Tunnel: true})
+	}
+	for _, d := range w.devices {
+		if _, err := d.client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
+			t.Fatalf("device %s: %v", d.UUID, err)
+		}
+	}
+	tick := time.NewTicker(20 * time.Millisecond) // the API has no event for a report
+	defer tick.Stop()
+	for _, d := range w.devices {
+		for {
+			got, _ := w.api.Device(d.UUID)
+			if got.ConnectedToVPN && got.ServiceInstance != 0 {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatalf("device %s was not reported online: %+v", d.UUID, got)
+			case <-tick.C:
+			}
+		}
+	}
+}
+
+// throughProxy GETs every device's service through the CONNECT proxy at
+// proxyAddr with the user's key.
+func (w *liveWorld) throughProxy(ctx context.Context, t *testing.T, proxyAddr string) {
+	t.Helper()
+	for _, d := range w.devices {
+		got, err := getThroughProxy(ctx, w.world, proxyAddr, "user-key", fmt.Sprintf("%s.balena:%d", d.UUID, liveServicePort))
+		if err != nil {
+			t.Errorf("device %s through the proxy: %v", d.UUID, err)
+		} else if want := "device " + d.UUID + "\n"; got != want {
+			t.Errorf("device %s through the proxy: got %q, want %q", d.UUID, got, want)
+		}
+	}
+}
+
+// offline checks that the API holds every device offline.
+func (w *liveWorld) offline(t *testing.T) {
+	t.Helper()
+	for _, d := range w.devices {
+		if got, _ := w.api.Device(d.UUID); got.ConnectedToVPN {
 			t.Errorf("device %s is still online in the API after the stop", d.UUID)
 		}
 	}
@@ -427,25 +476,6 @@ func getThroughProxy(ctx context.Context, ns *vpntest.Netns, proxyAddr, key, tar
 	defer r.Body.Close()
 	body, err := io.ReadAll(r.Body)
 	return string(body), err
-}
-
-// waitDevices waits until the API holds both devices online (or offline).
-func waitDevices(ctx context.Context, t *testing.T, api *balenatest.API, a, b string, online bool) {
-	t.Helper()
-	tick := time.NewTicker(20 * time.Millisecond) // the API has no event for a report
-	defer tick.Stop()
-	for {
-		da, _ := api.Device(a)
-		db, _ := api.Device(b)
-		if da.ConnectedToVPN == online && db.ConnectedToVPN == online && (!online || da.ServiceInstance != 0 && db.ServiceInstance != 0) {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("the devices were not reported online=%v: %+v, %+v", online, da, db)
-		case <-tick.C:
-		}
-	}
 }
 
 // writeSearchable writes a file that an unprivileged openvpn (balenaOS's
