@@ -34,8 +34,11 @@ type composeSvc struct {
 	Restart string   `json:"restart"`
 	Init    bool     `json:"init"`
 	CapAdd  []string `json:"cap_add"`
-	Devices []string `json:"devices"`
-	Ports   []struct {
+	CapDrop []string `json:"cap_drop"`
+	// SecurityOpt are options such as no-new-privileges:true.
+	SecurityOpt []string `json:"security_opt"`
+	Devices     []string `json:"devices"`
+	Ports       []struct {
 		Target    int    `json:"target"`
 		Published string `json:"published"`
 		HostIP    string `json:"host_ip"`

@@ -355,8 +355,14 @@ func podmanRunArgs(svc composeSvc, env map[string]string, name, image string) ([
 	if svc.Init {
 		args = append(args, "--init")
 	}
+	for _, c := range svc.CapDrop {
+		args = append(args, "--cap-drop", c)
+	}
 	for _, c := range svc.CapAdd {
 		args = append(args, "--cap-add", c)
+	}
+	for _, o := range svc.SecurityOpt {
+		args = append(args, "--security-opt", o)
 	}
 	for _, d := range svc.Devices {
 		args = append(args, "--device", d)
