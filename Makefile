@@ -150,5 +150,5 @@ image-test: image
 	cd examples/deploy && OBVPN_E2E=1 $(GO) test -race -count=1 -run '^TestImageLive$$' -v . -args -image $(IMAGE)
 
 compose-test: image
-	podman tag $(IMAGE) obvpn/open-balena-vpn:local
+	$(PODMAN) tag $(IMAGE) obvpn/open-balena-vpn:local
 	cd examples/deploy && OBVPN_E2E=1 $(GO) test -race -count=1 -run '^TestComposeUp$$' -v .
