@@ -89,3 +89,66 @@ install-nss: nss
 uninstall-nss:
 	rm -f $(NSS_LIBDIR)/libnss_openvpn.so.2
 	sed -i -E '/^hosts:/ s/[[:space:]]openvpn([[:space:]]|$$)/\1/' $(NSSWITCH)
+
+# The container image (examples/deploy/Dockerfile), built with podman on a
+# machine that reaches Debian's archive and the Go module proxy but no image
+# registry. make base-images makes the Dockerfile's two base images locally
+# (mmdebstrap, the machine's Go toolchain, podman import) once, and again
+# only when what they are made from changes (examples/deploy/podman/
+# base-images.sh); make image fetches the Go modules on the host and mounts
+# them, and a Go build cache, into the build (GOPROXY=off), so that a
+# rebuild after a Go change takes seconds. Both need root, podman, runc and
+# mmdebstrap (installed when missing, as make demo does). Podman reads
+# CONTAINERS_CONF=$(IMAGE_CACHE)/containers.conf (examples/deploy/podman/
+# containers-conf.sh: runc, and limits this machine allows), never the
+# machine's own configuration. make image-test runs the live test of the
+# image (examples/deploy/live_test.go); make compose-test brings
+# compose.yaml up with podman-compose and a fake balena API, and down.
+PODMAN ?= podman
+IMAGE ?= localhost/obvpn/open-balena-vpn:local
+GO_IMAGE ?= localhost/obvpn/golang:1.26-bookworm
+DEBIAN_IMAGE ?= localhost/obvpn/debian:bookworm-slim
+IMAGE_CACHE ?= $(HOME)/.cache/obvpn-image
+IMAGE_PACKAGES = podman runc catatonit mmdebstrap podman-compose uidmap iptables openvpn iproute2
+PODMAN_CONF = $(IMAGE_CACHE)/containers.conf
+export CONTAINERS_CONF := $(PODMAN_CONF)
+
+.PHONY: image-tools podman-conf base-images image image-test compose-test
+
+image-tools:
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "make image needs root (mmdebstrap, rootful podman): run it as root, e.g. sudo make image"; exit 1; \
+	fi
+	@for c in podman runc mmdebstrap podman-compose iptables /usr/libexec/podman/catatonit; do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing $(IMAGE_PACKAGES)…"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(IMAGE_PACKAGES) >/dev/null; \
+	fi
+
+podman-conf: image-tools
+	@mkdir -p $(IMAGE_CACHE)
+	@bash examples/deploy/podman/containers-conf.sh >$(PODMAN_CONF).tmp && mv $(PODMAN_CONF).tmp $(PODMAN_CONF)
+
+base-images: podman-conf
+	PODMAN=$(PODMAN) GO="$(GO)" GO_IMAGE=$(GO_IMAGE) DEBIAN_IMAGE=$(DEBIAN_IMAGE) bash examples/deploy/podman/base-images.sh
+
+image: base-images
+	$(GO) mod download
+	@mkdir -p $(IMAGE_CACHE)/go-build
+	$(PODMAN) build --network host --layers --ignorefile examples/deploy/Dockerfile.dockerignore \
+		-f examples/deploy/Dockerfile -t $(IMAGE) \
+		--build-arg GO_IMAGE=$(GO_IMAGE) --build-arg DEBIAN_IMAGE=$(DEBIAN_IMAGE) \
+		--build-arg GOPROXY=off --build-arg GOFLAGS=-mod=readonly \
+		-v "$$($(GO) env GOMODCACHE):/go/pkg/mod:ro" -v "$(IMAGE_CACHE)/go-build:/root/.cache/go-build" .
+
+# The live tests of the image: make image-test runs the image as
+# compose.yaml configures it, with real devices (TestImageLive); make
+# compose-test brings compose.yaml up and down with podman-compose
+# (TestComposeUp). Both build the image first, need root, and fail rather
+# than skip (OBVPN_E2E=1).
+image-test: image
+	cd examples/deploy && OBVPN_E2E=1 $(GO) test -race -count=1 -run '^TestImageLive$$' -v . -args -image $(IMAGE)
+
+compose-test: image
+	$(PODMAN) tag $(IMAGE) obvpn/open-balena-vpn:local
+	cd examples/deploy && OBVPN_E2E=1 $(GO) test -race -count=1 -run '^TestComposeUp$$' -v .

@@ -57,12 +57,15 @@ type stage struct {
 type dockerfile struct {
 	text         string
 	instructions []instruction
-	stages       []stage
+	// stages' images are as docker build makes them with no build
+	// arguments: the global ARGs' defaults expanded.
+	stages     []stage
+	globalArgs map[string]string // ARG name → default, before the first FROM
 }
 
 func parseDockerfile(t *testing.T) *dockerfile {
 	t.Helper()
-	d := &dockerfile{text: string(readFile(t, dockerfilePath))}
+	d := &dockerfile{text: string(readFile(t, dockerfilePath)), globalArgs: map[string]string{}}
 	var cur strings.Builder
 	start, stageIdx := 0, -1
 	for i, line := range strings.Split(d.text, "\n") {
@@ -81,9 +84,15 @@ func parseDockerfile(t *testing.T) *dockerfile {
 		cmd, args, _ := strings.Cut(cur.String(), " ")
 		cur.Reset()
 		in := instruction{cmd: strings.ToUpper(cmd), args: strings.TrimSpace(args), line: start}
+		if in.cmd == "ARG" && stageIdx < 0 {
+			// A global build argument, which FROM lines may name: its
+			// default is what docker build uses.
+			k, v, _ := strings.Cut(in.args, "=")
+			d.globalArgs[k] = v
+		}
 		if in.cmd == "FROM" {
 			f := strings.Fields(in.args)
-			st := stage{image: f[0]}
+			st := stage{image: os.Expand(f[0], func(k string) string { return d.globalArgs[k] })}
 			if len(f) == 3 && strings.EqualFold(f[1], "AS") {
 				st.name = f[2]
 			}
