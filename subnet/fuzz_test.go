@@ -36,7 +36,7 @@ func FuzzPlan(f *testing.F) {
 		if in.Subnet.Bits() != bits || !pfx.Contains(in.Subnet.Addr()) || in.Subnet.Masked() != in.Subnet {
 			t.Fatalf("subnet %s is not a /%d block of %s", in.Subnet, bits, pfx)
 		}
-		if off := addrToUint(in.Subnet.Addr()) - addrToUint(pfx.Addr()); int(off>>(32-bits)) != id-1 {
+		if off := Uint32(in.Subnet.Addr()) - Uint32(pfx.Addr()); int(off>>(32-bits)) != id-1 {
 			t.Fatalf("subnet %s is block %d of %s, want %d", in.Subnet, off>>(32-bits)+1, pfx, id)
 		}
 		for _, a := range []netip.Addr{in.Gateway, in.Peer, in.PoolFirst, in.PoolLast} {

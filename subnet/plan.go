@@ -132,15 +132,15 @@ func (p Plan) Instance(id int) (Instance, error) {
 	if err := p.Ports.check(id); err != nil {
 		return Instance{}, err
 	}
-	network := addrToUint(sub.Addr())
+	network := Uint32(sub.Addr())
 	size := uint32(1) << (32 - p.Bits) // 8 or more, since Bits ≤ 29
 	in := Instance{
 		ID:             id,
 		Subnet:         sub,
-		Gateway:        uintToAddr(network + 1),
-		Peer:           uintToAddr(network + 2),
-		PoolFirst:      uintToAddr(network + 3),
-		PoolLast:       uintToAddr(network + size - 2),
+		Gateway:        AddrFromUint32(network + 1),
+		Peer:           AddrFromUint32(network + 2),
+		PoolFirst:      AddrFromUint32(network + 3),
+		PoolLast:       AddrFromUint32(network + size - 2),
 		Port:           p.Ports.VPN + id,
 		ManagementPort: p.Ports.Management + id,
 		APIPort:        p.Ports.api(id),

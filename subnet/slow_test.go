@@ -44,7 +44,7 @@ func TestSlowAgreement(t *testing.T) {
 	for range 200 {
 		baseBits := 16 + r.IntN(14) // /16…/29
 		bits := baseBits + r.IntN(30-baseBits)
-		a := uintToAddr(r.Uint32())
+		a := AddrFromUint32(r.Uint32())
 		base := netip.PrefixFrom(a, baseBits).Masked()
 		fast, err := Split(base, bits)
 		if err != nil {

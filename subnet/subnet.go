@@ -133,8 +133,8 @@ func Nth(base netip.Prefix, bits, id int) (netip.Prefix, error) {
 	if id < 1 || id > n {
 		return netip.Prefix{}, fmt.Errorf("instance %d: %w: %s at /%d has instances 1…%d", id, ErrOutOfRange, base, bits, n)
 	}
-	first := addrToUint(base.Addr()) + uint32(id-1)<<(32-bits)
-	return netip.PrefixFrom(uintToAddr(first), bits), nil
+	first := Uint32(base.Addr()) + uint32(id-1)<<(32-bits)
+	return netip.PrefixFrom(AddrFromUint32(first), bits), nil
 }
 
 // Split returns every instance subnet of length bits in base, in order.
@@ -147,9 +147,9 @@ func Split(base netip.Prefix, bits int) ([]netip.Prefix, error) {
 		return nil, err
 	}
 	out := make([]netip.Prefix, n)
-	start, step := addrToUint(base.Addr()), uint32(1)<<(32-bits)
+	start, step := Uint32(base.Addr()), uint32(1)<<(32-bits)
 	for i := range out {
-		out[i] = netip.PrefixFrom(uintToAddr(start+uint32(i)*step), bits)
+		out[i] = netip.PrefixFrom(AddrFromUint32(start+uint32(i)*step), bits)
 	}
 	return out, nil
 }
@@ -173,11 +173,24 @@ func DefaultBits(base netip.Prefix, instances int) int {
 	return ClampBits(base.Bits() + extra)
 }
 
-func addrToUint(a netip.Addr) uint32 {
+// Uint32 returns the IPv4 address a as a number, the first byte the most
+// significant. It panics if a is not IPv4 (as netip.Addr.As4 does).
+func Uint32(a netip.Addr) uint32 {
 	b := a.As4()
 	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
 }
 
-func uintToAddr(u uint32) netip.Addr {
+// AddrFromUint32 is the IPv4 address whose number is u: the inverse of
+// [Uint32].
+func AddrFromUint32(u uint32) netip.Addr {
 	return netip.AddrFrom4([4]byte{byte(u >> 24), byte(u >> 16), byte(u >> 8), byte(u)})
+}
+
+// Netmask returns the mask of the IPv4 prefix p in dotted-quad form, as
+// OpenVPN's --route and --ifconfig want it: 255.255.240.0 for a /20.
+func Netmask(p netip.Prefix) netip.Addr {
+	if p.Bits() <= 0 {
+		return AddrFromUint32(0)
+	}
+	return AddrFromUint32(^uint32(0) << (32 - p.Bits()))
 }

@@ -151,3 +151,20 @@ func TestDefaultBits(t *testing.T) {
 		}
 	}
 }
+
+func TestAddressArithmetic(t *testing.T) {
+	for _, s := range []string{"0.0.0.0", "10.240.0.1", "255.255.255.255", "192.0.2.8"} {
+		a := netip.MustParseAddr(s)
+		if got := AddrFromUint32(Uint32(a)); got != a {
+			t.Errorf("AddrFromUint32(Uint32(%s)) = %s", a, got)
+		}
+	}
+	if Uint32(netip.MustParseAddr("10.0.0.1")) != 10<<24|1 {
+		t.Error("Uint32 byte order")
+	}
+	for p, want := range map[string]string{"10.240.0.0/20": "255.255.240.0", "0.0.0.0/0": "0.0.0.0", "10.0.0.0/8": "255.0.0.0", "192.0.2.8/29": "255.255.255.248", "192.0.2.1/32": "255.255.255.255"} {
+		if got := Netmask(netip.MustParsePrefix(p)).String(); got != want {
+			t.Errorf("Netmask(%s) = %s, want %s", p, got, want)
+		}
+	}
+}

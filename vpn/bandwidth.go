@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strings"
 	"sync"
+
+	"github.com/obvpn/obvpn/subnet"
 )
 
 // CommandRunner runs a command such as "tc" or "ip" with its arguments and
@@ -131,13 +133,8 @@ func (l *Limiter) offset(a netip.Addr) (off, block, bucket int, err error) {
 	if !l.Subnet.Contains(a) {
 		return 0, 0, 0, fmt.Errorf("limiter: %s: %w %s", a, ErrNotInSubnet, l.Subnet)
 	}
-	off = int(addrUint(a) - addrUint(l.Subnet.Addr()))
-	return off, off >> 8, int(addrUint(a) & 0xff), nil
-}
-
-func addrUint(a netip.Addr) uint32 {
-	b := a.As4()
-	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+	off = int(subnet.Uint32(a) - subnet.Uint32(l.Subnet.Addr()))
+	return off, off >> 8, int(subnet.Uint32(a) & 0xff), nil
 }
 
 // Add limits the device at address a, setting the devices up first if
@@ -183,7 +180,7 @@ func (l *Limiter) table(ctx context.Context, block int) error {
 	if l.tables[block] {
 		return nil
 	}
-	first := netip.PrefixFrom(uintAddr(addrUint(l.Subnet.Addr())+uint32(block)<<8), 24).Masked()
+	first := netip.PrefixFrom(subnet.AddrFromUint32(subnet.Uint32(l.Subnet.Addr())+uint32(block)<<8), 24).Masked()
 	ht := fmt.Sprintf("%x:", block+1)
 	for _, s := range l.sides() {
 		for _, cmd := range [][]string{
@@ -200,10 +197,6 @@ func (l *Limiter) table(ctx context.Context, block int) error {
 	}
 	l.tables[block] = true
 	return nil
-}
-
-func uintAddr(u uint32) netip.Addr {
-	return netip.AddrFrom4([4]byte{byte(u >> 24), byte(u >> 16), byte(u >> 8), byte(u)})
 }
 
 // Remove lifts the limits of the device at address a, leaving every other

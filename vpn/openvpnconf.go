@@ -2,13 +2,13 @@ package vpn
 
 import (
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/obvpn/obvpn/openvpnmgmt"
 	"github.com/obvpn/obvpn/subnet"
 )
 
@@ -107,7 +107,7 @@ func (c *Config) OpenVPNServerConfig(in subnet.Instance, hooks ScriptHooks) (str
 	line("txqueuelen", "1000")
 	line("ifconfig", in.Gateway.String(), in.Peer.String())
 	line("ifconfig-pool", in.PoolFirst.String(), in.PoolLast.String())
-	line("route", in.Subnet.Addr().String(), netmask(in.Subnet))
+	line("route", in.Subnet.Addr().String(), subnet.Netmask(in.Subnet).String())
 	line("push", "route "+in.Gateway.String())
 	line("max-clients", "32768")
 
@@ -181,7 +181,7 @@ func (b *confWriter) line(args ...string) {
 		if i > 0 {
 			b.WriteByte(' ')
 		}
-		b.WriteString(quoteConfigArg(a))
+		b.WriteString(openvpnmgmt.Quote(a))
 	}
 	b.WriteByte('\n')
 }
@@ -265,24 +265,4 @@ func (h ScriptHooks) CheckHooks(user string) error {
 		}
 	}
 	return nil
-}
-
-// netmask returns p's mask in dotted-quad form, as --route wants it.
-func netmask(p netip.Prefix) string {
-	m := ^uint32(0) << (32 - p.Bits())
-	if p.Bits() == 0 {
-		m = 0
-	}
-	return netip.AddrFrom4([4]byte{byte(m >> 24), byte(m >> 16), byte(m >> 8), byte(m)}).String()
-}
-
-// quoteConfigArg quotes an argument for OpenVPN's configuration lexer when
-// it needs it: double quotes around, with backslashes and double quotes
-// escaped.
-func quoteConfigArg(s string) string {
-	if s != "" && !strings.ContainsAny(s, " \t\"'\\#;") {
-		return s
-	}
-	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`)
-	return `"` + r.Replace(s) + `"`
 }

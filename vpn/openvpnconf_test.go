@@ -7,6 +7,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/obvpn/obvpn/openvpnmgmt"
+	"github.com/obvpn/obvpn/subnet"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata")
@@ -63,13 +66,13 @@ func TestOpenVPNServerConfig(t *testing.T) {
 func TestNetmask(t *testing.T) {
 	for p, want := range map[string]string{"10.240.0.0/20": "255.255.240.0", "0.0.0.0/0": "0.0.0.0", "10.0.0.0/8": "255.0.0.0", "192.0.2.8/29": "255.255.255.248"} {
 		pfx := netip.MustParsePrefix(p)
-		if got := netmask(pfx); got != want {
+		if got := subnet.Netmask(pfx).String(); got != want {
 			t.Errorf("netmask(%s) = %s, want %s", p, got, want)
 		}
 	}
 	for in, want := range map[string]string{"plain": "plain", "": `""`, "a b": `"a b"`, `say "hi"`: `"say \"hi\""`, `c:\x`: `"c:\\x"`, "#x": `"#x"`} {
-		if got := quoteConfigArg(in); got != want {
-			t.Errorf("quoteConfigArg(%q) = %s, want %s", in, got, want)
+		if got := openvpnmgmt.Quote(in); got != want {
+			t.Errorf("openvpnmgmt.Quote(%q) = %s, want %s", in, got, want)
 		}
 	}
 }
