@@ -190,7 +190,16 @@ func (i *Instance) runOnce(ctx context.Context, in subnet.Instance) error {
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	cmd := i.command(runCtx, "openvpn", "--config", paths.Config)
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.Cancel = func() error {
+		err := cmd.Process.Signal(syscall.SIGTERM)
+		if err != nil && !errors.Is(err, os.ErrProcessDone) {
+			// openvpn runs as OpenVPN.User once it has started: without
+			// CAP_KILL (a container that drops it) root may not signal it.
+			i.log().Error("cannot stop openvpn; the server needs CAP_KILL to signal it once it runs as its own user",
+				"pid", cmd.Process.Pid, "err", err)
+		}
+		return err
+	}
 	cmd.WaitDelay = orphanTermWait // then SIGKILL
 	out, err := cmd.StdoutPipe()
 	if err != nil {
