@@ -69,12 +69,6 @@ type Authenticator struct {
 	// request to the API is its child. Nil means otel.GetTracerProvider().
 	TracerProvider trace.TracerProvider
 
-	// now returns the time; nil means time.Now. Tests set it.
-	now func() time.Time
-	// joined, if set, is called when a caller shares a request in flight.
-	// Tests set it.
-	joined func()
-
 	once     sync.Once
 	wg       sync.WaitGroup
 	sem      chan struct{}
@@ -133,7 +127,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (
 
 	a.mu.Lock()
 	if e, ok := a.cache[k]; ok {
-		if a.clock().Before(e.expires) {
+		if time.Now().Before(e.expires) {
 			a.mu.Unlock()
 			span.SetAttributes(attrAuthCache.String("hit"))
 			return e.allowed, nil
@@ -150,9 +144,6 @@ func (a *Authenticator) Authenticate(ctx context.Context, uuid, apiKey string) (
 		span.SetAttributes(attrAuthCache.String("shared"))
 	} else {
 		span.SetAttributes(attrAuthCache.String("miss"))
-	}
-	if shared && a.joined != nil {
-		a.joined()
 	}
 
 	if !shared {
@@ -230,7 +221,7 @@ func (a *Authenticator) check(ctx context.Context, timeout time.Duration, k auth
 	a.mu.Lock()
 	delete(a.inflight, k)
 	if c.err == nil && a.CacheTimeout > 0 {
-		a.cache[k] = authEntry{allowed: c.allowed, expires: a.clock().Add(a.CacheTimeout)}
+		a.cache[k] = authEntry{allowed: c.allowed, expires: time.Now().Add(a.CacheTimeout)}
 		if len(a.cache) >= a.sweepAt {
 			a.sweep()
 		}
@@ -242,20 +233,13 @@ func (a *Authenticator) check(ctx context.Context, timeout time.Duration, k auth
 // sweep drops expired answers; a.mu is held. The next sweep waits until the
 // cache has doubled, so sweeping costs O(1) per insert over time.
 func (a *Authenticator) sweep() {
-	now := a.clock()
+	now := time.Now()
 	for k, e := range a.cache {
 		if !now.Before(e.expires) {
 			delete(a.cache, k)
 		}
 	}
 	a.sweepAt = max(1024, 2*len(a.cache))
-}
-
-func (a *Authenticator) clock() time.Time {
-	if a.now != nil {
-		return a.now()
-	}
-	return time.Now()
 }
 
 func (a *Authenticator) logger() *slog.Logger {

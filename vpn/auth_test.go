@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/matryer/is"
@@ -57,32 +58,34 @@ func (f *fakeAuthAPI) DeviceAuth(ctx context.Context, uuid, key string) (bool, e
 const uuidA = "0123456789abcdef0123456789abcdef"
 
 func TestAuthenticatorCache(t *testing.T) {
-	is := is.New(t)
-	api := &fakeAuthAPI{}
-	now := time.Unix(1000, 0)
-	var clock sync.Mutex
-	a := &Authenticator{API: api, CacheTimeout: time.Minute, now: func() time.Time { clock.Lock(); defer clock.Unlock(); return now }}
-	ctx := context.Background()
+	synctest.Test(t, func(t *testing.T) {
+		is := is.New(t)
+		api := &fakeAuthAPI{}
+		a := &Authenticator{API: api, CacheTimeout: time.Minute}
+		ctx := context.Background()
 
-	ok, err := a.Authenticate(ctx, uuidA, "good")
-	is.NoErr(err)
-	is.True(ok)
-	ok, err = a.Authenticate(ctx, uuidA, "good")
-	is.NoErr(err)
-	is.True(ok)
-	is.Equal(api.calls.Load(), int64(1)) // the allow was cached
+		ok, err := a.Authenticate(ctx, uuidA, "good")
+		is.NoErr(err)
+		is.True(ok)
+		ok, err = a.Authenticate(ctx, uuidA, "good")
+		is.NoErr(err)
+		is.True(ok)
+		is.Equal(api.calls.Load(), int64(1)) // the allow was cached
 
-	ok, err = a.Authenticate(ctx, uuidA, "bad")
-	is.NoErr(err)
-	is.True(!ok)
-	_, _ = a.Authenticate(ctx, uuidA, "bad")
-	is.Equal(api.calls.Load(), int64(2)) // the deny too, per key
+		ok, err = a.Authenticate(ctx, uuidA, "bad")
+		is.NoErr(err)
+		is.True(!ok)
+		_, _ = a.Authenticate(ctx, uuidA, "bad")
+		is.Equal(api.calls.Load(), int64(2)) // the deny too, per key
 
-	clock.Lock()
-	now = now.Add(time.Minute)
-	clock.Unlock()
-	_, _ = a.Authenticate(ctx, uuidA, "good")
-	is.Equal(api.calls.Load(), int64(3)) // expired
+		time.Sleep(time.Minute - time.Nanosecond)
+		_, _ = a.Authenticate(ctx, uuidA, "good")
+		is.Equal(api.calls.Load(), int64(2)) // not yet expired
+		time.Sleep(time.Nanosecond)
+		_, _ = a.Authenticate(ctx, uuidA, "good")
+		is.Equal(api.calls.Load(), int64(3)) // expired
+		a.Wait()
+	})
 }
 
 func TestAuthenticatorErrorsNotCached(t *testing.T) {
@@ -126,61 +129,54 @@ func TestAuthenticatorBadCredentials(t *testing.T) {
 }
 
 func TestAuthenticatorDedup(t *testing.T) {
-	is := is.New(t)
-	api := &fakeAuthAPI{gate: make(chan struct{}), started: make(chan struct{}, 100)}
-	joined := make(chan struct{}, 100)
-	a := &Authenticator{API: api, CacheTimeout: 0, // no cache: sharing must come from dedup
-		joined: func() { joined <- struct{}{} }}
-	const n = 50
-	var wg sync.WaitGroup
-	results := make(chan bool, n)
-	for range n {
-		wg.Go(func() {
-			ok, err := a.Authenticate(context.Background(), uuidA, "good")
-			if err != nil {
-				t.Error(err)
-			}
-			results <- ok
-		})
-	}
-	<-api.started
-	for range n - 1 { // every other caller joins the one request
-		<-joined
-	}
-	close(api.gate)
-	wg.Wait()
-	close(results)
-	for ok := range results {
-		is.True(ok)
-	}
-	is.Equal(api.calls.Load(), int64(1))
-	a.Wait()
+	synctest.Test(t, func(t *testing.T) {
+		is := is.New(t)
+		api := &fakeAuthAPI{gate: make(chan struct{}), started: make(chan struct{}, 100)}
+		a := &Authenticator{API: api, CacheTimeout: 0} // no cache: sharing must come from dedup
+		const n = 50
+		var wg sync.WaitGroup
+		results := make(chan bool, n)
+		for range n {
+			wg.Go(func() {
+				ok, err := a.Authenticate(context.Background(), uuidA, "good")
+				if err != nil {
+					t.Error(err)
+				}
+				results <- ok
+			})
+		}
+		synctest.Wait() // every caller waits: one in the API, the others for its answer
+		is.Equal(len(api.started), 1)
+		close(api.gate)
+		wg.Wait()
+		close(results)
+		for ok := range results {
+			is.True(ok)
+		}
+		is.Equal(api.calls.Load(), int64(1))
+		a.Wait()
+	})
 }
 
 func TestAuthenticatorConcurrencyBound(t *testing.T) {
-	is := is.New(t)
-	api := &fakeAuthAPI{gate: make(chan struct{}), started: make(chan struct{}, 100)}
-	a := &Authenticator{API: api, MaxInFlight: 4}
-	var wg sync.WaitGroup
-	for i := range 20 {
-		wg.Go(func() {
-			_, _ = a.Authenticate(context.Background(), fmt.Sprintf("%032x", i), "good")
-		})
-	}
-	for range 4 {
-		<-api.started
-	}
-	// Four are in the API; no fifth may start until one ends.
-	select {
-	case <-api.started:
-		t.Fatal("a fifth request started while four were in flight")
-	case <-time.After(50 * time.Millisecond):
-	}
-	close(api.gate)
-	wg.Wait()
-	a.Wait()
-	is.Equal(api.maxSeen.Load(), int64(4))
-	is.Equal(api.calls.Load(), int64(20))
+	synctest.Test(t, func(t *testing.T) {
+		is := is.New(t)
+		api := &fakeAuthAPI{gate: make(chan struct{}), started: make(chan struct{}, 100)}
+		a := &Authenticator{API: api, MaxInFlight: 4}
+		var wg sync.WaitGroup
+		for i := range 20 {
+			wg.Go(func() {
+				_, _ = a.Authenticate(context.Background(), fmt.Sprintf("%032x", i), "good")
+			})
+		}
+		synctest.Wait() // everybody waits: four in the API, the others for a place
+		is.Equal(len(api.started), 4)
+		close(api.gate)
+		wg.Wait()
+		a.Wait()
+		is.Equal(api.maxSeen.Load(), int64(4))
+		is.Equal(api.calls.Load(), int64(20))
+	})
 }
 
 func TestAuthenticatorCallerGivesUp(t *testing.T) {
@@ -203,13 +199,17 @@ func TestAuthenticatorCallerGivesUp(t *testing.T) {
 }
 
 func TestAuthenticatorTimeout(t *testing.T) {
-	is := is.New(t)
-	api := &fakeAuthAPI{gate: make(chan struct{})} // never released
-	a := &Authenticator{API: api, Timeout: 20 * time.Millisecond}
-	ok, err := a.Authenticate(context.Background(), uuidA, "good")
-	is.True(!ok)
-	is.True(errors.Is(err, context.DeadlineExceeded))
-	a.Wait()
+	synctest.Test(t, func(t *testing.T) {
+		is := is.New(t)
+		api := &fakeAuthAPI{gate: make(chan struct{})} // never released
+		a := &Authenticator{API: api, Timeout: 20 * time.Second}
+		start := time.Now()
+		ok, err := a.Authenticate(context.Background(), uuidA, "good")
+		is.True(!ok)
+		is.True(errors.Is(err, context.DeadlineExceeded))
+		is.Equal(time.Since(start), 20*time.Second) // exactly Timeout
+		a.Wait()
+	})
 }
 
 // TestAuthenticatorQueueNotTimed: Timeout bounds a request from the moment
@@ -238,21 +238,19 @@ func TestAuthenticatorQueueNotTimed(t *testing.T) {
 }
 
 func TestAuthenticatorSweep(t *testing.T) {
-	is := is.New(t)
-	now := time.Unix(0, 0)
-	var clock sync.Mutex
-	a := &Authenticator{API: &fakeAuthAPI{}, CacheTimeout: time.Second,
-		now: func() time.Time { clock.Lock(); defer clock.Unlock(); return now }}
-	for i := range 1023 {
-		_, _ = a.Authenticate(context.Background(), fmt.Sprintf("%x", i+1), "good")
-	}
-	clock.Lock()
-	now = now.Add(2 * time.Second)
-	clock.Unlock()
-	_, _ = a.Authenticate(context.Background(), "ffff", "good") // the 1024th entry sweeps
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	is.Equal(len(a.cache), 1)
+	synctest.Test(t, func(t *testing.T) {
+		is := is.New(t)
+		a := &Authenticator{API: &fakeAuthAPI{}, CacheTimeout: time.Second}
+		for i := range 1023 {
+			_, _ = a.Authenticate(context.Background(), fmt.Sprintf("%x", i+1), "good")
+		}
+		time.Sleep(2 * time.Second)
+		_, _ = a.Authenticate(context.Background(), "ffff", "good") // the 1024th entry sweeps
+		a.Wait()
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		is.Equal(len(a.cache), 1)
+	})
 }
 
 // TestAuthenticatorLetterCase: a device's UUID in any case is one device:
