@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/matryer/is"
@@ -145,6 +146,12 @@ func TestReporterNotRegistered(t *testing.T) {
 // the API recover: the final online set must equal the truth, reached in
 // ceil(N/batch) requests per direction.
 func TestReporterOutage(t *testing.T) {
+	synctest.Test(t, testReporterOutage)
+}
+
+// testReporterOutage runs in a synctest bubble, with the production
+// Interval (1 s) and MaxBackoff (30 s).
+func testReporterOutage(t *testing.T) {
 	is := is.New(t)
 	api := newFakeStateAPI()
 	var down sync.Mutex
@@ -157,8 +164,7 @@ func TestReporterOutage(t *testing.T) {
 		}
 		return nil
 	}
-	r := &Reporter{API: api, ServiceID: func() int64 { return 1 }, BatchSize: 64,
-		Interval: time.Millisecond, MaxBackoff: 4 * time.Millisecond}
+	r := &Reporter{API: api, ServiceID: func() int64 { return 1 }, BatchSize: 64}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
@@ -179,10 +185,13 @@ func TestReporterOutage(t *testing.T) {
 			r.Set(u, st(false))
 		}
 	}
-	// Let the outage be seen several times, then end it.
+	// Let the outage be seen several times, then end it: passes at 0, 1,
+	// 3, 7 and 15 s, the wait doubling from the interval.
+	start := time.Now()
 	for range 5 {
 		<-api.calls
 	}
+	is.Equal(time.Since(start), 15*time.Second)
 	is.Equal(len(api.onlineSet()), 0)
 	pending := r.Pending()
 	truth := conns.Online()
@@ -193,7 +202,10 @@ func TestReporterOutage(t *testing.T) {
 	down.Unlock()
 	api.mu.Unlock()
 
-	waitFor(t, func() bool { return r.Pending() == 0 })
+	// The next pass comes within MaxBackoff and sends everything.
+	time.Sleep(30 * time.Second)
+	synctest.Wait()
+	is.Equal(r.Pending(), 0)
 	cancel()
 	is.True(errors.Is(<-done, context.Canceled))
 	is.Equal(api.onlineSet(), truth)
@@ -265,23 +277,33 @@ func TestReporterChangeWhileSending(t *testing.T) {
 	}
 }
 
+// TestReporterRunWakesOnSet: with the production Interval (1 s), a change
+// is sent at once after a quiet spell, and the next one a full interval
+// after the pass before it, not sooner.
 func TestReporterRunWakesOnSet(t *testing.T) {
-	is := is.New(t)
-	api := newFakeStateAPI()
-	r := &Reporter{API: api, ServiceID: func() int64 { return 1 }, Interval: time.Millisecond}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	r.Set("ab", st(true))
-	<-api.calls
-	waitFor(t, func() bool { return r.Pending() == 0 })
-	r.Set("ab", st(false))
-	<-api.calls
-	waitFor(t, func() bool { return r.Pending() == 0 })
-	cancel()
-	is.True(errors.Is(<-done, context.Canceled))
-	is.Equal(api.onlineSet(), []string(nil))
-	is.Equal(api.requests, 2)
+	synctest.Test(t, func(t *testing.T) {
+		is := is.New(t)
+		api := newFakeStateAPI()
+		r := &Reporter{API: api, ServiceID: func() int64 { return 1 }}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- r.Run(ctx) }()
+		start := time.Now()
+		r.Set("ab", st(true))
+		<-api.calls
+		is.Equal(time.Since(start), time.Duration(0))
+		synctest.Wait()
+		is.Equal(r.Pending(), 0)
+		r.Set("ab", st(false))
+		<-api.calls
+		is.Equal(time.Since(start), time.Second) // the interval between passes
+		synctest.Wait()
+		is.Equal(r.Pending(), 0)
+		cancel()
+		is.True(errors.Is(<-done, context.Canceled))
+		is.Equal(api.onlineSet(), []string(nil))
+		is.Equal(api.requests, 2)
+	})
 }
 
 // waitFor polls cond, for state that has no event to wait on, and fails the
