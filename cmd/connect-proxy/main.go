@@ -58,10 +58,8 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/lmittmann/tint"
@@ -69,6 +67,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/obvpn/obvpn/cmd/internal/otelsetup"
+	"github.com/obvpn/obvpn/cmd/internal/signals"
 	"github.com/obvpn/obvpn/cmd/internal/sentrysetup"
 	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/nss"
@@ -89,30 +88,13 @@ func main() {
 	log := slog.New(tint.NewTextHandler(os.Stderr, &tint.Options{Level: level, TimeFormat: time.DateTime}))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR2)
-	go func() {
-		stopping := false
-		for sig := range sigs {
-			switch {
-			case sig == syscall.SIGUSR2:
-				if level.Level() == slog.LevelDebug {
-					level.Set(slog.LevelInfo)
-				} else {
-					level.Set(slog.LevelDebug)
-				}
-				log.Info("verbose logs toggled", "level", level.Level())
-			case stopping:
-				log.Error("second signal: exiting at once", "signal", sig)
-				os.Exit(1)
-			default:
-				stopping = true
-				log.Info("stopping", "signal", sig)
-				cancel()
-			}
-		}
-	}()
-	os.Exit(run(ctx, os.Args[1:], os.Stderr, log, level, nil))
+	stopSignals := signals.Handler{Level: level, Logger: log,
+		Stop: func(os.Signal) { cancel() },
+		Hard: func(os.Signal) { os.Exit(1) }, // the tunnels end with the process
+	}.Notify()
+	code := run(ctx, os.Args[1:], os.Stderr, log, level, nil)
+	stopSignals()
+	os.Exit(code)
 }
 
 // run runs the proxy until ctx ends. ready, if not nil, is called with the

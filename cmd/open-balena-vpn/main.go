@@ -32,15 +32,14 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/lmittmann/tint"
 
 	"github.com/obvpn/obvpn/cmd/internal/otelsetup"
+	"github.com/obvpn/obvpn/cmd/internal/signals"
 	"github.com/obvpn/obvpn/cmd/internal/sentrysetup"
 	"github.com/obvpn/obvpn/vpn"
 )
@@ -113,30 +112,14 @@ func run() int {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var hard atomic.Bool // a second signal came
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR2)
-	go func() {
-		stopping := false
-		for sig := range sigs {
-			switch {
-			case sig == syscall.SIGUSR2:
-				if level.Level() == slog.LevelDebug {
-					level.Set(slog.LevelInfo)
-				} else {
-					level.Set(slog.LevelDebug)
-				}
-				log.Info("verbose logs toggled", "level", level.Level())
-			case stopping:
-				log.Error("second signal: stopping at once, without the drain", "signal", sig)
-				hard.Store(true)
-				srv.Close() // Run stops the instances and HAProxy, then returns
-			default:
-				stopping = true
-				log.Info("stopping", "signal", sig)
-				cancel()
-			}
-		}
-	}()
+	stopSignals := signals.Handler{Level: level, Logger: log,
+		Stop: func(os.Signal) { cancel() },
+		Hard: func(os.Signal) {
+			hard.Store(true)
+			srv.Close() // Run stops the instances and HAProxy, then returns
+		},
+	}.Notify()
+	defer stopSignals()
 	log.Info("open-balena-vpn starting", "config", cfg, "tracing_export", tel.Endpoint, "errors_to_sentry", errs.Enabled())
 	if err := srv.Run(ctx); err != nil {
 		log.Error("open-balena-vpn failed", "err", err)
