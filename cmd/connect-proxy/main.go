@@ -67,8 +67,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/obvpn/obvpn/cmd/internal/otelsetup"
-	"github.com/obvpn/obvpn/cmd/internal/signals"
 	"github.com/obvpn/obvpn/cmd/internal/sentrysetup"
+	"github.com/obvpn/obvpn/cmd/internal/signals"
 	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/vpn"

@@ -39,8 +39,8 @@ import (
 	"github.com/lmittmann/tint"
 
 	"github.com/obvpn/obvpn/cmd/internal/otelsetup"
-	"github.com/obvpn/obvpn/cmd/internal/signals"
 	"github.com/obvpn/obvpn/cmd/internal/sentrysetup"
+	"github.com/obvpn/obvpn/cmd/internal/signals"
 	"github.com/obvpn/obvpn/vpn"
 )
 
