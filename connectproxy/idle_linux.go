@@ -4,7 +4,8 @@ import (
 	"net"
 	"syscall"
 	"time"
-	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // idleTime returns how long ago c last sent or received data, as the
@@ -19,14 +20,12 @@ func idleTime(c net.Conn) (time.Duration, bool) {
 	if err != nil {
 		return 0, false
 	}
-	var info syscall.TCPInfo
-	var errno syscall.Errno
+	var info *unix.TCPInfo
+	var serr error
 	err = rc.Control(func(fd uintptr) {
-		size := uint32(syscall.SizeofTCPInfo)
-		_, _, errno = syscall.Syscall6(syscall.SYS_GETSOCKOPT, fd, syscall.SOL_TCP, syscall.TCP_INFO,
-			uintptr(unsafe.Pointer(&info)), uintptr(unsafe.Pointer(&size)), 0)
+		info, serr = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO)
 	})
-	if err != nil || errno != 0 {
+	if err != nil || serr != nil {
 		return 0, false
 	}
 	ms := min(info.Last_data_sent, info.Last_data_recv)
