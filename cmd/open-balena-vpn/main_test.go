@@ -138,38 +138,7 @@ func endToEnd(t *testing.T, bin, mode string) {
 		"DELAY_ON_AUTH_FAIL=0", "DEFAULT_SIGTERM_TIMEOUT=10", "VPN_HAPROXY=off",
 		"OTEL_EXPORTER_OTLP_ENDPOINT=http://" + ol.Addr().String(), "OTEL_BSP_SCHEDULE_DELAY=100",
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	out, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var logs []string
-	exited := make(chan error, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			mu.Lock()
-			logs = append(logs, sc.Text())
-			mu.Unlock()
-		}
-		exited <- cmd.Wait()
-	}()
-	stopped := false
-	t.Cleanup(func() {
-		if !stopped {
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-exited
-		}
-		if t.Failed() {
-			mu.Lock()
-			t.Logf("server log:\n%s", strings.Join(logs, "\n"))
-			mu.Unlock()
-		}
-	})
+	srv := startServer(t, cmd)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -185,7 +154,7 @@ func endToEnd(t *testing.T, bin, mode string) {
 		select {
 		case <-ctx.Done():
 			t.Fatal("the device was not reported online")
-		case err := <-exited:
+		case err := <-srv.exited:
 			t.Fatalf("the server exited: %v", err)
 		case <-time.After(20 * time.Millisecond):
 		}
@@ -208,7 +177,7 @@ func endToEnd(t *testing.T, bin, mode string) {
 			select {
 			case <-ctx.Done():
 				t.Fatalf("the device was not reported online=%v", online)
-			case err := <-exited:
+			case err := <-srv.exited:
 				t.Fatalf("the server exited: %v", err)
 			case <-time.After(20 * time.Millisecond):
 			}
@@ -239,8 +208,8 @@ func endToEnd(t *testing.T, bin, mode string) {
 		t.Fatal(err)
 	}
 	select {
-	case err := <-exited:
-		stopped = true
+	case err := <-srv.exited:
+		srv.stopped = true
 		if err != nil {
 			t.Fatalf("exit after SIGTERM: %v", err)
 		}
@@ -308,4 +277,56 @@ func checkTraces(t *testing.T, api *balenatest.API, rcv *otlptest.Receiver, mode
 		t.Errorf("%d exports refused", rcv.Failures())
 	}
 	t.Logf("%s: %d spans in %d exports; traced calls %v", mode, len(spans), rcv.Exports(), calls)
+}
+
+// serverProc is the server command under test: its log lines, collected
+// for the test's failure output, and its exit.
+type serverProc struct {
+	exited  chan error // the command's Wait
+	stopped bool       // the test saw it exit; else the clean-up kills it
+
+	mu    sync.Mutex
+	lines []string
+}
+
+// startServer starts cmd in a process group of its own, collects its
+// stderr, and kills the group when the test ends, unless the test saw the
+// server exit (stopped); a failed test gets the server's log.
+func startServer(t *testing.T, cmd *exec.Cmd) *serverProc {
+	t.Helper()
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &serverProc{exited: make(chan error, 1)}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			p.mu.Lock()
+			p.lines = append(p.lines, sc.Text())
+			p.mu.Unlock()
+		}
+		p.exited <- cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		if !p.stopped {
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-p.exited
+		}
+		if t.Failed() {
+			t.Logf("server log:\n%s", p.logs())
+		}
+	})
+	return p
+}
+
+// logs returns the server's log so far.
+func (p *serverProc) logs() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return strings.Join(p.lines, "\n")
 }

@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -80,38 +79,7 @@ func TestSentryEndToEnd(t *testing.T) {
 		"DELAY_ON_AUTH_FAIL=0", "DEFAULT_SIGTERM_TIMEOUT=10", "VPN_HAPROXY=off",
 		"SENTRY_DSN=" + dsn, "PRODUCTION_MODE=false",
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	out, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var logs []string
-	exited := make(chan error, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			mu.Lock()
-			logs = append(logs, sc.Text())
-			mu.Unlock()
-		}
-		exited <- cmd.Wait()
-	}()
-	stopped := false
-	t.Cleanup(func() {
-		if !stopped {
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-exited
-		}
-		if t.Failed() {
-			mu.Lock()
-			t.Logf("server log:\n%s", strings.Join(logs, "\n"))
-			mu.Unlock()
-		}
-	})
+	srv := startServer(t, cmd)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -148,7 +116,7 @@ func TestSentryEndToEnd(t *testing.T) {
 		select {
 		case <-ctx.Done():
 			t.Fatal("the device was not reported online")
-		case err := <-exited:
+		case err := <-srv.exited:
 			t.Fatalf("the server exited: %v", err)
 		case <-time.After(20 * time.Millisecond):
 		}
@@ -169,8 +137,8 @@ func TestSentryEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	select {
-	case err := <-exited:
-		stopped = true
+	case err := <-srv.exited:
+		srv.stopped = true
 		if err != nil {
 			t.Fatalf("exit after SIGTERM: %v", err)
 		}
@@ -190,9 +158,7 @@ func TestSentryEndToEnd(t *testing.T) {
 		}
 		t.Error("a key or token reached Sentry")
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if all := strings.Join(logs, "\n"); strings.Contains(all, "SECRET") {
+	if all := srv.logs(); strings.Contains(all, "SECRET") {
 		t.Error("a key or token is in the server's log")
 	}
 	if rcv.Failures() != 0 {
