@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"context"
 	"encoding/base64"
+	"io"
 	"log/slog"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -18,6 +20,7 @@ import (
 
 	"github.com/obvpn/obvpn/subnet"
 	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/balena/balenatest"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
@@ -161,5 +164,103 @@ func TestReferenceContainerEnvironment(t *testing.T) {
 	defer cancel()
 	if out, err := exec.CommandContext(ctx, bins[0], "-c", "-f", file).CombinedOutput(); err != nil {
 		t.Errorf("haproxy -c: %v\n%s\n%s", err, out, c.RenderHAProxy())
+	}
+}
+
+// TestReferenceContainerEnvironmentStarts starts a real server, with a
+// managed HAProxy, from the reference container's environment file
+// unchanged but for what cannot be the same on a test host: the run
+// directory and HAProxy's socket go to a temporary directory, the balena
+// API is balenatest (its service key is the file's), and it all runs in a
+// world namespace of its own. A balenaOS client dials the container's
+// VPN_PORT, 443, and comes online; the monitor answers /ping to anyone and
+// /metrics/haproxy, /cluster_metrics and /metrics/openvpn only with the
+// token.
+func TestReferenceContainerEnvironmentStarts(t *testing.T) {
+	vpntest.Require(t, "openvpn", "haproxy", "ip")
+	env := readEnvFile(t, "testdata/reference-container.env")
+	run := t.TempDir()
+	env["VPN_RUN_DIR"] = run
+	env["VPN_HAPROXY_SOCKET"] = filepath.Join(run, "haproxy.sock")
+	var logs syncBuffer
+	cfg, err := vpn.Loader{Env: env, CPURequestFile: "/nonexistent/cpu_request", NumCPU: func() int { return 2 }}.Config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	world := vpntest.NewNetns(t, "world")
+	api := balenatest.NewServer(t)
+	api.ServiceKey = env["VPN_SERVICE_API_KEY"]
+	dev := api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "device-key"})
+	srv := &vpn.Server{Config: cfg, API: api.Client(), Command: world.CommandContext, Dial: world.Dial, Listen: world.Listen,
+		Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run = %v", err)
+		}
+		if t.Failed() {
+			t.Logf("server logs:\n%s", logs.String())
+		}
+	})
+	select {
+	case <-srv.Ready():
+	case err := <-done:
+		done <- err
+		t.Fatalf("Run: %v", err)
+	case <-time.After(60 * time.Second):
+		t.Fatal("not ready within 60 s")
+	}
+
+	ca := filepath.Join(t.TempDir(), "ca.crt")
+	if err := os.WriteFile(ca, cfg.OpenVPN.CACert, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
+	defer wcancel()
+	c := vpntest.StartClient(t, vpntest.ClientOptions{Profile: vpntest.BalenaOS, Netns: world, Remote: "127.0.0.1:443", CA: ca,
+		Username: dev.UUID, Password: dev.Key})
+	if _, err := c.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
+		t.Fatalf("the balenaOS client: %v\n%s", err, strings.Join(c.Lines(), "\n"))
+	}
+	waitUntil(t, wctx, func() bool { d, _ := api.Device(dev.UUID); return d.ConnectedToVPN })
+
+	hc := &http.Client{Transport: &http.Transport{DialContext: world.Dial}}
+	get := func(path, token string) (int, string) {
+		req, _ := http.NewRequestWithContext(wctx, "GET", "http://127.0.0.1:80"+path, nil)
+		if token != "" {
+			req.SetBasicAuth("monitor", token)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, _ := get("/ping", ""); code != 200 {
+		t.Errorf("/ping: %d", code)
+	}
+	token := env["MONITOR_SECRET_TOKEN"]
+	for path, want := range map[string]string{
+		"/metrics/haproxy": "haproxy_process_",
+		"/cluster_metrics": "vpn_online_devices 1",
+		"/metrics/openvpn": dev.UUID,
+	} {
+		if code, _ := get(path, ""); code != 401 {
+			t.Errorf("%s without the token: %d, want 401", path, code)
+		}
+		if code, _ := get(path, "wrong"); code != 401 {
+			t.Errorf("%s with a wrong token: %d, want 401", path, code)
+		}
+		if code, body := get(path, token); code != 200 || !strings.Contains(body, want) {
+			t.Errorf("%s with the token: %d, lacks %q", path, code, want)
+		}
+	}
+	if strings.Contains(logs.String(), token) || strings.Contains(logs.String(), env["VPN_SERVICE_API_KEY"]) {
+		t.Error("a secret is in the logs")
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -217,13 +218,19 @@ func (i *Instance) runOnce(ctx context.Context, in subnet.Instance) error {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
+		var last lastLines
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
-			// OpenVPN's stdout: its log before the management session
-			// takes over.
+			// OpenVPN's stdout: its whole log, the management session's
+			// "log on" notwithstanding. The last lines say why it exited.
 			i.log().Debug("openvpn", "line", sc.Text())
+			last.add(sc.Text())
 		}
-		exited <- cmd.Wait()
+		err := cmd.Wait()
+		if err != nil && len(last.lines) > 0 {
+			err = fmt.Errorf("%w; its last words: %s", err, strings.Join(last.lines, " | "))
+		}
+		exited <- err
 	}()
 	// On the way out the process is stopped (SIGTERM, SIGKILL after 5 s)
 	// and waited for.
@@ -261,6 +268,26 @@ func (i *Instance) runOnce(ctx context.Context, in subnet.Instance) error {
 			return ctx.Err()
 		}
 	}
+}
+
+// lastLines keeps the last few lines of openvpn's output, for the error
+// that reports its exit: a fatal configuration error ("dh key too small",
+// "Cannot load certificate") is otherwise only in the debug log.
+type lastLines struct{ lines []string }
+
+// maxLastLines is how many lines lastLines keeps: OpenSSL's error, the
+// call that failed and "Exiting due to fatal error".
+const maxLastLines = 3
+
+func (l *lastLines) add(line string) {
+	line = strings.TrimPrefix(line, "MANAGEMENT: ")
+	if line == "" || strings.HasPrefix(line, "Client disconnected") {
+		return // the management session's end, not the cause
+	}
+	if len(l.lines) == maxLastLines {
+		l.lines = slices.Delete(l.lines, 0, 1)
+	}
+	l.lines = append(l.lines, line)
 }
 
 // errNoManagement reports a management port that did not open in time.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"strconv"
@@ -211,5 +212,65 @@ func TestInstanceReconnectsManagement(t *testing.T) {
 		case <-wctx.Done():
 			t.Fatal("no BYTECOUNT_CLI after the reconnect")
 		}
+	}
+}
+
+// errorsHandler is a slog.Handler that sends the "err" of every error
+// record to a channel, for tests that wait for a logged error.
+type errorsHandler chan string
+
+func (h errorsHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelError }
+func (h errorsHandler) WithAttrs([]slog.Attr) slog.Handler           { return h }
+func (h errorsHandler) WithGroup(string) slog.Handler                { return h }
+func (h errorsHandler) Handle(_ context.Context, r slog.Record) error {
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key == "err" {
+			select {
+			case h <- a.Value.String():
+			default:
+			}
+		}
+		return true
+	})
+	return nil
+}
+
+// TestInstanceSaysWhyOpenVPNExits: openvpn that exits at start on a fatal
+// error (DH parameters OpenSSL refuses, which the Loader would have
+// caught) is reported at error level with its own last lines, not only in
+// the debug log.
+func TestInstanceSaysWhyOpenVPNExits(t *testing.T) {
+	vpntest.Require(t, "openvpn", "ip")
+	world, pki := vpntest.NewNetns(t, "world"), vpntest.NewPKI(t)
+	cfg, err := vpn.Loader{Env: map[string]string{
+		"VPN_BASE_SUBNET": "10.240.0.0/16", "VPN_INSTANCE_SUBNET_BITMASK": "24", "VPN_INSTANCE_COUNT": "1",
+		"VPN_RUN_DIR": t.TempDir(), "BALENA_API_HOST": "api.invalid", "VPN_SERVICE_API_KEY": "unused",
+		"VPN_OPENVPN_CA_CRT": string(pki.CACert), "VPN_OPENVPN_SERVER_CRT": string(pki.ServerCert),
+		"VPN_OPENVPN_SERVER_KEY": string(pki.ServerKey),
+	}}.Config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// openssl dhparam 1024: "dh key too small" at OpenSSL's security level 2.
+	cfg.OpenVPN.DH = []byte("-----BEGIN DH PARAMETERS-----\n" +
+		"MIGHAoGBAK3SXpqdAkl+2FRsW3ukSJoQiCU2ttWqrjbT2IGKJ3W1HGULXhqG5Dr+\n" +
+		"Nvq7mb6o56wANn7lBgShcBz42vfd/DMmFGIHgh1cFV3+A2GdIWm4neEQSb2zd/pQ\n" +
+		"mkApuMA9iCok3+kQcPaLrUQaui6QlmJvGSkO0XDksclUBED4h/+XAgEC\n" +
+		"-----END DH PARAMETERS-----\n")
+	errs := make(errorsHandler, 10)
+	inst := &vpn.Instance{Config: cfg, ID: 1, Command: world.CommandContext, Dial: world.Dial, Logger: slog.New(errs),
+		Handler: func(context.Context, *openvpnmgmt.Client, openvpnmgmt.Event) {}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- inst.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	select {
+	case err := <-errs:
+		if !strings.Contains(err, "openvpn exited: exit status 1") || !strings.Contains(err, "dh key too small") ||
+			!strings.Contains(err, "Exiting due to fatal error") {
+			t.Errorf("the error does not say why: %s", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no error logged within 30 s")
 	}
 }

@@ -2,11 +2,13 @@ package vpn
 
 import (
 	"crypto/x509"
+	"encoding/asn1"
 	"encoding/base64"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/netip"
 	"net/url"
@@ -675,6 +677,9 @@ func (p *parser) openvpn(e *environment, plan subnet.Plan) OpenVPNConfig {
 	c.ServerCert = p.pem("VPN_OPENVPN_SERVER_CRT", e.ServerCert, e.ServerCertFile, "CERTIFICATE", true)
 	c.ServerKey = p.pem("VPN_OPENVPN_SERVER_KEY", e.ServerKey, e.ServerKeyFile, "PRIVATE KEY", true)
 	c.DH = p.pem("VPN_OPENVPN_SERVER_DH", e.DH, e.DHFile, "PARAMETERS", false)
+	if c.DH != nil {
+		p.dhBits("VPN_OPENVPN_SERVER_DH", c.DH)
+	}
 	c.Compression = Compression(p.oneOf("VPN_COMPRESSION", e.Compression,
 		string(CompressionMigrate), string(CompressionLZO), string(CompressionOff)))
 	c.User = p.account("VPN_OPENVPN_USER", e.OpenVPNUser, func(name string) error { _, err := user.Lookup(name); return err })
@@ -988,6 +993,32 @@ func (p *parser) trustProxy(name, value string) TrustProxy {
 // (as the reference container takes it), plain PEM, or the name of a PEM
 // file in its _FILE form. Its values are not repeated in errors, since one
 // of them is a private key.
+// minDHBits is the smallest DH prime OpenSSL 3 takes at the security level
+// Debian and most distributions default to (2): with a smaller one,
+// openvpn exits at start with "dh key too small".
+const minDHBits = 2048
+
+// dhBits fails name unless the PEM DH parameters in data (PKCS #3 or
+// X9.42: a SEQUENCE whose first INTEGER is the prime) have a prime of at
+// least minDHBits bits.
+func (p *parser) dhBits(name string, data []byte) {
+	block, _ := pem.Decode(data)
+	var seq asn1.RawValue
+	var prime *big.Int
+	if _, err := asn1.Unmarshal(block.Bytes, &seq); err != nil || seq.Tag != asn1.TagSequence {
+		p.fail(name, "", errors.New("holds no DH parameters"))
+		return
+	}
+	if _, err := asn1.Unmarshal(seq.Bytes, &prime); err != nil || prime.Sign() <= 0 {
+		p.fail(name, "", errors.New("holds no DH parameters"))
+		return
+	}
+	if n := prime.BitLen(); n < minDHBits {
+		p.fail(name, "", fmt.Errorf("%d-bit DH parameters: OpenSSL refuses fewer than %d bits at its default security level "+
+			"(make new ones with openssl dhparam %d, or leave it unset for ECDH only)", n, minDHBits, minDHBits))
+	}
+}
+
 func (p *parser) pem(name, value, file, blockType string, required bool) []byte {
 	if p.err != nil {
 		return nil

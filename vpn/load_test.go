@@ -17,11 +17,13 @@ import (
 )
 
 // Throw-away PEM blocks: the loader checks the framing and the block type,
-// not the cryptography.
+// not the cryptography, but for the size of the DH prime (openssl dhparam
+// 2048 and 1024).
 const (
 	testCert = "-----BEGIN CERTIFICATE-----\nTUlJQg==\n-----END CERTIFICATE-----\n"
 	testKey  = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==\n-----END PRIVATE KEY-----\n"
-	testDH   = "-----BEGIN DH PARAMETERS-----\nTUlJQg==\n-----END DH PARAMETERS-----\n"
+	testDH   = "-----BEGIN DH PARAMETERS-----\nMIIBCAKCAQEAnUZ+ltRhHppK1wbRh/a3ZsEpDah72NkYoCDldaw0YroQIiKF6qS9\nKKPhpGAVTMsuL/2jQyhP7z5e8/EfAa3CsT4fm4/9dMEUWGxP6Zq1v3rgc1DDm9AI\nEHZDDign4ADdvVRBwHuIfMrpL5dBxNq4gXLulPk7S+vSg97veVOKUk2k7nZ/ssji\ni5tdRybcKc11ImGuigflDRBn5rXr7/sbxXL1TeYk9ocMyu9AqxrqZMNcUBAWfkdi\nGmmSz71me+d3xCPL1iQtkCkcZPxSJJqTWXALzp390NFXt756/Wssn0bucOlM0qmP\nk85uBw0C63mxd2UXpTX14UbFn5yWEJ00ZwIBAg==\n-----END DH PARAMETERS-----\n"
+	smallDH  = "-----BEGIN DH PARAMETERS-----\nMIGHAoGBAK3SXpqdAkl+2FRsW3ukSJoQiCU2ttWqrjbT2IGKJ3W1HGULXhqG5Dr+\nNvq7mb6o56wANn7lBgShcBz42vfd/DMmFGIHgh1cFV3+A2GdIWm4neEQSb2zd/pQ\nmkApuMA9iCok3+kQcPaLrUQaui6QlmJvGSkO0XDksclUBED4h/+XAgEC\n-----END DH PARAMETERS-----\n"
 )
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
@@ -334,6 +336,10 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"CA file not PEM", []string{"VPN_OPENVPN_CA_CRT", "", "VPN_OPENVPN_CA_CRT_FILE", notPEM}, `VPN_OPENVPN_CA_CRT_FILE: holds no PEM block`},
 		{"key is a certificate", []string{"VPN_OPENVPN_SERVER_KEY", b64(testCert)},
 			`VPN_OPENVPN_SERVER_KEY: holds a PEM "CERTIFICATE" block, want "PRIVATE KEY"`},
+		{"DH too small", []string{"VPN_OPENVPN_SERVER_DH", b64(smallDH)}, `VPN_OPENVPN_SERVER_DH: 1024-bit DH parameters: ` +
+			`OpenSSL refuses fewer than 2048 bits at its default security level (make new ones with openssl dhparam 2048, or leave it unset for ECDH only)`},
+		{"DH not DH", []string{"VPN_OPENVPN_SERVER_DH", b64("-----BEGIN DH PARAMETERS-----\nTUlJQg==\n-----END DH PARAMETERS-----\n")},
+			`VPN_OPENVPN_SERVER_DH: holds no DH parameters`},
 		{"auth mode", []string{"VPN_AUTH_MODE", "plugin"}, `VPN_AUTH_MODE="plugin": want one of management, script`},
 		{"negative cache timeout", []string{"VPN_AUTH_CACHE_TIMEOUT", "-1"}, `VPN_AUTH_CACHE_TIMEOUT="-1": out of range 0…4611686018427`},
 		{"no workers", []string{"MAX_API_POST_WORKERS", "0"}, `MAX_API_POST_WORKERS="0": out of range 1…65536`},
