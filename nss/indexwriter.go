@@ -84,9 +84,21 @@ func (w *IndexWriter) Run(ctx context.Context) error {
 		minInterval = 250 * time.Millisecond
 	}
 	path, r := w.path(), w.Resolver
-	if err := r.Refresh(); err != nil {
-		log.Debug("nss: status files", "err", err)
+	// A status file's trouble is logged when it changes, not at every poll:
+	// an instance's file stays empty until openvpn first writes it.
+	var lastErr string
+	refresh := func() {
+		err := r.Refresh()
+		switch {
+		case err == nil && lastErr != "":
+			log.Debug("nss: status files readable again")
+			lastErr = ""
+		case err != nil && err.Error() != lastErr:
+			log.Debug("nss: status files", "err", err)
+			lastErr = err.Error()
+		}
 	}
+	refresh()
 	snap := r.index.Load()
 	if snap == nil { // nothing published yet: an empty view
 		r.mu.Lock()
@@ -157,9 +169,7 @@ func (w *IndexWriter) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-ticker.C:
-			if err := r.Refresh(); err != nil {
-				log.Debug("nss: status files", "err", err)
-			}
+			refresh()
 		case <-cur.next:
 		case <-laterC:
 			laterC = nil
