@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/obvpn/obvpn/subnet"
+	"github.com/obvpn/obvpn/vpn/bandwidth"
 )
 
 // Config is the configuration of a VPN server: the address plan and
@@ -413,9 +414,9 @@ const (
 // nothing; otherwise both rates are set.
 type BandwidthConfig struct {
 	// Down is the rate towards each device (VPN_DOWNRATE).
-	Down Rate
+	Down bandwidth.Rate
 	// Up is the rate from each device (VPN_UPRATE).
-	Up Rate
+	Up bandwidth.Rate
 }
 
 // MetricsConfig is where Prometheus metrics are served.

@@ -2,7 +2,6 @@ package vpn
 
 import (
 	"context"
-	"github.com/obvpn/obvpn/vpn/hook"
 	"net/http/httptest"
 	"os"
 	"os/user"
@@ -13,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/obvpn/obvpn/vpn/hook"
 
 	"github.com/matryer/is"
 )

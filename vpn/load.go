@@ -24,6 +24,7 @@ import (
 	env "github.com/caarlos0/env/v10"
 
 	"github.com/obvpn/obvpn/subnet"
+	"github.com/obvpn/obvpn/vpn/bandwidth"
 )
 
 // ErrMissing reports a required variable that is not set.
@@ -890,13 +891,13 @@ func (p *parser) oneOf(name, value string, allowed ...string) string {
 	return ""
 }
 
-func (p *parser) rate(name, value string) Rate {
+func (p *parser) rate(name, value string) bandwidth.Rate {
 	if p.err != nil {
 		return 0
 	}
-	r, err := ParseRate(strings.TrimSpace(value))
+	r, err := bandwidth.ParseRate(strings.TrimSpace(value))
 	if err != nil {
-		p.fail(name, value, ErrRateSyntax)
+		p.fail(name, value, bandwidth.ErrRateSyntax)
 	}
 	return r
 }

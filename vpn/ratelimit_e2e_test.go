@@ -15,8 +15,8 @@ import (
 
 	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/openvpnmgmt"
-	"github.com/obvpn/obvpn/vpn"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/bandwidth"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
@@ -54,7 +54,7 @@ const (
 // connected (they go with the client), so that half of the issue — a
 // device whose limits are removed runs unlimited while the other stays
 // limited, and the reverse — is TestLimiterRemoveRate, which drives a
-// vpn.Limiter itself against a real openvpn's tun device.
+// bandwidth.Limiter itself against a real openvpn's tun device.
 func TestServerLimitsRate(t *testing.T) {
 	vpntest.Require(t, "openvpn", "ip", "tc")
 	start := time.Now()
@@ -117,7 +117,7 @@ func TestServerLimitsRate(t *testing.T) {
 }
 
 // TestLimiterRemoveRate: a real openvpn server with two devices A and B in
-// namespaces of their own, reached through the tunnel, and a vpn.Limiter at
+// namespaces of their own, reached through the tunnel, and a bandwidth.Limiter at
 // 1mbit each way on the server's tun device, as the server sets it up. With
 // both devices limited, transfers to and from each (both devices at once)
 // run at no more than 1.3 Mbit/s. Once A's limits are removed, A runs at
@@ -173,11 +173,11 @@ func TestLimiterRemoveRate(t *testing.T) {
 		devs[i].addr = rateLookup(t, ctx, resolver, devs[i].uuid)
 	}
 
-	rate, err := vpn.ParseRate(rateLimit)
+	rate, err := bandwidth.ParseRate(rateLimit)
 	if err != nil {
 		t.Fatal(err)
 	}
-	lim := &vpn.Limiter{Dev: tun, IFB: "obvpnifbrt", Subnet: subnet, Down: rate, Up: rate,
+	lim := &bandwidth.Limiter{Dev: tun, IFB: "obvpnifbrt", Subnet: subnet, Down: rate, Up: rate,
 		Run: func(ctx context.Context, name string, args ...string) ([]byte, error) {
 			return world.CommandContext(ctx, name, args...).CombinedOutput()
 		}}
@@ -399,7 +399,7 @@ func rateTunAddr(t *testing.T, n *vpntest.Netns, dev string) netip.Addr {
 	return netip.Addr{}
 }
 
-// rateClassID is the tc class that vpn.Limiter gives the address a of subnet.
+// rateClassID is the tc class that bandwidth.Limiter gives the address a of subnet.
 func rateClassID(subnet netip.Prefix, a netip.Addr) string {
 	s, b := subnet.Addr().As4(), a.As4()
 	off := (uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])) -

@@ -20,6 +20,7 @@ import (
 	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/vpn/balena"
+	"github.com/obvpn/obvpn/vpn/bandwidth"
 )
 
 // The fixed times of a server's run.
@@ -51,7 +52,7 @@ type run struct {
 	reporter *Reporter
 	resolver *nss.Resolver
 	sessions *Sessions
-	limiters []*Limiter // by instance id; nil entries without limits
+	limiters []*bandwidth.Limiter // by instance id; nil entries without limits
 	internal *InternalAPI
 
 	servers []*http.Server // the internal API's and the metrics'
@@ -181,7 +182,7 @@ func (r *run) prepareHooks() error {
 // buildLimiters makes an instance's bandwidth limiter when limits are set.
 func (r *run) buildLimiters() {
 	cfg := r.cfg
-	r.limiters = make([]*Limiter, r.n+1)
+	r.limiters = make([]*bandwidth.Limiter, r.n+1)
 	if cfg.Bandwidth.Down == 0 || cfg.Bandwidth.Up == 0 {
 		return
 	}
@@ -194,10 +195,10 @@ func (r *run) buildLimiters() {
 	}
 	for id := 1; id <= r.n; id++ {
 		in, _ := cfg.Plan.Instance(id)
-		r.limiters[id] = &Limiter{Dev: "tun" + strconv.Itoa(id), IFB: "obvpnifb" + strconv.Itoa(id),
+		r.limiters[id] = &bandwidth.Limiter{Dev: "tun" + strconv.Itoa(id), IFB: "obvpnifb" + strconv.Itoa(id),
 			Subnet: in.Subnet, Down: cfg.Bandwidth.Down, Up: cfg.Bandwidth.Up, Run: tc}
 	}
-	r.sessions.Limits = func(id int) *Limiter { return r.limiters[id] }
+	r.sessions.Limits = func(id int) *bandwidth.Limiter { return r.limiters[id] }
 }
 
 func (r *run) teardownLimits() {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/obvpn/obvpn/openvpnmgmt"
+	"github.com/obvpn/obvpn/vpn/bandwidth"
 )
 
 // Sessions decides, in management mode, who may connect, and keeps track
@@ -49,7 +50,7 @@ type Sessions struct {
 	// Limits, if set, returns the bandwidth limiter of an instance (nil
 	// for none): each client's address, as CLIENT:ADDRESS gives it, is
 	// limited until the client goes.
-	Limits func(instance int) *Limiter
+	Limits func(instance int) *bandwidth.Limiter
 
 	// Addresses, if set, learns each device's virtual address the moment
 	// OpenVPN assigns it (CLIENT:ESTABLISHED, CLIENT:ADDRESS), and forgets

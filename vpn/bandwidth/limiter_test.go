@@ -1,4 +1,4 @@
-package vpn
+package bandwidth
 
 import (
 	"context"
@@ -13,29 +13,15 @@ import (
 	"testing"
 
 	"github.com/matryer/is"
+	"github.com/obvpn/obvpn/vpn/vpntest"
 )
-
-// requireRoot skips a test that needs root (network namespaces, tc), or
-// fails it under OBVPN_E2E=1.
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("OBVPN_E2E") == "1" {
-		t.Fatal("OBVPN_E2E=1 but the test does not run as root")
-	}
-	t.Skip("needs root for network namespaces and tc (set OBVPN_E2E=1 to make this a failure)")
-}
 
 // netns creates a network namespace with a tun device named dev in it and
 // returns a CommandRunner that runs commands inside it. Both go when the
 // test ends.
 func netns(t *testing.T, dev string) CommandRunner {
 	t.Helper()
-	requireRoot(t)
-	ip := requireCommand(t, "ip")
-	requireCommand(t, "tc")
+	ip := vpntest.Require(t, "ip", "tc")[0]
 	name := fmt.Sprintf("obvpn-bw-%d-%d", os.Getpid(), rand.IntN(1<<20))
 	if out, err := exec.Command(ip, "netns", "add", name).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns add: %v: %s", err, out)

@@ -1,4 +1,11 @@
-package vpn
+// Package bandwidth limits the rate of each device of an OpenVPN instance
+// with Linux traffic control: a [Limiter] per tun device gives every
+// device address a class of its own towards the device and from it, and
+// [Rate] is a rate as tc writes it (VPN_DOWNRATE, VPN_UPRATE).
+//
+// The limiter runs tc and ip through a [CommandRunner], so that it can
+// work inside a network namespace; [ExecRunner] runs them as they are.
+package bandwidth
 
 import (
 	"context"

@@ -1,4 +1,4 @@
-package vpn
+package bandwidth
 
 import (
 	"errors"
