@@ -11,7 +11,10 @@ const MaxPort = 65535
 
 // Ports says how an instance's ports derive from its 1-indexed id. The zero
 // value gives every port as 0+id, which is rarely what is wanted; the
-// reference deployment uses VPN 10000, Management 20000 and API 30000.
+// reference deployment uses [ReferencePorts].
+// ReferencePorts are the reference deployment's base ports.
+var ReferencePorts = Ports{VPN: 10000, Management: 20000, API: 30000}
+
 type Ports struct {
 	// VPN is the base of the OpenVPN ports: instance id listens on VPN+id.
 	VPN int

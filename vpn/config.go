@@ -11,26 +11,29 @@ import (
 
 	"github.com/obvpn/obvpn/subnet"
 	"github.com/obvpn/obvpn/vpn/bandwidth"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 )
 
 // Config is the configuration of a VPN server: the address plan and
 // everything else its parts need. [LoadConfig] fills it from the
-// environment and validates it; a Config built by hand is taken as is, and
-// the zero value of each field is documented.
+// environment and validates it. A Config built by hand means what its
+// fields document for their zero values: [Config.WithDefaults] fills them
+// in, and every part of the server runs on what it returns.
 type Config struct {
 	// Plan is the address and port plan: VPN_BASE_SUBNET,
 	// VPN_INSTANCE_SUBNET_BITMASK (defaulted and clamped, see
 	// subnet.DefaultBits), BALENA_VPN_GATEWAY/VPN_GATEWAY, VPN_BASE_PORT,
 	// VPN_BASE_MANAGEMENT_PORT, VPN_API_BASE_PORT/VPN_API_PORT and the
 	// instance count (VPN_INSTANCE_COUNT, else /etc/podinfo/cpu_request,
-	// else the CPU count).
+	// else the CPU count). Ports that are all zero mean
+	// [subnet.ReferencePorts]: 10000, 20000 and 30000.
 	Plan subnet.Plan
 
 	OpenVPN   OpenVPNConfig
 	Auth      AuthConfig
 	Balena    BalenaConfig
 	Proxy     ProxyConfig
-	HAProxy   HAProxyConfig
+	HAProxy   haproxy.Config
 	Bandwidth BandwidthConfig
 	Metrics   MetricsConfig
 	Drain     DrainConfig
@@ -333,82 +336,6 @@ type ProxyConfig struct {
 // DefaultMaxTunnels is the default of VPN_CONNECT_PROXY_MAX_TUNNELS: as
 // many tunnels as HAProxy's default connection limit lets devices in.
 const DefaultMaxTunnels = 10000
-
-// HAProxyMode says how the server works with HAProxy.
-type HAProxyMode string
-
-const (
-	// HAProxyManaged writes HAProxy's configuration, runs haproxy and stops
-	// it on exit. The default.
-	HAProxyManaged HAProxyMode = "managed"
-	// HAProxyExternal only registers instances with a running HAProxy
-	// through its runtime API socket.
-	HAProxyExternal HAProxyMode = "external"
-	// HAProxyOff runs no HAProxy: clients use the instance ports.
-	HAProxyOff HAProxyMode = "off"
-)
-
-// HAProxyConfig is the TCP balancer in front of the instances.
-type HAProxyConfig struct {
-	// Mode is VPN_HAPROXY. Empty means [HAProxyManaged].
-	Mode HAProxyMode
-	// Port is the public OpenVPN port, HAProxy's frontend (VPN_PORT). Zero
-	// means 443.
-	Port int
-	// Socket is the path of HAProxy's admin socket (VPN_HAPROXY_SOCKET).
-	// Empty means /run/haproxy.sock.
-	Socket string
-	// UseProxyProtocol adds accept-proxy to the frontend's bind, for a
-	// balancer in front that speaks the PROXY protocol
-	// (VPN_HAPROXY_USEPROXYPROTOCOL).
-	UseProxyProtocol bool
-	// MonitorAddr is where the managed HAProxy answers GET /ping: 200
-	// while an instance takes clients, 503 otherwise
-	// (VPN_HAPROXY_MONITOR_ADDR). Empty means ":80", as the reference
-	// deployment. With Metrics.Token set, the same frontend serves the
-	// monitoring paths (see [Config.RenderHAProxy]).
-	MonitorAddr string
-	// MaxConn is HAProxy's connection limit, for the process and for the
-	// VPN frontend (VPN_HAPROXY_MAXCONN). Zero means 10000, as the
-	// reference container. Unless FileLimit is set, it is lowered to what
-	// the file descriptor limit that haproxy inherits allows (two
-	// descriptors a connection), where the reference's haproxy would
-	// refuse to start.
-	MaxConn int
-	// FileLimit is HAProxy's ulimit-n (VPN_HAPROXY_ULIMIT). Zero lets
-	// HAProxy derive it from MaxConn. The reference container sets
-	// 1048576, which haproxy refuses to start with where the hard limit
-	// is lower and it may not raise it (CAP_SYS_RESOURCE).
-	FileLimit int
-	// Timeout is how long a VPN connection may be idle on the client side
-	// and on the instance side before HAProxy closes it
-	// (VPN_HAPROXY_TIMEOUT, in seconds, else VPN_KEEPALIVE_TIMEOUT, as
-	// the reference container). Zero means OpenVPN.KeepaliveTimeout, and
-	// 60 s when that is zero too. OpenVPN pings every
-	// KeepaliveFrequency, so a live connection is never idle that long.
-	Timeout time.Duration
-	// Threads is HAProxy's nbthread (HAPROXY_NBTHREAD). Zero means 2, as
-	// the reference container.
-	Threads int
-	// CPUMap is HAProxy's cpu-map (HAPROXY_CPU_MAP), such as
-	// "auto:1/1-2 0-1". Empty means "auto:1/1-2 0-1", the reference
-	// container's; "none" writes no cpu-map.
-	CPUMap string
-	// NodeExporter and ProcessExporter are the addresses (host:port) of a
-	// Prometheus node exporter and process exporter that the monitor
-	// frontend routes /metrics/node and /metrics/process to, with
-	// Metrics.Token set (VPN_NODE_EXPORTER_ADDR,
-	// VPN_PROCESS_EXPORTER_ADDR; the reference container runs them on
-	// 127.0.0.1:9000 and 127.0.0.1:9001). Empty answers that path 503.
-	NodeExporter, ProcessExporter string
-}
-
-// Defaults of the HAProxy settings, the reference container's.
-const (
-	DefaultHAProxyMaxConn = 10000
-	DefaultHAProxyThreads = 2
-	DefaultHAProxyCPUMap  = "auto:1/1-2 0-1"
-)
 
 // BandwidthConfig is the per-device rate limit. The zero value limits
 // nothing; otherwise both rates are set.

@@ -21,6 +21,7 @@ import (
 	"github.com/obvpn/obvpn/subnet"
 	"github.com/obvpn/obvpn/vpn"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
@@ -129,7 +130,7 @@ func TestReferenceContainerEnvironment(t *testing.T) {
 	is.Equal(c.Proxy, vpn.ProxyConfig{Port: 0, ForwardPort: 3128, MaxTunnels: vpn.DefaultMaxTunnels})
 
 	// haproxy.cfg.tmpl.
-	is.Equal(c.HAProxy, vpn.HAProxyConfig{Mode: vpn.HAProxyManaged, Port: 443, Socket: "/run/haproxy.sock", MonitorAddr: ":80",
+	is.Equal(c.HAProxy, haproxy.Config{Mode: haproxy.Managed, Port: 443, Socket: "/run/haproxy.sock", MonitorAddr: ":80",
 		MaxConn: 10000, Timeout: 60 * time.Second, Threads: 2, CPUMap: "auto:1/1-2 0-1"})
 	is.Equal(c.Metrics, vpn.MetricsConfig{Addr: ":8080", Timeout: 20 * time.Second, Token: "s3cr3t-monitor-token"})
 	is.Equal(c.Bandwidth, vpn.BandwidthConfig{})

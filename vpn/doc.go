@@ -25,7 +25,7 @@
 //   - [InternalAPI]: the loopback HTTP API that OpenVPN's script-mode
 //     hooks (cmd/vpn-auth, cmd/vpn-client-event) call through the small
 //     client of package vpn/hook.
-//   - [Metrics], [RenderHAProxy] and [HAProxyRuntime], [bandwidth.Limiter]: the
+//   - [Metrics], [RenderHAProxy] and [haproxy.Runtime], [bandwidth.Limiter]: the
 //     Prometheus metrics, HAProxy's configuration and runtime API, and
 //     per-device bandwidth limits with tc.
 //

@@ -15,6 +15,7 @@ import (
 
 	"github.com/obvpn/obvpn/vpn"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
@@ -175,17 +176,17 @@ func TestRenderHAProxyContent(t *testing.T) {
 
 			want("frontend vpn", "mode", "mode tcp")
 			want("frontend vpn", "bind", tt.bind)
-			want("frontend vpn", "default_backend", "default_backend "+vpn.HAProxyBackend)
+			want("frontend vpn", "default_backend", "default_backend "+haproxy.Backend)
 
-			want("backend "+vpn.HAProxyBackend, "mode", "mode tcp")
-			want("backend "+vpn.HAProxyBackend, "balance", "balance leastconn")
-			want("backend "+vpn.HAProxyBackend, "server-template", tt.template)
-			want("backend "+vpn.HAProxyBackend, "server") // only the template
+			want("backend "+haproxy.Backend, "mode", "mode tcp")
+			want("backend "+haproxy.Backend, "balance", "balance leastconn")
+			want("backend "+haproxy.Backend, "server-template", tt.template)
+			want("backend "+haproxy.Backend, "server") // only the template
 
 			want("frontend monitor", "mode", "mode http")
 			want("frontend monitor", "bind", tt.monitorBind)
 			want("frontend monitor", "monitor-uri", "monitor-uri /ping")
-			want("frontend monitor", "acl", "acl vpn_dead nbsrv("+vpn.HAProxyBackend+") lt 1")
+			want("frontend monitor", "acl", "acl vpn_dead nbsrv("+haproxy.Backend+") lt 1")
 			want("frontend monitor", "monitor fail", "monitor fail if vpn_dead")
 
 			// accept-proxy nowhere but on the VPN bind, and there only with
@@ -194,7 +195,7 @@ func TestRenderHAProxyContent(t *testing.T) {
 			if got := strings.Count(text, "accept-proxy"); got != map[bool]int{false: 0, true: 1}[wantAccept] {
 				t.Errorf("accept-proxy occurs %d times, want it %v only on the VPN bind", got, wantAccept)
 			}
-			wantSections := []string{"backend " + vpn.HAProxyBackend, "defaults", "frontend monitor", "frontend vpn", "global"}
+			wantSections := []string{"backend " + haproxy.Backend, "defaults", "frontend monitor", "frontend vpn", "global"}
 			if got := keys(s); !slices.Equal(got, wantSections) {
 				t.Errorf("sections: got %q, want %q", got, wantSections)
 			}
@@ -300,8 +301,8 @@ func TestServerExternalHAProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg.Metrics.Addr = vpn.MetricsOff
-	if cfg.HAProxy.Mode != vpn.HAProxyExternal {
-		t.Fatalf("mode: got %q, want %q", cfg.HAProxy.Mode, vpn.HAProxyExternal)
+	if cfg.HAProxy.Mode != haproxy.External {
+		t.Fatalf("mode: got %q, want %q", cfg.HAProxy.Mode, haproxy.External)
 	}
 	ctx, cancelAll := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancelAll()
@@ -326,7 +327,7 @@ func TestServerExternalHAProxy(t *testing.T) {
 			t.Logf("haproxy's output:\n%s", strings.Join(hp.Lines(), "\n"))
 		}
 	}()
-	hap := &vpn.HAProxyRuntime{Socket: socket}
+	hap := &haproxy.Runtime{Socket: socket}
 	waitUntil(t, ctx, func() bool {
 		select {
 		case <-hp.Exited():
@@ -338,7 +339,7 @@ func TestServerExternalHAProxy(t *testing.T) {
 		_, err := hap.Command(qctx, "show info")
 		return err == nil
 	})
-	st, err := hap.ServersState(ctx, vpn.HAProxyBackend)
+	st, err := hap.ServersState(ctx, haproxy.Backend)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -390,7 +391,7 @@ func TestServerExternalHAProxy(t *testing.T) {
 	}
 	var got []string
 	waitUntil(t, ctx, func() bool {
-		st, err := hap.ServersState(ctx, vpn.HAProxyBackend)
+		st, err := hap.ServersState(ctx, haproxy.Backend)
 		got = got[:0]
 		for _, s := range st {
 			got = append(got, fmt.Sprintf("%s %s %s", s.Name, s.Addr, map[bool]string{true: "up", false: "down"}[s.Up]))
@@ -440,7 +441,7 @@ func TestServerExternalHAProxy(t *testing.T) {
 		t.Fatalf("the external haproxy exited with the server (code %d)", hp.ExitCode())
 	default:
 	}
-	st, err = hap.ServersState(ctx, vpn.HAProxyBackend)
+	st, err = hap.ServersState(ctx, haproxy.Backend)
 	if err != nil {
 		t.Fatalf("the external haproxy's socket after the stop: %v", err)
 	}

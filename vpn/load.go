@@ -25,6 +25,7 @@ import (
 
 	"github.com/obvpn/obvpn/subnet"
 	"github.com/obvpn/obvpn/vpn/bandwidth"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 )
 
 // ErrMissing reports a required variable that is not set.
@@ -317,9 +318,9 @@ func (l Loader) Config() (*Config, error) {
 	return c, nil
 }
 
-func (p *parser) haproxy(e *environment, ovpn OpenVPNConfig) HAProxyConfig {
-	c := HAProxyConfig{
-		Mode:             HAProxyMode(p.oneOf("VPN_HAPROXY", e.HAProxy, string(HAProxyManaged), string(HAProxyExternal), string(HAProxyOff))),
+func (p *parser) haproxy(e *environment, ovpn OpenVPNConfig) haproxy.Config {
+	c := haproxy.Config{
+		Mode:             haproxy.Mode(p.oneOf("VPN_HAPROXY", e.HAProxy, string(haproxy.Managed), string(haproxy.External), string(haproxy.Off))),
 		Port:             p.port("VPN_PORT", e.VPNPort, 1),
 		Socket:           p.absPath("VPN_HAPROXY_SOCKET", e.HAProxySocket),
 		UseProxyProtocol: p.bool("VPN_HAPROXY_USEPROXYPROTOCOL", e.HAProxyUseProxy),
@@ -402,10 +403,10 @@ func (p *parser) portClash(e *environment, c *Config) {
 	default:
 		ranges = append(ranges, portRange{"VPN_API_BASE_PORT", "", ports.API + 1, ports.API + n})
 	}
-	if c.HAProxy.Mode != HAProxyOff {
+	if c.HAProxy.Mode != haproxy.Off {
 		ranges = append(ranges, portRange{"VPN_PORT", e.VPNPort, c.HAProxy.Port, c.HAProxy.Port})
 	}
-	if c.HAProxy.Mode == HAProxyManaged {
+	if c.HAProxy.Mode == haproxy.Managed {
 		if _, port, err := net.SplitHostPort(c.HAProxy.MonitorAddr); err == nil && port != "0" {
 			n, _ := strconv.Atoi(port)
 			ranges = append(ranges, portRange{"VPN_HAPROXY_MONITOR_ADDR", e.HAProxyMonitor, n, n})

@@ -14,6 +14,7 @@ import (
 	"github.com/matryer/is"
 
 	"github.com/obvpn/obvpn/subnet"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 )
 
 // Throw-away PEM blocks: the loader checks the framing and the block type,
@@ -82,7 +83,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 	is.Equal(c.Balena, BalenaConfig{APIHost: "api.example.com", ServiceAPIKey: "s3rv1ce-key", StateBatchSize: 8000})
 	is.Equal(c.Balena.BaseURL(), "https://api.example.com")
 	is.Equal(c.Proxy, ProxyConfig{MaxTunnels: DefaultMaxTunnels})
-	is.Equal(c.HAProxy, HAProxyConfig{Mode: HAProxyManaged, Port: 443, Socket: "/run/haproxy.sock", MonitorAddr: ":80",
+	is.Equal(c.HAProxy, haproxy.Config{Mode: haproxy.Managed, Port: 443, Socket: "/run/haproxy.sock", MonitorAddr: ":80",
 		MaxConn: 10000, Timeout: 60 * time.Second, Threads: 2, CPUMap: "auto:1/1-2 0-1"})
 	is.Equal(c.Bandwidth, BandwidthConfig{})
 	is.Equal(c.Metrics, MetricsConfig{Addr: ":8080", Timeout: 20 * time.Second})
@@ -174,7 +175,7 @@ func TestLoadConfigEverything(t *testing.T) {
 	is.Equal(c.Balena.StateBatchSize, 100)
 	is.Equal(c.Balena.RegisterInterface, "eth0")
 	is.Equal(c.Proxy, ProxyConfig{Port: 3128, ForwardPort: 3128, IdleTimeout: 15 * time.Minute})
-	is.Equal(c.HAProxy, HAProxyConfig{Mode: HAProxyExternal, Port: 1194, Socket: "/tmp/h.sock", UseProxyProtocol: true, MonitorAddr: ":80",
+	is.Equal(c.HAProxy, haproxy.Config{Mode: haproxy.External, Port: 1194, Socket: "/tmp/h.sock", UseProxyProtocol: true, MonitorAddr: ":80",
 		MaxConn: 50000, FileLimit: 200000, Timeout: 45 * time.Second, Threads: 4, CPUMap: "none",
 		NodeExporter: "127.0.0.1:9000", ProcessExporter: "[::1]:9001"})
 	is.Equal(c.Bandwidth, BandwidthConfig{Down: 10_000_000, Up: 512_000})

@@ -9,13 +9,14 @@ import (
 	"strings"
 	"time"
 
+	"github.com/obvpn/obvpn/vpn/haproxy"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // RequireMonitorToken guards next with the monitoring credentials
 // (MONITOR_SECRET_TOKEN): every request but GET /ping must carry HTTP
-// Basic credentials [MonitorUser]:token, else it is answered 401 with a
+// Basic credentials [haproxy.MonitorUser]:token, else it is answered 401 with a
 // WWW-Authenticate challenge. The credentials are compared in constant
 // time and never logged. An empty token guards nothing: next is returned
 // as is.
@@ -23,7 +24,7 @@ func RequireMonitorToken(token string, next http.Handler) http.Handler {
 	if token == "" {
 		return next
 	}
-	want := sha256.Sum256([]byte(MonitorUser + ":" + token))
+	want := sha256.Sum256([]byte(haproxy.MonitorUser + ":" + token))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/ping" {
 			next.ServeHTTP(w, r)
@@ -34,7 +35,7 @@ func RequireMonitorToken(token string, next http.Handler) http.Handler {
 		// was sent.
 		got := sha256.Sum256([]byte(user + ":" + pass))
 		if subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
-			w.Header().Set("WWW-Authenticate", `Basic realm="`+monitorUserlist+`"`)
+			w.Header().Set("WWW-Authenticate", `Basic realm="`+haproxy.MonitorRealm+`"`)
 			http.Error(w, "monitoring credentials required", http.StatusUnauthorized)
 			return
 		}

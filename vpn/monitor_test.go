@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/obvpn/obvpn/vpn"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
@@ -101,13 +101,13 @@ func TestServerMonitoring(t *testing.T) {
 		{metrics, "/metrics/openvpn", 200, ""},
 	} {
 		url := tt.base + tt.path
-		for _, cred := range [][2]string{{"", ""}, {vpn.MonitorUser, "wrong"}, {"admin", token}, {vpn.MonitorUser, token + "x"}} {
+		for _, cred := range [][2]string{{"", ""}, {haproxy.MonitorUser, "wrong"}, {"admin", token}, {haproxy.MonitorUser, token + "x"}} {
 			code, challenge, _ := get(t, hc, url, cred[0], cred[1])
 			if code != 401 || !strings.HasPrefix(challenge, "Basic ") {
 				t.Errorf("GET %s as %q: %d, WWW-Authenticate %q; want 401 and a Basic challenge", url, cred[0], code, challenge)
 			}
 		}
-		code, _, body := get(t, hc, url, vpn.MonitorUser, token)
+		code, _, body := get(t, hc, url, haproxy.MonitorUser, token)
 		if code != tt.code || !strings.Contains(body, tt.body) {
 			t.Errorf("GET %s with the token: %d, want %d with %q in:\n%.2000s", url, code, tt.code, tt.body, body)
 		}
@@ -126,7 +126,7 @@ func TestServerMonitoring(t *testing.T) {
 	rx := regexp.MustCompile(`openvpn_server_client_received_bytes_total\{common_name="` + d.UUID + `",instance="[12]"\} (\d+)`)
 	for _, base := range []string{monitor, metrics} {
 		waitUntil(t, ctx, func() bool {
-			_, _, body := get(t, hc, base+"/metrics/openvpn", vpn.MonitorUser, token)
+			_, _, body := get(t, hc, base+"/metrics/openvpn", haproxy.MonitorUser, token)
 			m := rx.FindStringSubmatch(body)
 			if m == nil {
 				return false

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/obvpn/obvpn/vpn/haproxy"
 )
 
 func TestRequireMonitorToken(t *testing.T) {
@@ -19,11 +21,11 @@ func TestRequireMonitorToken(t *testing.T) {
 		{"no token guards nothing", "", "/cluster_metrics", "", "", 200},
 		{"ping is open", "s3cret", "/ping", "", "", 200},
 		{"no credentials", "s3cret", "/cluster_metrics", "", "", 401},
-		{"wrong token", "s3cret", "/cluster_metrics", MonitorUser, "s3cre", 401},
-		{"longer token", "s3cret", "/metrics/openvpn", MonitorUser, "s3cret!", 401},
+		{"wrong token", "s3cret", "/cluster_metrics", haproxy.MonitorUser, "s3cre", 401},
+		{"longer token", "s3cret", "/metrics/openvpn", haproxy.MonitorUser, "s3cret!", 401},
 		{"wrong user", "s3cret", "/cluster_metrics", "admin", "s3cret", 401},
-		{"token", "s3cret", "/metrics/openvpn", MonitorUser, "s3cret", 200},
-		{"token with a colon", "a:b", "/metrics", MonitorUser, "a:b", 200},
+		{"token", "s3cret", "/metrics/openvpn", haproxy.MonitorUser, "s3cret", 200},
+		{"token with a colon", "a:b", "/metrics", haproxy.MonitorUser, "a:b", 200},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			req := httptest.NewRequest("GET", tt.path, nil)
@@ -52,19 +54,19 @@ func TestRequireMonitorToken(t *testing.T) {
 func TestHAProxyMaxConn(t *testing.T) {
 	for _, tt := range []struct {
 		name            string
-		h               HAProxyConfig
+		h               haproxy.Config
 		fdLimit         uint64
 		want, wantFrom  int
 		ulimit, comment bool
 	}{
-		{"default, no limit known", HAProxyConfig{}, 0, 10000, 0, false, false},
-		{"default, large limit", HAProxyConfig{}, 1 << 20, 10000, 0, false, false},
-		{"default, 20000 descriptors", HAProxyConfig{}, 20000, 7960, 10000, false, true},
-		{"given, 1024 descriptors", HAProxyConfig{MaxConn: 5000}, 1024, 369, 5000, false, true},
-		{"file limit set", HAProxyConfig{MaxConn: 50000, FileLimit: 200000}, 20000, 50000, 0, true, false},
+		{"default, no limit known", haproxy.Config{}, 0, 10000, 0, false, false},
+		{"default, large limit", haproxy.Config{}, 1 << 20, 10000, 0, false, false},
+		{"default, 20000 descriptors", haproxy.Config{}, 20000, 7960, 10000, false, true},
+		{"given, 1024 descriptors", haproxy.Config{MaxConn: 5000}, 1024, 369, 5000, false, true},
+		{"file limit set", haproxy.Config{MaxConn: 50000, FileLimit: 200000}, 20000, 50000, 0, true, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			n, from := tt.h.maxConn(tt.fdLimit)
+			n, from := tt.h.MaxConnFor(tt.fdLimit)
 			if n != tt.want || from != tt.wantFrom {
 				t.Errorf("maxConn(%d) = %d, %d; want %d, %d", tt.fdLimit, n, from, tt.want, tt.wantFrom)
 			}
@@ -97,11 +99,11 @@ func TestRenderHAProxyKnobs(t *testing.T) {
 			[]string{"userlist", "http-request auth", "prometheus-exporter"}},
 		{"keepalive timeout", Config{OpenVPN: OpenVPNConfig{KeepaliveTimeout: 9 * time.Second}},
 			[]string{"\ttimeout client 9s\n", "\ttimeout server 9s\n"}, nil},
-		{"haproxy timeout wins", Config{OpenVPN: OpenVPNConfig{KeepaliveTimeout: 9 * time.Second}, HAProxy: HAProxyConfig{Timeout: 45 * time.Second}},
+		{"haproxy timeout wins", Config{OpenVPN: OpenVPNConfig{KeepaliveTimeout: 9 * time.Second}, HAProxy: haproxy.Config{Timeout: 45 * time.Second}},
 			[]string{"\ttimeout client 45s\n", "\ttimeout server 45s\n"}, []string{"9s"}},
-		{"threads and no cpu map", Config{HAProxy: HAProxyConfig{Threads: 4, CPUMap: "none", FileLimit: 65536}},
+		{"threads and no cpu map", Config{HAProxy: haproxy.Config{Threads: 4, CPUMap: "none", FileLimit: 65536}},
 			[]string{"\tnbthread 4\n", "\tulimit-n 65536\n"}, []string{"cpu-map"}},
-		{"token", Config{Metrics: MetricsConfig{Addr: ":9090", Token: "t"}, HAProxy: HAProxyConfig{NodeExporter: "127.0.0.1:9000"}},
+		{"token", Config{Metrics: MetricsConfig{Addr: ":9090", Token: "t"}, HAProxy: haproxy.Config{NodeExporter: "127.0.0.1:9000"}},
 			[]string{"userlist obvpn-monitor\n\tuser monitor insecure-password 't'\n", "\thttp-request auth realm obvpn-monitor unless monitor_auth\n",
 				"\thttp-request use-service prometheus-exporter if { path /metrics/haproxy }\n",
 				"\tuse_backend node-exporter if { path /metrics/node }\n", "\tserver node_exporter 127.0.0.1:9000\n",

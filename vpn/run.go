@@ -21,6 +21,7 @@ import (
 	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/vpn/balena"
 	"github.com/obvpn/obvpn/vpn/bandwidth"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 )
 
 // The fixed times of a server's run.
@@ -31,10 +32,6 @@ const (
 	// readHeaderTimeout bounds a request head on the internal API and
 	// the metrics.
 	readHeaderTimeout = 10 * time.Second
-	// defaultMetricsConns is MetricsConfig.MaxConns's zero value.
-	defaultMetricsConns = 64
-	// defaultDrainTimeout is DrainConfig.Timeout's zero value.
-	defaultDrainTimeout = 120 * time.Second
 )
 
 // run is one run of a Server: the parts that Run builds, in the order of
@@ -65,7 +62,7 @@ type run struct {
 	wg        sync.WaitGroup // the parts' goroutines
 	fatal     chan error
 	instances []*Instance
-	hreg      *registrar
+	hreg      *haproxy.Registrar
 
 	readyMu  sync.Mutex
 	readySet map[int]bool
@@ -109,7 +106,11 @@ func (s *Server) Run(ctx context.Context) error {
 // state reports, the sessions, the bandwidth limiters and the internal
 // API. Nothing runs yet.
 func (s *Server) build() (*run, error) {
-	cfg := s.Config
+	if s.Config == nil {
+		return nil, errors.New("vpn: Server without a Config")
+	}
+	defaulted := s.Config.WithDefaults()
+	cfg := &defaulted
 	n, err := cfg.Plan.Len()
 	if err != nil {
 		return nil, fmt.Errorf("vpn: %w", err)
@@ -232,10 +233,7 @@ func (r *run) listen() error {
 	}
 	if addr := cfg.Metrics.addr(); addr != "" {
 		maxConns := cfg.Metrics.MaxConns
-		if maxConns <= 0 {
-			maxConns = defaultMetricsConns
-		}
-		h := monitorHandler(r.reg, r.sessions, cfg.metricsTimeout(), cfg.Metrics.Token)
+		h := monitorHandler(r.reg, r.sessions, cfg.Metrics.Timeout, cfg.Metrics.Token)
 		if err := r.serve(addr, h, maxConns); err != nil {
 			return err
 		}
@@ -291,21 +289,20 @@ func (r *run) start() (stop func(), err error) {
 	cfg := r.cfg
 	r.fatal = make(chan error, r.n+3)
 	r.instances = make([]*Instance, r.n+1)
-	var hap *HAProxyRuntime
-	if cfg.HAProxy.mode() != HAProxyOff {
-		hap = &HAProxyRuntime{Socket: cfg.HAProxy.socket()}
-		r.hreg = newRegistrar(hap, r.s.log())
+	h := cfg.haproxy()
+	if h.Mode != haproxy.Off {
+		r.hreg = &haproxy.Registrar{Runtime: &haproxy.Runtime{Socket: h.Socket}, Logger: r.s.log()}
 	}
-	if cfg.HAProxy.mode() == HAProxyManaged {
-		if stop, err = r.s.startHAProxy(r.ctx, hap, r.fatal); err != nil {
+	if h.Mode == haproxy.Managed {
+		if stop, err = r.s.startHAProxy(r.ctx, r.cfg, r.fatal); err != nil {
 			return nil, err
 		}
 	}
 	if r.hreg != nil {
-		r.goRun(r.hreg.run)
+		r.goRun(r.hreg.Run)
 	}
 	if cfg.NSSIndex != "off" {
-		r.goRun(func(ctx context.Context) { r.s.keepNSSIndex(ctx, r.resolver) })
+		r.goRun(func(ctx context.Context) { r.s.keepNSSIndex(ctx, r.resolver, cfg.NSSIndex) })
 	}
 	r.goRun(func(ctx context.Context) { _ = r.s.service.Run(ctx) })
 	r.goRun(func(ctx context.Context) { _ = r.reporter.Run(ctx) })
@@ -343,7 +340,7 @@ func (r *run) startInstance(id int) {
 		OnReady: func(id int) {
 			if r.hreg != nil {
 				// Registered at once, or retried until HAProxy takes it.
-				r.hreg.setNow(r.ctx, id, instanceAddr(cfg, id), StateReady)
+				r.hreg.SetNow(r.ctx, id, instanceAddr(cfg, id), haproxy.Ready)
 			}
 			r.readyMu.Lock()
 			defer r.readyMu.Unlock()
@@ -356,7 +353,7 @@ func (r *run) startInstance(id int) {
 		},
 		OnDown: func(id int) {
 			if r.hreg != nil {
-				r.hreg.setNow(context.WithoutCancel(r.ctx), id, instanceAddr(cfg, id), StateMaint)
+				r.hreg.SetNow(context.WithoutCancel(r.ctx), id, instanceAddr(cfg, id), haproxy.Maint)
 			}
 			r.sessions.Forget(id)
 			if l := r.limiters[id]; l != nil {
@@ -420,7 +417,7 @@ func (r *run) wait(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 		dctx, dcancel := r.s.unlessClosed(r.ctx)
-		r.s.drain(dctx, r.hreg, r.sessions, r.instances)
+		r.s.drain(dctx, r.cfg, r.hreg, r.sessions, r.instances)
 		dcancel()
 	case <-r.s.closed:
 	case err := <-r.fatal:
@@ -445,9 +442,6 @@ func (r *run) stop(ctx context.Context) {
 		return
 	}
 	timeout := r.cfg.Drain.Timeout
-	if timeout <= 0 {
-		timeout = defaultDrainTimeout
-	}
 	fctx, fcancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
 	defer fcancel()
 	fctx, ucancel := r.s.unlessClosed(fctx)

@@ -1,17 +1,14 @@
 package vpn
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,6 +18,7 @@ import (
 	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/openvpnmgmt"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 )
 
 // BalenaAPI is everything the server asks of the balena API, its CONNECT
@@ -150,8 +148,8 @@ func (s *Server) listen(network, addr string) (net.Listener, error) {
 // keepNSSIndex keeps the NSS module's index current from resolver until
 // ctx ends (Config.NSSIndex). A failure leaves the NSS module to scan the
 // status files.
-func (s *Server) keepNSSIndex(ctx context.Context, resolver *nss.Resolver) {
-	w := &nss.IndexWriter{Resolver: resolver, Path: s.Config.NSSIndex, Logger: s.Logger}
+func (s *Server) keepNSSIndex(ctx context.Context, resolver *nss.Resolver, path string) {
+	w := &nss.IndexWriter{Resolver: resolver, Path: path, Logger: s.Logger}
 	if err := w.Run(ctx); err != nil {
 		s.log().Warn("no NSS index", "err", err)
 	}
@@ -168,23 +166,15 @@ func internalAPIAddr(port int) string {
 // balancer, to another server), spaced by min(1 min / the minimum drain
 // rate, the drain timeout / the number of clients), all within the drain
 // timeout.
-func (s *Server) drain(ctx context.Context, reg *registrar, sessions *Sessions, instances []*Instance) {
-	cfg := s.Config
-	timeout := cfg.Drain.Timeout
-	if timeout <= 0 {
-		timeout = 120 * time.Second
-	}
-	rate := cfg.Drain.MinRatePerMinute
-	if rate <= 0 {
-		rate = 500
-	}
+func (s *Server) drain(ctx context.Context, cfg *Config, reg *haproxy.Registrar, sessions *Sessions, instances []*Instance) {
+	timeout, rate := cfg.Drain.Timeout, cfg.Drain.MinRatePerMinute
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	if reg != nil {
 		// Every registered instance, at once (the registrar logs a
 		// refusal) and kept so while the drain runs.
-		reg.setAll(StateDrain)
-		reg.apply(ctx)
+		reg.SetAll(haproxy.Drain)
+		reg.Apply(ctx)
 	}
 	clients := sessions.sessionList()
 	if len(clients) == 0 {
@@ -211,89 +201,23 @@ func (s *Server) drain(ctx context.Context, reg *registrar, sessions *Sessions, 
 	s.log().Info("drained", "clients", len(clients), "took", time.Since(start))
 }
 
-// startHAProxy writes HAProxy's configuration into the run directory, runs
-// haproxy (master-worker, in the foreground) until ctx ends, and returns
-// once its admin socket answers. An exit while ctx runs is reported on
-// fatal. stop waits for haproxy to have exited.
-func (s *Server) startHAProxy(ctx context.Context, hap *HAProxyRuntime, fatal chan<- error) (stop func(), err error) {
-	cfg := s.Config
-	file := filepath.Join(cfg.runDir(), "haproxy.cfg")
-	if err := os.MkdirAll(cfg.runDir(), 0o755); err != nil {
+// startHAProxy runs the managed haproxy, its configuration in the run
+// directory, until ctx ends, and returns once its admin socket answers.
+// An exit while ctx runs is reported on fatal. stop waits for haproxy to
+// have exited.
+func (s *Server) startHAProxy(ctx context.Context, cfg *Config, fatal chan<- error) (stop func(), err error) {
+	p := &haproxy.Process{Config: cfg.HAProxy, Site: cfg.haproxySite(), File: filepath.Join(cfg.RunDir, "haproxy.cfg"),
+		Command: s.Command, Logger: s.log()}
+	if err := p.Start(ctx); err != nil {
 		return nil, fmt.Errorf("vpn: %w", err)
 	}
-	// 0600: with MONITOR_SECRET_TOKEN set, the file holds the token.
-	if err := writeFile0600(file, []byte(cfg.RenderHAProxy())); err != nil {
-		return nil, fmt.Errorf("vpn: %w", err)
-	}
-	if n, from := cfg.HAProxy.maxConn(fileLimit()); from > 0 {
-		s.log().Warn("HAProxy's maxconn lowered to what the file descriptor limit allows", "maxconn", n, "wanted", from, "file_limit", fileLimit())
-	}
-	_ = os.Remove(cfg.HAProxy.Socket) // a stale socket from an earlier run
-	cmdf := s.Command
-	if cmdf == nil {
-		cmdf = exec.CommandContext
-	}
-	cmd := cmdf(ctx, "haproxy", "-W", "-db", "-f", file)
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = 5 * time.Second
-	out := &lineLogger{log: s.log().With("source", "haproxy")}
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("vpn: starting haproxy: %w", err)
-	}
-	exited := make(chan struct{})
+	done := make(chan struct{})
 	go func() {
-		err := cmd.Wait()
+		defer close(done)
+		<-p.Done()
 		if ctx.Err() == nil {
-			fatal <- fmt.Errorf("vpn: haproxy exited: %v", err)
+			fatal <- fmt.Errorf("vpn: haproxy exited: %v", p.Err())
 		}
-		close(exited)
 	}()
-	stop = func() { <-exited }
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		qctx, cancel := context.WithTimeout(ctx, time.Second)
-		_, err := hap.Command(qctx, "show info")
-		cancel()
-		if err == nil {
-			s.log().Info("HAProxy running", "pid", cmd.Process.Pid, "port", cfg.HAProxy.Port, "monitor", cfg.HAProxy.MonitorAddr)
-			return stop, nil
-		}
-		select {
-		case <-exited:
-			return nil, fmt.Errorf("vpn: haproxy exited at start (see its log)")
-		case <-ctx.Done():
-			<-exited
-			return nil, ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			_ = cmd.Process.Kill()
-			<-exited
-			return nil, fmt.Errorf("vpn: haproxy's admin socket %s did not answer within 10 s: %w", cfg.HAProxy.Socket, err)
-		}
-	}
-}
-
-// lineLogger logs what a child process writes, line by line, at debug
-// level.
-type lineLogger struct {
-	log *slog.Logger
-	mu  sync.Mutex
-	buf []byte
-}
-
-func (l *lineLogger) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.buf = append(l.buf, p...)
-	for {
-		i := bytes.IndexByte(l.buf, '\n')
-		if i < 0 {
-			break
-		}
-		l.log.Debug(string(l.buf[:i]))
-		l.buf = l.buf[i+1:]
-	}
-	return len(p), nil
+	return func() { <-done }, nil
 }

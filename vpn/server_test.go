@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -16,8 +17,10 @@ import (
 	"time"
 
 	"github.com/obvpn/obvpn/nss"
+	"github.com/obvpn/obvpn/subnet"
 	"github.com/obvpn/obvpn/vpn"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
@@ -348,9 +351,9 @@ func TestServerBehindHAProxy(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode == 200
 	})
-	hap := &vpn.HAProxyRuntime{Socket: cfg.HAProxy.Socket}
+	hap := &haproxy.Runtime{Socket: cfg.HAProxy.Socket}
 	waitUntil(t, wctx, func() bool {
-		st, err := hap.ServersState(wctx, vpn.HAProxyBackend)
+		st, err := hap.ServersState(wctx, haproxy.Backend)
 		return err == nil && len(st) == 2 && st[0].Up && st[1].Up
 	})
 	for _, d := range devs {
@@ -424,10 +427,10 @@ func TestServerDrain(t *testing.T) {
 
 	start := time.Now()
 	ws.cancel()
-	hap := &vpn.HAProxyRuntime{Socket: cfg.HAProxy.Socket}
+	hap := &haproxy.Runtime{Socket: cfg.HAProxy.Socket}
 	drained := false
 	for !drained && time.Since(start) < 2*time.Second {
-		if st, err := hap.ServersState(wctx, vpn.HAProxyBackend); err == nil && len(st) == 2 && st[0].Draining && st[1].Draining {
+		if st, err := hap.ServersState(wctx, haproxy.Backend); err == nil && len(st) == 2 && st[0].Draining && st[1].Draining {
 			drained = true
 		}
 	}
@@ -527,4 +530,66 @@ func ping503WhenDown(t *testing.T, ctx context.Context, hc *http.Client, run str
 		time.Sleep(10 * time.Millisecond)
 	}
 	return false
+}
+
+// TestHandBuiltConfig runs a Server on the Config of
+// ExampleConfig_WithDefaults, built by hand with no Loader: everything
+// left zero takes its documented default (a managed HAProxy on 443 with
+// its monitor on :80, metrics on :8080, instance ports from 10001), in a
+// world namespace, and a balenaOS device comes online through HAProxy.
+func TestHandBuiltConfig(t *testing.T) {
+	vpntest.Require(t, "openvpn", "haproxy", "ip")
+	world, pki, api := vpntest.NewNetns(t, "world"), vpntest.NewPKI(t), balenatest.NewServer(t)
+	run := t.TempDir()
+	cfg := &vpn.Config{
+		Plan:    subnet.Plan{Base: netip.MustParsePrefix("10.240.0.0/16"), Bits: 24, Instances: 2},
+		OpenVPN: vpn.OpenVPNConfig{CACert: pki.CACert, ServerCert: pki.ServerCert, ServerKey: pki.ServerKey},
+		Balena:  vpn.BalenaConfig{APIInternalHost: strings.TrimPrefix(api.URL, "http://"), ServiceAPIKey: api.ServiceKey},
+		RunDir:  run,
+		HAProxy: haproxy.Config{Socket: filepath.Join(run, "haproxy.sock")},
+	}
+	dev := api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "k"})
+	srv := &vpn.Server{Config: cfg, Command: world.CommandContext, Dial: world.Dial, Listen: world.Listen}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run = %v", err)
+		}
+	})
+	select {
+	case <-srv.Ready():
+	case err := <-done:
+		done <- err
+		t.Fatalf("Run: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("not ready within 30 s")
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
+	defer wcancel()
+	c := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:443", CA: pki.CAFile, Username: dev.UUID, Password: dev.Key})
+	if _, err := c.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, wctx, func() bool { d, _ := api.Device(dev.UUID); return d.ConnectedToVPN })
+	hc := &http.Client{Transport: &http.Transport{DialContext: world.Dial}}
+	for url, want := range map[string]string{
+		"http://127.0.0.1:80/ping":              "",
+		"http://127.0.0.1:8080/cluster_metrics": "vpn_online_devices 1",
+	} {
+		resp, err := hc.Get(url)
+		if err != nil {
+			t.Fatalf("%s: %v", url, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || !strings.Contains(string(b), want) {
+			t.Errorf("%s: %s %q, want 200 with %q", url, resp.Status, b, want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(run, "nss.index")); err != nil {
+		t.Errorf("the NSS index is not in the run directory: %v", err)
+	}
 }

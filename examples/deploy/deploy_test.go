@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 )
 
 // The files under test, relative to this directory.
@@ -232,10 +233,10 @@ func portsOf(t *testing.T, cfg *vpn.Config) serverPorts {
 	if p.Forward == 0 {
 		p.Forward = p.Proxy
 	}
-	if cfg.HAProxy.Mode != vpn.HAProxyOff {
+	if cfg.HAProxy.Mode != haproxy.Off {
 		p.VPN = cfg.HAProxy.Port
 	}
-	if cfg.HAProxy.Mode == vpn.HAProxyManaged {
+	if cfg.HAProxy.Mode == haproxy.Managed {
 		p.Monitor = addrPort(t, "VPN_HAPROXY_MONITOR_ADDR", cfg.HAProxy.MonitorAddr)
 	}
 	return p

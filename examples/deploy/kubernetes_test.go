@@ -21,6 +21,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 )
 
 // kinds is every kind the manifests may hold, with its apiVersion. Any
@@ -427,7 +428,7 @@ func TestKubernetesConfigLoads(t *testing.T) {
 	if got := k.cfg.Balena.RegisterInterface; got != "eth0" {
 		t.Errorf("VPN_SERVICE_REGISTER_INTERFACE=%q, want eth0: each pod registers its own pod IP", got)
 	}
-	if k.cfg.HAProxy.Mode != vpn.HAProxyManaged {
+	if k.cfg.HAProxy.Mode != haproxy.Managed {
 		t.Errorf("VPN_HAPROXY=%q, want managed: the probes ask HAProxy's monitor", k.cfg.HAProxy.Mode)
 	}
 	if k.ports.Proxy == 0 {

@@ -18,6 +18,7 @@ import (
 	"github.com/lmittmann/tint"
 
 	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
@@ -225,7 +226,7 @@ backend hosts
 		return err
 	}
 	// Ready when the admin socket answers.
-	rt := &vpn.HAProxyRuntime{Socket: f.balancerSocket}
+	rt := &haproxy.Runtime{Socket: f.balancerSocket}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if _, err := rt.Command(context.Background(), "show info"); err == nil {
@@ -256,8 +257,8 @@ func (f *fleet) killHost(h *host) {
 // server's exit status once it has drained and exited.
 func (f *fleet) drainHost(ctx context.Context, h *host) (int, error) {
 	h.gone = true
-	rt := &vpn.HAProxyRuntime{Socket: f.balancerSocket}
-	if err := rt.SetServerState(ctx, "hosts/"+h.name(), vpn.StateDrain); err != nil {
+	rt := &haproxy.Runtime{Socket: f.balancerSocket}
+	if err := rt.SetServerState(ctx, "hosts/"+h.name(), haproxy.Drain); err != nil {
 		return -1, err
 	}
 	if err := h.proc.Signal(syscall.SIGTERM); err != nil {

@@ -1,9 +1,7 @@
-package vpn
+package haproxy
 
 import (
 	"context"
-	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
@@ -19,24 +17,22 @@ func TestRegistrar(t *testing.T) {
 	bin := requireCommand(t, "haproxy")
 	is := is.New(t)
 	dir := t.TempDir()
-	c, err := loader(serverEnv("VPN_RUN_DIR", dir, "VPN_HAPROXY_SOCKET", filepath.Join(dir, "admin.sock"),
-		"VPN_PORT", fmt.Sprint(freePort(t)), "VPN_HAPROXY_MONITOR_ADDR", fmt.Sprintf("127.0.0.1:%d", freePort(t)))).Config()
-	is.NoErr(err)
-	cfg := filepath.Join(dir, "haproxy.cfg")
-	is.NoErr(os.WriteFile(cfg, []byte(c.RenderHAProxy()), 0o600))
-	hap := &HAProxyRuntime{Socket: c.HAProxy.Socket}
-	r := newRegistrar(hap, slog.New(slog.DiscardHandler))
-	r.interval = 200 * time.Millisecond // the check that finds a restarted HAProxy
+	c, site := testConfig(t, dir)
+	cfg := filepath.Join(dir, "cfg")
+	is.NoErr(os.WriteFile(cfg, []byte(c.Render(site)), 0o600))
+	hap := &Runtime{Socket: c.Socket}
+	// Interval: the check that finds a restarted HAProxy.
+	r := &Registrar{Runtime: hap, Interval: 200 * time.Millisecond}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	done := make(chan struct{})
-	go func() { defer close(done); r.run(ctx) }()
+	go func() { defer close(done); r.Run(ctx) }()
 	defer func() { cancel(); <-done }()
 
-	r.set(1, instanceAddr(c, 1), StateReady)
-	r.set(2, instanceAddr(c, 2), StateMaint)
+	r.Set(1, instanceAddr(1), Ready)
+	r.Set(2, instanceAddr(2), Maint)
 	state := func() map[string]ServerStatus {
-		st, err := hap.ServersState(ctx, HAProxyBackend)
+		st, err := hap.ServersState(ctx, Backend)
 		if err != nil {
 			return nil
 		}
@@ -60,7 +56,7 @@ func TestRegistrar(t *testing.T) {
 		}
 	}
 	registered := func(st map[string]ServerStatus) bool {
-		return st["vpn1"].Addr == instanceAddr(c, 1) && !st["vpn1"].Maint && !st["vpn1"].Draining && st["vpn2"].Maint
+		return st["vpn1"].Addr == instanceAddr(1) && !st["vpn1"].Maint && !st["vpn1"].Draining && st["vpn2"].Maint
 	}
 
 	stop := startHAProxyStoppable(t, bin, cfg) // after set: the first attempts failed
@@ -70,7 +66,7 @@ func TestRegistrar(t *testing.T) {
 	startHAProxyStoppable(t, bin, cfg)
 	waitFor("vpn1 registered again after a restart", registered)
 
-	r.setAll(StateDrain)
+	r.SetAll(Drain)
 	waitFor("both draining", func(st map[string]ServerStatus) bool {
 		return st["vpn1"].Draining && st["vpn2"].Draining && !st["vpn2"].Maint
 	})

@@ -1,4 +1,4 @@
-package vpn
+package haproxy
 
 import (
 	"bufio"
@@ -36,6 +36,19 @@ func requireCommand(t *testing.T, name string) string {
 }
 
 // freePort returns a loopback TCP port that was free a moment ago.
+// testConfig is HAProxy in front of two instances on ports 10001 and
+// 10002 (see instanceAddr), on free loopback ports, its socket in dir.
+func testConfig(t *testing.T, dir string) (Config, Site) {
+	t.Helper()
+	return Config{Port: freePort(t), Socket: filepath.Join(dir, "admin.sock"), MonitorAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t))},
+		Site{Instances: 2, Port: 10000, PIDFile: filepath.Join(dir, "haproxy.pid")}
+}
+
+// instanceAddr is where testConfig's instance id listens.
+func instanceAddr(id int) netip.AddrPort {
+	return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(10000+id))
+}
+
 func freePort(t *testing.T) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -107,11 +120,10 @@ func TestHAProxyRuntime(t *testing.T) {
 	is := is.New(t)
 	dir := t.TempDir()
 	monitor := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	c, err := loader(serverEnv("VPN_RUN_DIR", dir, "VPN_HAPROXY_SOCKET", filepath.Join(dir, "admin.sock"),
-		"VPN_PORT", fmt.Sprint(freePort(t)), "VPN_HAPROXY_MONITOR_ADDR", monitor)).Config()
-	is.NoErr(err)
-	cfg := filepath.Join(dir, "haproxy.cfg")
-	is.NoErr(os.WriteFile(cfg, []byte(c.RenderHAProxy()), 0o600))
+	c, site := testConfig(t, dir)
+	c.MonitorAddr = monitor
+	cfg := filepath.Join(dir, "cfg")
+	is.NoErr(os.WriteFile(cfg, []byte(c.Render(site)), 0o600))
 	out, err := exec.Command(bin, "-c", "-f", cfg).CombinedOutput()
 	is.NoErr(err) // the configuration is valid
 	t.Logf("haproxy -c: %s", strings.TrimSpace(string(out)))
@@ -125,47 +137,46 @@ func TestHAProxyRuntime(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	h := &HAProxyRuntime{Socket: c.HAProxy.Socket}
+	h := &Runtime{Socket: c.Socket}
 	ctx := context.Background()
 
-	servers, err := h.ServersState(ctx, HAProxyBackend)
+	servers, err := h.ServersState(ctx, Backend)
 	is.NoErr(err)
 	is.Equal(len(servers), 2)
 	is.Equal(servers[0].Name, "vpn1")
 	is.True(!servers[0].Up && servers[0].Maint) // disabled until registered
 	is.Equal(ping(), 503)                       // no server up
 
-	in, _ := c.Plan.Instance(1)
-	is.NoErr(h.SetServerAddr(ctx, HAProxyServer(1), netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(in.Port))))
-	is.NoErr(h.SetServerState(ctx, HAProxyServer(1), StateReady))
-	servers, err = h.ServersState(ctx, HAProxyBackend)
+	is.NoErr(h.SetServerAddr(ctx, ServerName(1), instanceAddr(1)))
+	is.NoErr(h.SetServerState(ctx, ServerName(1), Ready))
+	servers, err = h.ServersState(ctx, Backend)
 	is.NoErr(err)
 	is.Equal(servers[0].Addr.String(), "127.0.0.1:10001")
 	is.True(servers[0].Up)
 	is.Equal(ping(), 200)
 
-	is.NoErr(h.SetServerState(ctx, HAProxyServer(1), StateDrain))
-	servers, _ = h.ServersState(ctx, HAProxyBackend)
+	is.NoErr(h.SetServerState(ctx, ServerName(1), Drain))
+	servers, _ = h.ServersState(ctx, Backend)
 	is.True(servers[0].Draining && !servers[0].Up)
 	is.Equal(ping(), 503)
 
-	is.NoErr(h.SetServerState(ctx, HAProxyServer(1), StateMaint))
-	servers, _ = h.ServersState(ctx, HAProxyBackend)
+	is.NoErr(h.SetServerState(ctx, ServerName(1), Maint))
+	servers, _ = h.ServersState(ctx, Backend)
 	is.True(servers[0].Maint && !servers[0].Up)
 
-	err = h.SetServerState(ctx, HAProxyServer(9), StateReady)
-	is.True(errors.Is(err, ErrHAProxy))
+	err = h.SetServerState(ctx, ServerName(9), Ready)
+	is.True(errors.Is(err, ErrRefused))
 	is.True(strings.Contains(err.Error(), "No such server."))
 	err = h.SetServerAddr(ctx, "nope/vpn1", netip.MustParseAddrPort("127.0.0.1:1"))
-	is.True(errors.Is(err, ErrHAProxy))
+	is.True(errors.Is(err, ErrRefused))
 	_, err = h.ServersState(ctx, "nope")
-	is.True(errors.Is(err, ErrHAProxy))
+	is.True(errors.Is(err, ErrRefused))
 	_, err = h.Command(ctx, "show info; shutdown frontend vpn")
 	is.True(err != nil) // no command smuggling
 }
 
 func TestHAProxyRuntimeNoSocket(t *testing.T) {
-	h := &HAProxyRuntime{Socket: filepath.Join(t.TempDir(), "none.sock")}
+	h := &Runtime{Socket: filepath.Join(t.TempDir(), "none.sock")}
 	if _, err := h.Command(context.Background(), "show info"); err == nil {
 		t.Fatal("no error without a socket")
 	}
@@ -185,5 +196,5 @@ func TestParseServersState(t *testing.T) {
 	_, err = parseServersState("1\n# srv_name srv_addr srv_port srv_op_state srv_admin_state\nvpn1 notanip 1 2 0\n")
 	is.True(err != nil)
 	_, err = parseServersState("Can't find backend.")
-	is.True(errors.Is(err, ErrHAProxy))
+	is.True(errors.Is(err, ErrRefused))
 }

@@ -1,10 +1,10 @@
-package vpn
+package haproxy
 
 import "syscall"
 
-// fileLimit returns the hard limit of open files that the processes this
+// FileLimit returns the hard limit of open files that the processes this
 // one starts inherit, or 0 for none known.
-func fileLimit() uint64 {
+func FileLimit() uint64 {
 	var r syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &r); err != nil || r.Max == ^uint64(0) {
 		return 0
