@@ -18,6 +18,7 @@ import (
 	"github.com/obvpn/obvpn/vpn/balena"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
 	"github.com/obvpn/obvpn/vpn/hook"
+	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
 // productionClient is a client of api with the settings the server gives
@@ -58,7 +59,7 @@ func TestAuthBusy(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	auth := &vpn.Authenticator{API: productionClient(api), CacheTimeout: time.Minute, MaxInFlight: 1, Logger: log}
 	const delay = 300 * time.Millisecond
-	internal := &vpn.InternalAPI{Auth: auth, DelayOnAuthFail: delay, Logger: log}
+	internal := &internalapi.Server{Auth: auth, DelayOnAuthFail: delay, Logger: log}
 	srv := httptest.NewServer(internal)
 	t.Cleanup(srv.Close)
 	client := &hook.Client{BaseURL: srv.URL}

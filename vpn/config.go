@@ -4,14 +4,12 @@ import (
 	"crypto/x509"
 	"errors"
 	"log/slog"
-	"net/netip"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/obvpn/obvpn/subnet"
 	"github.com/obvpn/obvpn/vpn/bandwidth"
 	"github.com/obvpn/obvpn/vpn/haproxy"
+	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
 // Config is the configuration of a VPN server: the address plan and
@@ -58,7 +56,7 @@ type Config struct {
 
 	// TrustProxy says whose X-Forwarded-For the HTTP endpoints believe
 	// (TRUST_PROXY). The zero value trusts nobody.
-	TrustProxy TrustProxy
+	TrustProxy internalapi.TrustProxy
 
 	// Production says that the server runs in production
 	// (PRODUCTION_MODE, as the reference container has it): then the
@@ -418,35 +416,4 @@ type SentryConfig struct {
 // LogValue implements slog.LogValuer: the DSN is only said to be set.
 func (c SentryConfig) LogValue() slog.Value {
 	return slog.GroupValue(slog.Bool("dsn_set", c.DSN != ""), slog.String("environment", c.Environment))
-}
-
-// TrustProxy says which reverse proxies in front of an HTTP endpoint are
-// believed when they name the client in X-Forwarded-For. The zero value
-// believes none, which is right when nothing sits in front.
-type TrustProxy struct {
-	// All believes every proxy (TRUST_PROXY=true).
-	All bool
-	// Hops believes the nearest Hops proxies (TRUST_PROXY=<n>).
-	Hops int
-	// Prefixes believes proxies with these addresses
-	// (TRUST_PROXY=<addr or prefix>[,…]).
-	Prefixes []netip.Prefix
-}
-
-// String returns the TRUST_PROXY form: "true", "false", a hop count, or a
-// comma-separated list of prefixes.
-func (t TrustProxy) String() string {
-	switch {
-	case t.All:
-		return "true"
-	case t.Hops > 0:
-		return strconv.Itoa(t.Hops)
-	case len(t.Prefixes) > 0:
-		s := make([]string, len(t.Prefixes))
-		for i, p := range t.Prefixes {
-			s[i] = p.String()
-		}
-		return strings.Join(s, ",")
-	}
-	return "false"
 }

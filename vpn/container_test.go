@@ -22,6 +22,7 @@ import (
 	"github.com/obvpn/obvpn/vpn"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
 	"github.com/obvpn/obvpn/vpn/haproxy"
+	"github.com/obvpn/obvpn/vpn/internalapi"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
@@ -138,7 +139,7 @@ func TestReferenceContainerEnvironment(t *testing.T) {
 	is.Equal(c.RunDir, "/run/openvpn")
 	is.Equal(c.NSSIndex, "")
 	is.Equal(c.Verbose, true)
-	is.Equal(c.TrustProxy, vpn.TrustProxy{})
+	is.Equal(c.TrustProxy, internalapi.TrustProxy{})
 	is.Equal(c.Sentry, vpn.SentryConfig{Environment: "production"}) // SENTRY_DSN is unset: nothing is reported
 
 	// One warning, naming the variables that are set and unused.

@@ -9,6 +9,7 @@ import (
 
 	"github.com/obvpn/obvpn/subnet"
 	"github.com/obvpn/obvpn/vpn/haproxy"
+	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
 // TestZeroValuesAreTheDocumentedDefaults: a hand-built Config's empty
@@ -32,7 +33,7 @@ func TestZeroValuesAreTheDocumentedDefaults(t *testing.T) {
 	is.Equal(d.Metrics, MetricsConfig{Addr: ":8080", Timeout: 20 * time.Second, MaxConns: 64})
 	is.Equal(d.Drain, DrainConfig{MinRatePerMinute: 500, Timeout: 120 * time.Second})
 	is.Equal(d.Bandwidth, BandwidthConfig{})
-	is.Equal(d.TrustProxy, TrustProxy{})
+	is.Equal(d.TrustProxy, internalapi.TrustProxy{})
 
 	// Defaults that follow other fields.
 	c := Config{RunDir: "/srv/vpn", OpenVPN: OpenVPNConfig{KeepaliveTimeout: 9 * time.Second}, Proxy: ProxyConfig{Port: 3128}}

@@ -26,6 +26,7 @@ import (
 	"github.com/obvpn/obvpn/subnet"
 	"github.com/obvpn/obvpn/vpn/bandwidth"
 	"github.com/obvpn/obvpn/vpn/haproxy"
+	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
 // ErrMissing reports a required variable that is not set.
@@ -960,21 +961,21 @@ func (p *parser) portIn(name, value, port string, lo int) {
 	}
 }
 
-func (p *parser) trustProxy(name, value string) TrustProxy {
+func (p *parser) trustProxy(name, value string) internalapi.TrustProxy {
 	v := strings.TrimSpace(value)
 	if v == "" || p.err != nil {
-		return TrustProxy{}
+		return internalapi.TrustProxy{}
 	}
 	if b, err := strconv.ParseBool(v); err == nil {
-		return TrustProxy{All: b}
+		return internalapi.TrustProxy{All: b}
 	}
 	if n, err := strconv.Atoi(v); err == nil {
 		if n < 0 {
 			p.fail(name, value, errors.New("a hop count cannot be negative"))
 		}
-		return TrustProxy{Hops: n}
+		return internalapi.TrustProxy{Hops: n}
 	}
-	var t TrustProxy
+	var t internalapi.TrustProxy
 	for _, s := range strings.Split(v, ",") {
 		s = strings.TrimSpace(s)
 		pfx, err := netip.ParsePrefix(s)
@@ -982,7 +983,7 @@ func (p *parser) trustProxy(name, value string) TrustProxy {
 			a, aerr := netip.ParseAddr(s)
 			if aerr != nil {
 				p.fail(name, value, errors.New("want true, false, a hop count, or addresses and prefixes separated by commas"))
-				return TrustProxy{}
+				return internalapi.TrustProxy{}
 			}
 			pfx = netip.PrefixFrom(a, a.BitLen())
 		}

@@ -24,7 +24,7 @@ type ScriptHooks struct {
 	APIURL string
 	// ControlDir is OpenVPN's tmp-dir, where it makes the via-file
 	// credentials and the auth control files of deferred authentication
-	// (see [InternalAPI]); the server makes it under the run directory.
+	// (see internal API (package vpn/internalapi)); the server makes it under the run directory.
 	// Empty leaves OpenVPN's default.
 	ControlDir string
 	// Sync makes vpn-auth wait for each answer (-sync) instead of

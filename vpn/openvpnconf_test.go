@@ -151,3 +151,26 @@ func TestOpenVPNServerConfigZeroValues(t *testing.T) {
 		t.Errorf("compression off over tcp:\n%s", conf)
 	}
 }
+
+// TestScriptConfigDeferral: script mode's configuration names OpenVPN's tmp-dir
+// for the deferred auth control files, and -sync leaves it out.
+func TestScriptConfigDeferral(t *testing.T) {
+	c, err := loader(serverEnv("VPN_AUTH_MODE", "script")).Config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, _ := c.Plan.Instance(1)
+	hooks := ScriptHooks{Auth: "/bin/vpn-auth", ClientEvent: "/bin/vpn-client-event", APIURL: "http://127.0.0.1:1", ControlDir: "/run/openvpn/openvpn-tmp"}
+	conf, err := c.OpenVPNServerConfig(in, hooks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(conf, "\ntmp-dir /run/openvpn/openvpn-tmp\n") || !strings.Contains(conf, "\nauth-user-pass-verify \"/bin/vpn-auth -api http://127.0.0.1:1\" via-file\n") {
+		t.Errorf("no tmp-dir, or a changed auth-user-pass-verify:\n%s", conf)
+	}
+	hooks.Sync, hooks.ControlDir = true, ""
+	conf, _ = c.OpenVPNServerConfig(in, hooks)
+	if strings.Contains(conf, "tmp-dir") || !strings.Contains(conf, "\nauth-user-pass-verify \"/bin/vpn-auth -api http://127.0.0.1:1 -sync\" via-file\n") {
+		t.Errorf("Sync: a tmp-dir, or no -sync:\n%s", conf)
+	}
+}

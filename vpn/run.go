@@ -22,6 +22,7 @@ import (
 	"github.com/obvpn/obvpn/vpn/balena"
 	"github.com/obvpn/obvpn/vpn/bandwidth"
 	"github.com/obvpn/obvpn/vpn/haproxy"
+	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
 // The fixed times of a server's run.
@@ -50,7 +51,7 @@ type run struct {
 	resolver *nss.Resolver
 	sessions *Sessions
 	limiters []*bandwidth.Limiter // by instance id; nil entries without limits
-	internal *InternalAPI
+	internal *internalapi.Server
 
 	servers []*http.Server // the internal API's and the metrics'
 	serving sync.WaitGroup
@@ -156,8 +157,10 @@ func (s *Server) build() (*run, error) {
 		Metrics: r.metrics, Script: cfg.Auth.Mode == AuthScript, Logger: s.Logger,
 		Addresses: r.resolver, StatusFile: func(id int) string { return cfg.Paths(id).Status }}
 	r.buildLimiters()
-	r.internal = &InternalAPI{Auth: r.auth, Connections: conns, State: r.reporter, Instances: n,
-		DelayOnAuthFail: cfg.Auth.DelayOnFail, TrustProxy: cfg.TrustProxy, Sessions: r.sessions, Metrics: r.metrics,
+	r.internal = &internalapi.Server{Auth: r.auth, Instances: n,
+		Clients:         &ScriptClients{Connections: conns, Metrics: r.metrics, State: r.reporter, Sessions: r.sessions},
+		Denied:          r.metrics.AuthFailures.Inc,
+		DelayOnAuthFail: cfg.Auth.DelayOnFail, TrustProxy: cfg.TrustProxy,
 		ControlDir: r.hooks.ControlDir, Logger: s.Logger, TracerProvider: s.TracerProvider, Propagator: s.Propagator}
 	return r, nil
 }
@@ -169,7 +172,7 @@ func (r *run) prepareHooks() error {
 	if err := r.hooks.CheckHooks(user); err != nil {
 		return err
 	}
-	dir, err := prepareTmpDir(filepath.Join(r.cfg.runDir(), "openvpn-tmp"), "/tmp", user, group)
+	dir, err := internalapi.PrepareControlDir(filepath.Join(r.cfg.runDir(), "openvpn-tmp"), "/tmp", user, group)
 	if dir == "" {
 		return err
 	}

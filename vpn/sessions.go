@@ -10,9 +10,17 @@ import (
 	"sync"
 	"time"
 
+	devuuid "github.com/obvpn/obvpn/vpn/balena/uuid"
+
 	"github.com/obvpn/obvpn/openvpnmgmt"
 	"github.com/obvpn/obvpn/vpn/bandwidth"
 )
+
+// DeviceAuthenticator decides whether a device may connect; *Authenticator
+// implements it.
+type DeviceAuthenticator interface {
+	Authenticate(ctx context.Context, uuid, apiKey string) (bool, error)
+}
 
 // Sessions decides, in management mode, who may connect, and keeps track
 // of who is connected, for every instance of a server. Its
@@ -62,7 +70,7 @@ type Sessions struct {
 	StatusFile func(instance int) string
 
 	// Script says that OpenVPN runs the script-mode hooks (AuthScript):
-	// they count each device's sessions through the [InternalAPI], and
+	// they count each device's sessions through the internal API (package vpn/internalapi), and
 	// OpenVPN sends ESTABLISHED but neither DISCONNECT nor ADDRESS. The
 	// Sessions then keep the established sessions for the drain and the
 	// byte counts only, and [Sessions.ScriptDisconnect] ends them.
@@ -166,7 +174,7 @@ func (s *Sessions) decide(ctx context.Context, c *openvpnmgmt.Client, id int, ev
 	if s.Metrics != nil {
 		s.Metrics.AuthFailures.Inc()
 	}
-	s.log().Info("device denied", "instance", id, "uuid", safeUUID(user), "kind", ev.Kind, "err", err)
+	s.log().Info("device denied", "instance", id, "uuid", devuuid.ForLog(user), "kind", ev.Kind, "err", err)
 	if s.DelayOnAuthFail > 0 {
 		t := time.NewTimer(s.DelayOnAuthFail)
 		select {
@@ -380,7 +388,7 @@ func (s *Sessions) ended(e established, rx, tx uint64, known bool, d time.Durati
 
 // ScriptDisconnect ends the oldest established session of commonName on
 // instance id, as the client-disconnect hook reports it in script mode
-// (the hook's call to the InternalAPI counts the device's sessions): its
+// (the hook's call to the internal API counts the device's sessions): its
 // byte counts and duration go to the metrics. It reports whether there
 // was such a session.
 func (s *Sessions) ScriptDisconnect(id int, commonName string, rx, tx uint64, d time.Duration) bool {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/obvpn/obvpn/openvpnmgmt"
 	"github.com/obvpn/obvpn/openvpnmgmt/mgmttest"
+	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
 type slowAuth struct{ delay time.Duration }
@@ -119,7 +120,7 @@ func TestSessionsScriptMode(t *testing.T) {
 	m, _ := NewMetrics(nil)
 	conns := &Connections{}
 	s := &Sessions{Connections: conns, State: state, Metrics: m, Script: true}
-	api := &InternalAPI{Connections: conns, State: state, Sessions: s, Metrics: m, Instances: 2}
+	api := &internalapi.Server{Clients: &ScriptClients{Connections: conns, State: state, Sessions: s, Metrics: m}, Instances: 2}
 	h := s.Handler(1)
 	call := func(method, body string) int {
 		r := httptest.NewRequest(method, "/api/v2/1/clients/", strings.NewReader(body))
@@ -280,4 +281,27 @@ func TestSessionsLearnAddresses(t *testing.T) {
 		"learn " + f + " 10.240.0.4",
 		"forget " + f,
 	})
+}
+
+// recordedState records what a StateSetter learns: "+uuid@instance" for
+// each new session, "-uuid@instance" for the end of the last.
+type recordedState struct {
+	mu  sync.Mutex
+	log []string
+}
+
+func (s *recordedState) Set(uuid string, st DeviceState) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sign := "-"
+	if st.Connected {
+		sign = "+"
+	}
+	s.log = append(s.log, fmt.Sprintf("%s%s@%d", sign, uuid, st.Instance))
+}
+
+func (s *recordedState) snapshot() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.log...)
 }

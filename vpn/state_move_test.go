@@ -12,6 +12,7 @@ import (
 	"github.com/obvpn/obvpn/openvpnmgmt"
 	"github.com/obvpn/obvpn/vpn"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
 // moveHost is one VPN server of the move test: its sessions as OpenVPN
@@ -30,7 +31,7 @@ func newMoveHost(t *testing.T, api *balenatest.Server, name string, script bool)
 	h := &moveHost{name: name, id: si.ID}
 	h.reporter = &vpn.Reporter{API: api.Client(), ServiceID: func() int64 { return si.ID }}
 	if script {
-		ia := &vpn.InternalAPI{State: h.reporter, Instances: 2}
+		ia := &internalapi.Server{Clients: &vpn.ScriptClients{State: h.reporter}, Instances: 2}
 		call := func(method, uuid string, instance int) {
 			r := httptest.NewRequest(method, fmt.Sprintf("/api/v2/%d/clients/", instance),
 				strings.NewReader(`{"common_name":"`+uuid+`"}`))

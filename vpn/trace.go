@@ -4,7 +4,6 @@ import (
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
-	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -42,14 +41,6 @@ func tracerProvider(tp trace.TracerProvider) trace.TracerProvider {
 		return otel.GetTracerProvider()
 	}
 	return tp
-}
-
-// propagator returns p, or the global propagator when p is nil.
-func propagator(p propagation.TextMapPropagator) propagation.TextMapPropagator {
-	if p == nil {
-		return otel.GetTextMapPropagator()
-	}
-	return p
 }
 
 // endSpan records err (if any) on span, with status Error, and ends it.

@@ -14,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
 // recorder returns an SDK provider whose ended spans the recorder keeps.
@@ -104,7 +105,7 @@ func TestInternalAPITrace(t *testing.T) {
 	dev := bt.AddDevice(balenatest.Device{UUID: uuidA, Key: "device-key"})
 	client := bt.Client()
 	client.TracerProvider, client.Propagator = tp, prop
-	api := &InternalAPI{Auth: &Authenticator{API: client, TracerProvider: tp}, TracerProvider: tp, Propagator: prop}
+	api := &internalapi.Server{Auth: &Authenticator{API: client, TracerProvider: tp}, TracerProvider: tp, Propagator: prop}
 
 	const traceID, parentID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 	r := httptest.NewRequest("POST", "/api/v1/auth/", strings.NewReader(`{"username":"`+dev.UUID+`","password":"device-key"}`))
@@ -116,7 +117,11 @@ func TestInternalAPITrace(t *testing.T) {
 		t.Fatalf("status %d, want 200", w.Code)
 	}
 	// /ping is no span.
-	if w := do(api, "127.0.0.1:1234", "GET", "/ping", ""); w.Code != 200 {
+	pr := httptest.NewRequest("GET", "/ping", nil)
+	pr.RemoteAddr = "127.0.0.1:1234"
+	pw := httptest.NewRecorder()
+	api.ServeHTTP(pw, pr)
+	if w := pw; w.Code != 200 {
 		t.Fatalf("/ping: %d", w.Code)
 	}
 

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
 const device = "0123456789abcdef0123456789abcdef"
@@ -23,7 +23,7 @@ func (allowOne) Authenticate(_ context.Context, uuid, key string) (bool, error) 
 }
 
 func TestVPNAuth(t *testing.T) {
-	srv := httptest.NewServer(&vpn.InternalAPI{Auth: allowOne{}})
+	srv := httptest.NewServer(&internalapi.Server{Auth: allowOne{}})
 	t.Cleanup(srv.Close)
 	dir := t.TempDir()
 	n := 0
@@ -79,11 +79,11 @@ func TestVPNAuth(t *testing.T) {
 // the server refuses get the synchronous answer (exit 0 or 1).
 func TestVPNAuthDeferred(t *testing.T) {
 	dir := t.TempDir()
-	api := &vpn.InternalAPI{Auth: allowOne{}, ControlDir: dir}
+	api := &internalapi.Server{Auth: allowOne{}, ControlDir: dir}
 	t.Cleanup(api.Close)
 	srv := httptest.NewServer(api)
 	t.Cleanup(srv.Close)
-	old := httptest.NewServer(&vpn.InternalAPI{Auth: allowOne{}})
+	old := httptest.NewServer(&internalapi.Server{Auth: allowOne{}})
 	t.Cleanup(old.Close)
 	n := 0
 	acf := func() string {

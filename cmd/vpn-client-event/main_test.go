@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
 const device = "0123456789abcdef0123456789abcdef"
@@ -25,7 +26,7 @@ func (s *states) Set(uuid string, st vpn.DeviceState) {
 
 func TestVPNClientEvent(t *testing.T) {
 	st := &states{}
-	srv := httptest.NewServer(&vpn.InternalAPI{State: st, Instances: 2})
+	srv := httptest.NewServer(&internalapi.Server{Clients: &vpn.ScriptClients{State: st}, Instances: 2})
 	t.Cleanup(srv.Close)
 	env := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
 	tests := []struct {

@@ -89,9 +89,8 @@ type Config struct {
 const (
 	DefaultMaxConn = 10000
 	DefaultThreads = 2
-	DefaultCPUMap = "auto:1/1-2 0-1"
+	DefaultCPUMap  = "auto:1/1-2 0-1"
 )
-
 
 // More defaults of the zero Config.
 const (

@@ -41,3 +41,13 @@ func Normalize(s string) (string, bool) {
 func IsHexDigit(c byte) bool {
 	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
 }
+
+// ForLog returns s for a log line when it is a valid UUID, else
+// "(malformed)": a username that is not a UUID could be a key typed into
+// the wrong field, and must not be logged.
+func ForLog(s string) string {
+	if Valid(s) {
+		return s
+	}
+	return "(malformed)"
+}

@@ -1,4 +1,13 @@
-package vpn
+// Package internalapi is the VPN server's internal HTTP API: the loopback
+// endpoints that OpenVPN's script-mode hooks (cmd/vpn-auth,
+// cmd/vpn-client-event, through the client of package vpn/hook) call to
+// authenticate devices, at once or deferred through OpenVPN's
+// auth_control_file, and to report clients that connect and disconnect.
+//
+// A [Server] answers the requests and leaves the decisions to what it is
+// given: an [Authenticator] for the devices, [Clients] for the sessions.
+// Package vpn gives it its Authenticator and its session accounting.
+package internalapi
 
 import (
 	"context"
@@ -14,25 +23,34 @@ import (
 	"time"
 
 	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 
 	devuuid "github.com/obvpn/obvpn/vpn/balena/uuid"
+	"github.com/obvpn/obvpn/vpn/hook"
 )
 
-// DeviceAuthenticator decides whether a device may connect; *Authenticator
+// Authenticator decides whether a device may connect; vpn.Authenticator
 // implements it.
-type DeviceAuthenticator interface {
+type Authenticator interface {
 	Authenticate(ctx context.Context, uuid, apiKey string) (bool, error)
 }
 
-// StateSetter learns each new session of a device, and the end of its
-// last one; *Reporter implements it.
-type StateSetter interface {
-	Set(uuid string, s DeviceState)
+// Clients learns the sessions that the client-connect and
+// client-disconnect hooks report; vpn.ScriptClients implements it with
+// the server's session accounting. The common name is a valid UUID.
+type Clients interface {
+	// Connected records a new session of ev.CommonName on instance.
+	Connected(instance int, ev hook.ClientEvent)
+	// Disconnected ends a session of ev.CommonName on instance and
+	// returns the device's count of sessions before it: 1 when the device
+	// went offline, more when it stays online with others, 0 or less for
+	// a disconnect without its connect.
+	Disconnected(instance int, ev hook.ClientEvent) (before int)
 }
 
-// InternalAPI is the HTTP API that OpenVPN's scripts (cmd/vpn-auth,
+// Server is the HTTP API that OpenVPN's scripts (cmd/vpn-auth,
 // cmd/vpn-client-event) and operators call on the VPN host:
 //
 //	GET    /ping                          200 "OK", from anywhere
@@ -56,19 +74,20 @@ type StateSetter interface {
 // decision, taken by the same Auth, is written to that file: "1", or "0"
 // after DelayOnAuthFail. The file must be one that OpenVPN made in
 // ControlDir (else 400); without a ControlDir the request is answered as
-// the synchronous form, as a server without deferral does. [InternalAPI.Close]
+// the synchronous form, as a server without deferral does. [Server.Close]
 // ends the decisions in flight.
-type InternalAPI struct {
+type Server struct {
 	// Auth decides the /api/v1/auth/ requests. Nil denies every device.
-	Auth DeviceAuthenticator
+	Auth Authenticator
 
-	// Connections counts each device's sessions. Nil means a Connections
-	// of the InternalAPI's own.
-	Connections *Connections
+	// Clients learns the sessions of the clients endpoints. Nil answers
+	// every connect 200 and every disconnect 400, as for a device that
+	// was not online.
+	Clients Clients
 
-	// State learns the devices that go online and offline. Nil means
-	// nobody.
-	State StateSetter
+	// Denied, if set, is called for every device that is denied (the
+	// server counts vpn_auth_failures_total).
+	Denied func()
 
 	// Instances is the number of OpenVPN instances; a clients request for
 	// an instance outside 1…Instances is answered 404. Zero accepts any
@@ -83,17 +102,9 @@ type InternalAPI struct {
 	// cannot make a remote caller local. The zero value believes nobody.
 	TrustProxy TrustProxy
 
-	// Sessions, if set, learns the end of each session that a
-	// client-disconnect hook reports (see [Sessions.ScriptDisconnect]).
-	Sessions *Sessions
-
-	// Metrics, if set, follows the online devices (vpn_online_devices)
-	// and counts the denials (vpn_auth_failures_total).
-	Metrics *Metrics
-
 	// ControlDir is the directory in which OpenVPN makes the auth control
-	// files of deferred authentications: its tmp-dir
-	// ([ScriptHooks.ControlDir]). Empty answers deferred requests
+	// files of deferred authentications: its tmp-dir (see
+	// [PrepareControlDir]). Empty answers deferred requests
 	// synchronously.
 	ControlDir string
 
@@ -112,7 +123,6 @@ type InternalAPI struct {
 	// otel.GetTextMapPropagator().
 	Propagator propagation.TextMapPropagator
 
-	conns     Connections
 	traceOnce sync.Once
 	traced    http.Handler
 
@@ -124,7 +134,7 @@ type InternalAPI struct {
 
 // ServeHTTP serves a request of the API, as a span of OpenTelemetry's
 // HTTP instrumentation.
-func (a *InternalAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (a *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	a.traceOnce.Do(func() {
 		a.traced = otelhttp.NewHandler(http.HandlerFunc(a.serve), "vpn.api",
 			otelhttp.WithTracerProvider(tracerProvider(a.TracerProvider)),
@@ -154,7 +164,7 @@ func apiSpanName(_ string, r *http.Request) string {
 // hundred bytes.
 const maxAPIBody = 64 << 10
 
-func (a *InternalAPI) serve(w http.ResponseWriter, r *http.Request) {
+func (a *Server) serve(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == "/ping" {
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			w.Header().Set("Allow", "GET, HEAD")
@@ -186,7 +196,7 @@ func (a *InternalAPI) serve(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (a *InternalAPI) serveAuth(w http.ResponseWriter, r *http.Request) {
+func (a *Server) serveAuth(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", "POST")
 		http.Error(w, "Method Not Allowed", http.StatusMethodNotAllowed)
@@ -218,9 +228,9 @@ func (a *InternalAPI) serveAuth(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "OK")
 		return
 	}
-	a.logger().Info("auth: device denied", "uuid", safeUUID(*body.Username), "client", clientAddr(r, a.TrustProxy), "err", err)
-	if a.Metrics != nil {
-		a.Metrics.AuthFailures.Inc()
+	a.logger().Info("auth: device denied", "uuid", devuuid.ForLog(*body.Username), "client", clientAddr(r, a.TrustProxy), "err", err)
+	if a.Denied != nil {
+		a.Denied()
 	}
 	if a.DelayOnAuthFail > 0 {
 		t := time.NewTimer(a.DelayOnAuthFail)
@@ -243,7 +253,7 @@ type clientEvent struct {
 	TimeDuration  flexUint `json:"time_duration"`
 }
 
-func (a *InternalAPI) serveClients(w http.ResponseWriter, r *http.Request, instance int) {
+func (a *Server) serveClients(w http.ResponseWriter, r *http.Request, instance int) {
 	if r.Method != http.MethodPost && r.Method != http.MethodDelete {
 		w.Header().Set("Allow", "POST, DELETE")
 		http.Error(w, "Method Not Allowed", http.StatusMethodNotAllowed)
@@ -257,26 +267,24 @@ func (a *InternalAPI) serveClients(w http.ResponseWriter, r *http.Request, insta
 		http.Error(w, "Bad Request", http.StatusBadRequest)
 		return
 	}
-	conns := a.Connections
-	if conns == nil {
-		conns = &a.conns
-	}
+	hev := hook.ClientEvent{CommonName: strings.ToLower(ev.CommonName), BytesReceived: uint64(ev.BytesReceived),
+		BytesSent: uint64(ev.BytesSent), TimeDuration: uint64(ev.TimeDuration)}
 	if r.Method == http.MethodPost {
 		io.WriteString(w, "OK")
-		connectSession(conns, a.Metrics, a.State, ev.CommonName, instance)
+		if a.Clients != nil {
+			a.Clients.Connected(instance, hev)
+		}
 		return
 	}
-	before := disconnectSession(conns, a.Metrics, a.State, ev.CommonName, instance)
-	if before >= 1 && a.Sessions != nil {
-		// A session ended, whether or not the device stays online.
-		a.Sessions.ScriptDisconnect(instance, ev.CommonName, uint64(ev.BytesReceived), uint64(ev.BytesSent),
-			time.Duration(ev.TimeDuration)*time.Second)
+	before := 0
+	if a.Clients != nil {
+		before = a.Clients.Disconnected(instance, hev)
 	}
 	if before != 1 {
 		// Still online with other sessions, or a disconnect that came
 		// before its connect: nothing to report.
 		a.logger().Warn("clients: disconnect does not take the device offline; dropped",
-			"uuid", ev.CommonName, "instance", instance, "sessions_before", before)
+			"uuid", hev.CommonName, "instance", instance, "sessions_before", before)
 		http.Error(w, "Bad Request", http.StatusBadRequest)
 		return
 	}
@@ -309,15 +317,6 @@ func (f *flexUint) UnmarshalJSON(b []byte) error {
 	}
 	*f = flexUint(n)
 	return nil
-}
-
-// safeUUID returns s for a log line when it is a UUID, else a placeholder:
-// a malformed username could be a key typed in the wrong field.
-func safeUUID(s string) string {
-	if devuuid.Valid(s) {
-		return s
-	}
-	return "(malformed)"
 }
 
 // peerAddr returns the address that r's connection comes from, unmapped;
@@ -369,6 +368,22 @@ func clientAddr(r *http.Request, trust TrustProxy) netip.Addr {
 	return chain[0]
 }
 
+// tracerProvider returns tp, or the global provider when tp is nil.
+func tracerProvider(tp trace.TracerProvider) trace.TracerProvider {
+	if tp == nil {
+		return otel.GetTracerProvider()
+	}
+	return tp
+}
+
+// propagator returns p, or the global propagator when p is nil.
+func propagator(p propagation.TextMapPropagator) propagation.TextMapPropagator {
+	if p == nil {
+		return otel.GetTextMapPropagator()
+	}
+	return p
+}
+
 // trusts reports whether a is in one of the trusted prefixes.
 func (t TrustProxy) trusts(a netip.Addr) bool {
 	for _, p := range t.Prefixes {
@@ -379,7 +394,7 @@ func (t TrustProxy) trusts(a netip.Addr) bool {
 	return false
 }
 
-func (a *InternalAPI) logger() *slog.Logger {
+func (a *Server) logger() *slog.Logger {
 	if a.Logger != nil {
 		return a.Logger
 	}

@@ -1,4 +1,4 @@
-package vpn
+package internalapi
 
 import (
 	"context"
@@ -139,7 +139,7 @@ func TestInternalAPIDeferred(t *testing.T) {
 		is := is.New(t)
 		auth := &gatedAuth{gate: make(chan struct{})}
 		const delay = 50 * time.Millisecond
-		api := &InternalAPI{Auth: auth, ControlDir: dir, DelayOnAuthFail: delay}
+		api := &Server{Auth: auth, ControlDir: dir, DelayOnAuthFail: delay}
 		defer api.Close()
 		good := controlFile(t, dir, "openvpn_acf_good.tmp")
 		bad := controlFile(t, dir, "openvpn_acf_bad.tmp")
@@ -156,7 +156,7 @@ func TestInternalAPIDeferred(t *testing.T) {
 	})
 	t.Run("denial after DelayOnAuthFail", func(t *testing.T) {
 		const delay = 200 * time.Millisecond
-		api := &InternalAPI{Auth: &gatedAuth{}, ControlDir: dir, DelayOnAuthFail: delay}
+		api := &Server{Auth: &gatedAuth{}, ControlDir: dir, DelayOnAuthFail: delay}
 		defer api.Close()
 		bad := controlFile(t, dir, "openvpn_acf_late.tmp")
 		start := time.Now()
@@ -174,7 +174,7 @@ func TestInternalAPIDeferred(t *testing.T) {
 	t.Run("refused files are 400, and never written", func(t *testing.T) {
 		is := is.New(t)
 		auth := &gatedAuth{}
-		api := &InternalAPI{Auth: auth, ControlDir: dir}
+		api := &Server{Auth: auth, ControlDir: dir}
 		defer api.Close()
 		elsewhere := controlFile(t, t.TempDir(), "openvpn_acf_x.tmp")
 		for _, acf := range []string{elsewhere, filepath.Join(dir, "openvpn_acf_missing.tmp"), "relative.tmp"} {
@@ -192,7 +192,7 @@ func TestInternalAPIDeferred(t *testing.T) {
 	})
 	t.Run("no ControlDir: answered synchronously", func(t *testing.T) {
 		is := is.New(t)
-		api := &InternalAPI{Auth: &gatedAuth{}}
+		api := &Server{Auth: &gatedAuth{}}
 		acf := controlFile(t, dir, "openvpn_acf_sync.tmp")
 		is.Equal(do(api, "127.0.0.1:5000", "POST", "/api/v1/auth/", body("good", acf)).Code, 200)
 		is.Equal(do(api, "127.0.0.1:5000", "POST", "/api/v1/auth/", body("bad", acf)).Code, 401)
@@ -202,7 +202,7 @@ func TestInternalAPIDeferred(t *testing.T) {
 	t.Run("Close ends the decisions in flight", func(t *testing.T) {
 		is := is.New(t)
 		auth := &gatedAuth{gate: make(chan struct{})} // never opens
-		api := &InternalAPI{Auth: auth, ControlDir: dir}
+		api := &Server{Auth: auth, ControlDir: dir}
 		acf := controlFile(t, dir, "openvpn_acf_closed.tmp")
 		is.Equal(do(api, "127.0.0.1:5000", "POST", "/api/v1/auth/", body("good", acf)).Code, 202)
 		api.Close() // returns: the decision ended with it
@@ -212,7 +212,7 @@ func TestInternalAPIDeferred(t *testing.T) {
 	})
 	t.Run("through hook.Client", func(t *testing.T) {
 		is := is.New(t)
-		api := &InternalAPI{Auth: &gatedAuth{}, ControlDir: dir}
+		api := &Server{Auth: &gatedAuth{}, ControlDir: dir}
 		defer api.Close()
 		srv := httptest.NewServer(api)
 		defer srv.Close()
@@ -231,7 +231,7 @@ func TestInternalAPIDeferred(t *testing.T) {
 		is.True(!deferred)
 		is.True(err != nil)
 		// A server without deferral answers at once.
-		old := httptest.NewServer(&InternalAPI{Auth: &gatedAuth{}})
+		old := httptest.NewServer(&Server{Auth: &gatedAuth{}})
 		defer old.Close()
 		deferred, err = (&hook.Client{BaseURL: old.URL}).AuthDeferred(ctx, uuidA, "good", acf)
 		is.NoErr(err)
@@ -239,28 +239,7 @@ func TestInternalAPIDeferred(t *testing.T) {
 	})
 }
 
-func TestScriptConfigDeferral(t *testing.T) {
-	c, err := loader(serverEnv("VPN_AUTH_MODE", "script")).Config()
-	if err != nil {
-		t.Fatal(err)
-	}
-	in, _ := c.Plan.Instance(1)
-	hooks := ScriptHooks{Auth: "/bin/vpn-auth", ClientEvent: "/bin/vpn-client-event", APIURL: "http://127.0.0.1:1", ControlDir: "/run/openvpn/openvpn-tmp"}
-	conf, err := c.OpenVPNServerConfig(in, hooks)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(conf, "\ntmp-dir /run/openvpn/openvpn-tmp\n") || !strings.Contains(conf, "\nauth-user-pass-verify \"/bin/vpn-auth -api http://127.0.0.1:1\" via-file\n") {
-		t.Errorf("no tmp-dir, or a changed auth-user-pass-verify:\n%s", conf)
-	}
-	hooks.Sync, hooks.ControlDir = true, ""
-	conf, _ = c.OpenVPNServerConfig(in, hooks)
-	if strings.Contains(conf, "tmp-dir") || !strings.Contains(conf, "\nauth-user-pass-verify \"/bin/vpn-auth -api http://127.0.0.1:1 -sync\" via-file\n") {
-		t.Errorf("Sync: a tmp-dir, or no -sync:\n%s", conf)
-	}
-}
-
-func TestPrepareTmpDir(t *testing.T) {
+func TestPrepareControlDir(t *testing.T) {
 	is := is.New(t)
 	base := t.TempDir()
 	// Let others search down to base, as /run/openvpn's parents do.
@@ -271,7 +250,7 @@ func TestPrepareTmpDir(t *testing.T) {
 	}
 	run := filepath.Join(base, "run")
 	dir := filepath.Join(run, "openvpn-tmp")
-	got, err := prepareTmpDir(dir, "/tmp", "nobody", "nogroup")
+	got, err := PrepareControlDir(dir, "/tmp", "nobody", "nogroup")
 	is.NoErr(err)
 	is.Equal(got, dir)
 	fi, err := os.Stat(dir)
@@ -293,7 +272,7 @@ func TestPrepareTmpDir(t *testing.T) {
 	// An earlier run's files go; others stay.
 	stale := controlFile(t, dir, "openvpn_up_stale.tmp")
 	keep := controlFile(t, dir, "README")
-	_, _ = prepareTmpDir(dir, "/tmp", "nobody", "nogroup")
+	_, _ = PrepareControlDir(dir, "/tmp", "nobody", "nogroup")
 	_, err = os.Stat(stale)
 	is.True(os.IsNotExist(err))
 	_, err = os.Stat(keep)
@@ -305,17 +284,17 @@ func TestPrepareTmpDir(t *testing.T) {
 	if err := os.Mkdir(closed, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	got, err = prepareTmpDir(filepath.Join(closed, "openvpn-tmp"), "/tmp", "nobody", "nogroup")
+	got, err = PrepareControlDir(filepath.Join(closed, "openvpn-tmp"), "/tmp", "nobody", "nogroup")
 	is.Equal(got, "/tmp")
 	is.True(err != nil && strings.Contains(err.Error(), closed))
 	// Unless OpenVPN stays root.
-	got, err = prepareTmpDir(filepath.Join(closed, "openvpn-tmp"), "/tmp", "root", "root")
+	got, err = PrepareControlDir(filepath.Join(closed, "openvpn-tmp"), "/tmp", "root", "root")
 	is.NoErr(err)
 	is.Equal(got, filepath.Join(closed, "openvpn-tmp"))
 	// A file in the way is an error.
 	blocked := filepath.Join(base, "blocked")
 	controlFile(t, base, "blocked")
-	got, err = prepareTmpDir(blocked, "/tmp", "nobody", "nogroup")
+	got, err = PrepareControlDir(blocked, "/tmp", "nobody", "nogroup")
 	is.Equal(got, "")
 	is.True(err != nil)
 }

@@ -1,4 +1,4 @@
-package vpn
+package internalapi
 
 // Deferred authentication in script mode. OpenVPN 2.6's manual
 // (doc/man-sections/script-options.rst, --auth-user-pass-verify): the
@@ -14,7 +14,7 @@ package vpn
 // OpenVPN's own user, and it reads the file's first byte while the client
 // waits, within --hand-window; it needs script-security 2 and nothing more
 // in the server's configuration. So cmd/vpn-auth posts the credentials
-// and the file's name to the InternalAPI and exits 2 at once, and OpenVPN
+// and the file's name to the internal API and exits 2 at once, and OpenVPN
 // goes on with its other clients while the API decides.
 //
 // The server runs as root and OpenVPN as nobody: the file is written only
@@ -37,6 +37,7 @@ import (
 	"syscall"
 	"time"
 
+	devuuid "github.com/obvpn/obvpn/vpn/balena/uuid"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -80,43 +81,43 @@ func openControlFile(dir, name string) (*os.File, error) {
 	return os.NewFile(uintptr(fd), name), nil
 }
 
-// prepareTmpDir makes dir the directory where OpenVPN, running as
+// PrepareControlDir makes dir the directory where OpenVPN, running as
 // account's user and group, keeps its temporary files (tmp-dir): the
 // server's, writable by OpenVPN's group (root's own when the server is
 // not root), emptied of an earlier run's files. It returns dir, or
 // fallback (OpenVPN's default) with the reason when OpenVPN's user could
 // not reach dir: a directory above it does not let others search it.
-func prepareTmpDir(dir, fallback, account, group string) (string, error) {
+func PrepareControlDir(dir, fallback, account, group string) (string, error) {
 	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
-		return "", fmt.Errorf("vpn: OpenVPN's tmp-dir: %w", err)
+		return "", fmt.Errorf("internalapi: OpenVPN's tmp-dir: %w", err)
 	}
 	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return "", fmt.Errorf("vpn: OpenVPN's tmp-dir: %w", err)
+		return "", fmt.Errorf("internalapi: OpenVPN's tmp-dir: %w", err)
 	}
 	fi, err := os.Lstat(dir)
 	if err != nil {
-		return "", fmt.Errorf("vpn: OpenVPN's tmp-dir: %w", err)
+		return "", fmt.Errorf("internalapi: OpenVPN's tmp-dir: %w", err)
 	}
 	if !fi.IsDir() {
-		return "", fmt.Errorf("vpn: OpenVPN's tmp-dir %s is not a directory", dir)
+		return "", fmt.Errorf("internalapi: OpenVPN's tmp-dir %s is not a directory", dir)
 	}
 	mode := os.FileMode(0o700)
 	if os.Geteuid() == 0 && account != "root" {
 		g, err := user.LookupGroup(group)
 		if err != nil {
-			return "", fmt.Errorf("vpn: OpenVPN's tmp-dir: group %q (VPN_OPENVPN_GROUP): %w", group, err)
+			return "", fmt.Errorf("internalapi: OpenVPN's tmp-dir: group %q (VPN_OPENVPN_GROUP): %w", group, err)
 		}
 		gid, err := strconv.Atoi(g.Gid)
 		if err != nil {
-			return "", fmt.Errorf("vpn: OpenVPN's tmp-dir: group %q: gid %q: %w", group, g.Gid, err)
+			return "", fmt.Errorf("internalapi: OpenVPN's tmp-dir: group %q: gid %q: %w", group, g.Gid, err)
 		}
 		if err := os.Lchown(dir, 0, gid); err != nil {
-			return "", fmt.Errorf("vpn: OpenVPN's tmp-dir: %w", err)
+			return "", fmt.Errorf("internalapi: OpenVPN's tmp-dir: %w", err)
 		}
 		mode = 0o770
 	}
 	if err := os.Chmod(dir, mode); err != nil {
-		return "", fmt.Errorf("vpn: OpenVPN's tmp-dir: %w", err)
+		return "", fmt.Errorf("internalapi: OpenVPN's tmp-dir: %w", err)
 	}
 	// What an OpenVPN that was killed left: credentials files among them.
 	if entries, err := os.ReadDir(dir); err == nil {
@@ -132,7 +133,7 @@ func prepareTmpDir(dir, fallback, account, group string) (string, error) {
 	for p := filepath.Dir(dir); ; p = filepath.Dir(p) {
 		fi, err := os.Stat(p)
 		if err != nil {
-			return "", fmt.Errorf("vpn: OpenVPN's tmp-dir: %w", err)
+			return "", fmt.Errorf("internalapi: OpenVPN's tmp-dir: %w", err)
 		}
 		if fi.Mode().Perm()&0o001 == 0 {
 			return fallback, fmt.Errorf("OpenVPN runs as %q, but %s (mode %v) does not let others search it", account, p, fi.Mode().Perm())
@@ -147,10 +148,10 @@ func prepareTmpDir(dir, fallback, account, group string) (string, error) {
 // decision written to the auth control file name when the Authenticator
 // has it, a denial after DelayOnAuthFail. The file must be one that
 // OpenVPN made in ControlDir (400 otherwise).
-func (a *InternalAPI) serveDeferred(w http.ResponseWriter, r *http.Request, username, password, name string) {
+func (a *Server) serveDeferred(w http.ResponseWriter, r *http.Request, username, password, name string) {
 	f, err := openControlFile(a.ControlDir, name)
 	if err != nil {
-		a.logger().Warn("auth: deferred authentication refused", "uuid", safeUUID(username),
+		a.logger().Warn("auth: deferred authentication refused", "uuid", devuuid.ForLog(username),
 			"client", clientAddr(r, a.TrustProxy), "err", err)
 		http.Error(w, "Bad Request: auth_control_file", http.StatusBadRequest)
 		return
@@ -183,7 +184,7 @@ func (a *InternalAPI) serveDeferred(w http.ResponseWriter, r *http.Request, user
 // decideDeferred decides one deferred authentication and writes the
 // answer into f, unless ctx ends first (then OpenVPN's hand-window
 // denies the client).
-func (a *InternalAPI) decideDeferred(ctx context.Context, f *os.File, username, password, client string) {
+func (a *Server) decideDeferred(ctx context.Context, f *os.File, username, password, client string) {
 	var ok bool
 	var err error
 	if a.Auth != nil {
@@ -194,9 +195,9 @@ func (a *InternalAPI) decideDeferred(ctx context.Context, f *os.File, username, 
 		if ctx.Err() != nil {
 			return
 		}
-		a.logger().Info("auth: device denied", "uuid", safeUUID(username), "client", client, "deferred", true, "err", err)
-		if a.Metrics != nil {
-			a.Metrics.AuthFailures.Inc()
+		a.logger().Info("auth: device denied", "uuid", devuuid.ForLog(username), "client", client, "deferred", true, "err", err)
+		if a.Denied != nil {
+			a.Denied()
 		}
 		if a.DelayOnAuthFail > 0 {
 			t := time.NewTimer(a.DelayOnAuthFail)
@@ -210,7 +211,7 @@ func (a *InternalAPI) decideDeferred(ctx context.Context, f *os.File, username, 
 		answer[0] = '0'
 	}
 	if _, err := f.Write(answer); err != nil {
-		a.logger().Warn("auth: could not write the auth control file", "uuid", safeUUID(username), "file", f.Name(), "err", err)
+		a.logger().Warn("auth: could not write the auth control file", "uuid", devuuid.ForLog(username), "file", f.Name(), "err", err)
 	}
 }
 
@@ -218,7 +219,7 @@ func (a *InternalAPI) decideDeferred(ctx context.Context, f *os.File, username, 
 // control files unanswered (OpenVPN's hand-window denies those clients),
 // and waits for them; later deferred requests are answered 503. The
 // synchronous form is not affected.
-func (a *InternalAPI) Close() {
+func (a *Server) Close() {
 	a.deferMu.Lock()
 	if a.deferCtx == nil {
 		a.deferCtx, a.deferStop = context.WithCancel(context.Background())

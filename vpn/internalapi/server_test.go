@@ -1,4 +1,4 @@
-package vpn
+package internalapi
 
 import (
 	"context"
@@ -12,7 +12,11 @@ import (
 	"time"
 
 	"github.com/matryer/is"
+	"github.com/obvpn/obvpn/vpn/hook"
 )
+
+// uuidA is a device of the tests.
+const uuidA = "0123456789abcdef0123456789abcdef"
 
 type fakeAuth struct{ allow map[string]string } // uuid → key
 
@@ -20,25 +24,41 @@ func (f fakeAuth) Authenticate(_ context.Context, uuid, key string) (bool, error
 	return f.allow[uuid] == key, nil
 }
 
-type recordedState struct {
+// countedClients counts each device's sessions as the server's accounting
+// does: every new session is learned ("+uuid@instance"), the end of the
+// last one too ("-uuid@instance"), and a disconnect that comes before its
+// connect cancels that connect.
+type countedClients struct {
 	mu  sync.Mutex
+	n   map[string]int
 	log []string
 }
 
-func (s *recordedState) Set(uuid string, st DeviceState) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	sign := "-"
-	if st.Connected {
-		sign = "+"
+func (c *countedClients) Connected(instance int, ev hook.ClientEvent) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.n == nil {
+		c.n = map[string]int{}
 	}
-	s.log = append(s.log, fmt.Sprintf("%s%s@%d", sign, uuid, st.Instance))
+	before := c.n[ev.CommonName]
+	c.n[ev.CommonName]++
+	if before >= 0 {
+		c.log = append(c.log, fmt.Sprintf("+%s@%d", ev.CommonName, instance))
+	}
 }
 
-func (s *recordedState) snapshot() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return append([]string(nil), s.log...)
+func (c *countedClients) Disconnected(instance int, ev hook.ClientEvent) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.n == nil {
+		c.n = map[string]int{}
+	}
+	before := c.n[ev.CommonName]
+	c.n[ev.CommonName]--
+	if before == 1 {
+		c.log = append(c.log, fmt.Sprintf("-%s@%d", ev.CommonName, instance))
+	}
+	return before
 }
 
 func do(h http.Handler, remote, method, path, body string) *httptest.ResponseRecorder {
@@ -50,7 +70,7 @@ func do(h http.Handler, remote, method, path, body string) *httptest.ResponseRec
 }
 
 func TestInternalAPIAuth(t *testing.T) {
-	api := &InternalAPI{Auth: fakeAuth{map[string]string{uuidA: "key"}}, DelayOnAuthFail: 30 * time.Millisecond}
+	api := &Server{Auth: fakeAuth{map[string]string{uuidA: "key"}}, DelayOnAuthFail: 30 * time.Millisecond}
 	tests := []struct {
 		name, body string
 		code       int
@@ -90,8 +110,8 @@ func TestInternalAPIAuth(t *testing.T) {
 
 func TestInternalAPIClients(t *testing.T) {
 	is := is.New(t)
-	state := &recordedState{}
-	api := &InternalAPI{State: state, Instances: 2}
+	state := &countedClients{}
+	api := &Server{Clients: state, Instances: 2}
 	const b = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
 	post := func(inst, body string) int {
 		return do(api, "[::1]:5000", "POST", "/api/v2/"+inst+"/clients/", body).Code
@@ -131,7 +151,7 @@ func TestInternalAPIClients(t *testing.T) {
 }
 
 func TestInternalAPILoopbackOnly(t *testing.T) {
-	api := &InternalAPI{Auth: fakeAuth{map[string]string{uuidA: "key"}}}
+	api := &Server{Auth: fakeAuth{map[string]string{uuidA: "key"}}}
 	body := `{"username":"` + uuidA + `","password":"key"}`
 	for remote, want := range map[string]int{
 		"127.0.0.1:1":          200,
@@ -159,7 +179,7 @@ func TestInternalAPILoopbackOnly(t *testing.T) {
 // caller that claims to be loopback in X-Forwarded-For is still remote.
 func TestInternalAPIIgnoresForwardedFor(t *testing.T) {
 	for _, trust := range []TrustProxy{{All: true}, {Hops: 1}, {Prefixes: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}}} {
-		api := &InternalAPI{Auth: fakeAuth{map[string]string{uuidA: "key"}}, TrustProxy: trust}
+		api := &Server{Auth: fakeAuth{map[string]string{uuidA: "key"}}, TrustProxy: trust}
 		r := httptest.NewRequest("POST", "/api/v1/auth/", strings.NewReader(`{"username":"`+uuidA+`","password":"key"}`))
 		r.RemoteAddr = "192.0.2.1:1"
 		r.Header.Set("X-Forwarded-For", "127.0.0.1")
