@@ -25,14 +25,10 @@ import (
 	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
-// The fixed times of a server's run.
+// The zero values of Server.ShutdownTimeout and Server.ReadHeaderTimeout.
 const (
-	// listenerShutdown bounds the shutdown of the internal API, the
-	// metrics and the CONNECT proxy, once the drain is over.
-	listenerShutdown = 5 * time.Second
-	// readHeaderTimeout bounds a request head on the internal API and
-	// the metrics.
-	readHeaderTimeout = 10 * time.Second
+	defaultShutdownTimeout   = 5 * time.Second
+	defaultReadHeaderTimeout = 10 * time.Second
 )
 
 // run is one run of a Server: the parts that Run builds, in the order of
@@ -260,7 +256,7 @@ func (r *run) serve(addr string, h http.Handler, maxConns int) error {
 	if maxConns > 0 {
 		l = netutil.LimitListener(l, maxConns)
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: readHeaderTimeout}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: orDefault(r.s.ReadHeaderTimeout, defaultReadHeaderTimeout)}
 	r.servers = append(r.servers, srv)
 	r.serving.Add(1)
 	go func() {
@@ -273,7 +269,7 @@ func (r *run) serve(addr string, h http.Handler, maxConns int) error {
 // closeListeners shuts the HTTP servers down, closes the proxy's listener
 // and ends the deferred authentications in flight.
 func (r *run) closeListeners() {
-	sctx, cancel := context.WithTimeout(context.Background(), listenerShutdown)
+	sctx, cancel := context.WithTimeout(context.Background(), orDefault(r.s.ShutdownTimeout, defaultShutdownTimeout))
 	defer cancel()
 	for _, srv := range r.servers {
 		_ = srv.Shutdown(sctx)
@@ -407,7 +403,7 @@ func (r *run) runProxy(ctx context.Context, pm *connectproxy.Metrics) {
 			r.fatal <- fmt.Errorf("vpn: CONNECT proxy: %w", err)
 		}
 	case <-ctx.Done():
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), listenerShutdown)
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), orDefault(r.s.ShutdownTimeout, defaultShutdownTimeout))
 		defer cancel()
 		_ = proxy.Shutdown(sctx)
 		<-serveDone
@@ -456,4 +452,12 @@ func (r *run) stop(ctx context.Context) {
 		}
 		r.s.log().Error("could not report every device offline", "err", err, "pending", r.reporter.Pending(), fp)
 	}
+}
+
+// orDefault returns d, or def when d is not positive.
+func orDefault(d, def time.Duration) time.Duration {
+	if d > 0 {
+		return d
+	}
+	return def
 }

@@ -81,6 +81,15 @@ type Server struct {
 	// means otel.GetTextMapPropagator().
 	Propagator propagation.TextMapPropagator
 
+	// ShutdownTimeout bounds the shutdown of the internal API, the
+	// metrics and the CONNECT proxy once the drain is over: requests and
+	// tunnels still open then are cut. Zero means 5 s.
+	ShutdownTimeout time.Duration
+
+	// ReadHeaderTimeout bounds the reading of a request's head on the
+	// internal API and the metrics listener. Zero means 10 s.
+	ReadHeaderTimeout time.Duration
+
 	once      sync.Once
 	ready     chan struct{}
 	closed    chan struct{} // closed by Close
