@@ -84,20 +84,8 @@ func (w *IndexWriter) Run(ctx context.Context) error {
 		minInterval = 250 * time.Millisecond
 	}
 	path, r := w.path(), w.Resolver
-	// A status file's trouble is logged when it changes, not at every poll:
-	// an instance's file stays empty until openvpn first writes it.
-	var lastErr string
-	refresh := func() {
-		err := r.Refresh()
-		switch {
-		case err == nil && lastErr != "":
-			log.Debug("nss: status files readable again")
-			lastErr = ""
-		case err != nil && err.Error() != lastErr:
-			log.Debug("nss: status files", "err", err)
-			lastErr = err.Error()
-		}
-	}
+	rl := refreshLogger{r: r, log: log}
+	refresh := rl.refresh
 	refresh()
 	snap := r.index.Load()
 	if snap == nil { // nothing published yet: an empty view
@@ -174,6 +162,27 @@ func (w *IndexWriter) Run(ctx context.Context) error {
 		case <-laterC:
 			laterC = nil
 		}
+	}
+}
+
+// refreshLogger refreshes a Resolver and logs a status file's trouble
+// when it changes, not at every poll: an instance's file stays empty
+// until openvpn first writes it.
+type refreshLogger struct {
+	r       *Resolver
+	log     *slog.Logger
+	lastErr string
+}
+
+func (l *refreshLogger) refresh() {
+	err := l.r.Refresh()
+	switch {
+	case err == nil && l.lastErr != "":
+		l.log.Debug("nss: status files readable again")
+		l.lastErr = ""
+	case err != nil && err.Error() != l.lastErr:
+		l.log.Debug("nss: status files", "err", err)
+		l.lastErr = err.Error()
 	}
 }
 
