@@ -22,12 +22,17 @@
 //     batched, retried reports to a [StateAPI] of which devices are online.
 //   - [Service]: the service instance's registration and heartbeat with a
 //     [ServiceAPI].
-//   - [InternalAPI]: the loopback HTTP API that OpenVPN's script-mode
-//     hooks (cmd/vpn-auth, cmd/vpn-client-event) call through the small
-//     client of package vpn/hook.
-//   - [Metrics], [RenderHAProxy] and [haproxy.Runtime], [bandwidth.Limiter]: the
-//     Prometheus metrics, HAProxy's configuration and runtime API, and
-//     per-device bandwidth limits with tc.
+//   - [ScriptClients]: the session accounting of script mode, which the
+//     internal API (package vpn/internalapi) hands the hooks' client
+//     events to; the hooks (cmd/vpn-auth, cmd/vpn-client-event) call it
+//     through the small client of package vpn/hook.
+//   - [Metrics] and [Config.RenderHAProxy]: the Prometheus metrics, and
+//     HAProxy's configuration for the deployment.
+//
+// Jobs that stand alone are packages of their own: vpn/haproxy (HAProxy's
+// configuration, process, runtime API and registrar), vpn/bandwidth
+// (per-device limits with tc), vpn/internalapi and vpn/hook (the internal
+// API's server and its client), vpn/balena (the balena API).
 //
 // The balena API is reached through the small interfaces this package
 // declares ([AuthAPI], [StateAPI], [ServiceAPI]); package vpn/balena

@@ -3,7 +3,7 @@
 // deferred through OpenVPN's auth_control_file) and client connect and
 // disconnect events. It is small on purpose: cmd/vpn-auth and
 // cmd/vpn-client-event, which OpenVPN runs on every connection, link this
-// package and not the server (package vpn, whose InternalAPI answers).
+// package and not the server (package vpn/internalapi answers).
 package hook
 
 import (
@@ -17,7 +17,7 @@ import (
 	"strings"
 )
 
-// Client calls the server's internal API (vpn.InternalAPI), as OpenVPN's
+// Client calls the server's internal API (internalapi.Server), as OpenVPN's
 // script-mode hooks do (cmd/vpn-auth and cmd/vpn-client-event).
 type Client struct {
 	// BaseURL is the internal API's URL, such as "http://127.0.0.1:30001",
