@@ -198,3 +198,24 @@ func TestParseServersState(t *testing.T) {
 	_, err = parseServersState("Can't find backend.")
 	is.True(errors.Is(err, ErrRefused))
 }
+
+// FuzzParseServersState: whatever HAProxy's socket answers, the parser
+// returns servers or an error, never panics, and a server it returns has
+// the state bits it was given.
+func FuzzParseServersState(f *testing.F) {
+	f.Add("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_port\n3 vpn-workers 1 vpn1 127.0.0.1 2 0 10001\n")
+	f.Add("1\n# be_name srv_name srv_addr srv_op_state srv_admin_state srv_port\nvpn-workers vpn1 127.0.0.1 2 8 x\n")
+	f.Add("No such backend.\n")
+	f.Add("1\n3 vpn-workers 1 vpn1\n")
+	f.Fuzz(func(t *testing.T, out string) {
+		servers, err := parseServersState(out)
+		if err != nil {
+			return
+		}
+		for _, s := range servers {
+			if s.Up && (s.Maint || s.Draining) {
+				t.Fatalf("%+v: up while in maintenance or draining", s)
+			}
+		}
+	})
+}
