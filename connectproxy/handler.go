@@ -90,10 +90,12 @@ func (f ResolverFunc) Lookup(name string) (netip.Addr, error) { return f(name) }
 //  3. The Authorizer must allow (uuid, port, key), else 407. Its answers
 //     are cached for 5 s per (uuid, port, key); errors are never cached
 //     and are answered 500.
-//  4. The OnlineChecker must say that the device is online, else 503.
-//  5. If the Resolver finds the device here, the proxy dials its VPN
-//     address and port, answers 200 and relays bytes both ways.
-//  6. Otherwise the Locator names the VPN server that holds it, and the
+//  4. If the Resolver finds the device here, the proxy dials its VPN
+//     address and port, answers 200 and relays bytes both ways. A device
+//     connected here is online: the OnlineChecker is not asked.
+//  5. Otherwise the OnlineChecker must say that the device is online,
+//     else 503.
+//  6. Then the Locator names the VPN server that holds it, and the
 //     request is forwarded to that server's proxy (ForwardPort) with the
 //     caller's credentials and a Forwarded header that carries this
 //     server's signature; a request that already carries it is a loop
@@ -123,8 +125,9 @@ type Handler struct {
 	// (407); see [AllowAll].
 	Authorizer Authorizer
 
-	// Online says whether a device is connected to the VPN. Nil skips the
-	// check.
+	// Online says whether a device is connected to the VPN, for devices
+	// that the Resolver does not find here (see step 5 above). Nil skips
+	// the check.
 	Online OnlineChecker
 
 	// Locator finds the VPN server that holds a device. Nil means that
@@ -293,7 +296,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.release()
 		return
 	}
-	if h.Online != nil {
+	// A device in this server's own list is connected here: the API's
+	// view of it (is_connected_to_vpn) comes from this server's own
+	// reports, later, so asking it would only add a round trip. A device
+	// that is not here is forwarded only if the API says it is online.
+	addr, here := h.lookup(ctx, t.UUID, log)
+	if !here && h.Online != nil {
 		online, err := h.online(ctx, deviceID)
 		if err != nil {
 			h.fail(w, r, log, http.StatusInternalServerError, mark(ctx, FingerprintDeviceLookup, fmt.Errorf("asking the API whether the device is online: %w", err)))
@@ -307,7 +315,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
-	dev, early, via, err := h.reach(ctx, r, t, key, log)
+	dev, early, via, err := h.reach(ctx, r, t, key, addr, log)
 	if err != nil {
 		h.countError()
 		var se *StatusError
@@ -344,10 +352,11 @@ func proxyKey(hdr http.Header) string {
 	return string(b)
 }
 
-// reach connects to the device: here, or through the peer VPN server that
-// holds it. early holds bytes that the peer sent after its 200.
-func (h *Handler) reach(ctx context.Context, r *http.Request, t Target, key string, log *slog.Logger) (dev net.Conn, early []byte, via string, err error) {
-	if addr, ok := h.lookup(ctx, t.UUID, log); ok {
+// reach connects to the device: here at addr, when it is valid, or
+// through the peer VPN server that holds it. early holds bytes that the
+// peer sent after its 200.
+func (h *Handler) reach(ctx context.Context, r *http.Request, t Target, key string, addr netip.Addr, log *slog.Logger) (dev net.Conn, early []byte, via string, err error) {
+	if addr.IsValid() {
 		dev, err = h.dialDevice(ctx, addr, t.Port)
 		return dev, nil, "local", err
 	}

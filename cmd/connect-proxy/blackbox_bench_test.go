@@ -38,6 +38,7 @@ import (
 //	BENCH_PROXY_ROUNDS    rounds, the paths' order rotated in each [5]
 //	BENCH_PROXY_SAMPLES   connections per path and round in the latency phase [500]
 //	BENCH_PROXY_TUNNELS   idle tunnels in the memory phase [2000]
+//	BENCH_PROXY_BIN       a connect-proxy executable to run [this package, built]
 //
 // Each round streams the size up (client to device), down (device to
 // client) and over 16 streams at once (8 up, 8 down), checking the byte
@@ -109,13 +110,16 @@ func newBBWorld(b *testing.B) *bbWorld {
 	w := &bbWorld{ns: vpntest.NewNetns(b, "bbox"), dir: b.TempDir(), haproxy: paths[1], counts: make(chan int64, 64)}
 	w.sh(b, "ip", "addr", "add", bbDevice+"/32", "dev", "lo")
 	w.sh(b, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000")
-	w.bin = filepath.Join(w.dir, "connect-proxy")
-	gobin, err := exec.LookPath("go")
-	if err != nil {
-		b.Fatalf("building connect-proxy: %v", err)
-	}
-	if out, err := exec.Command(gobin, "build", "-o", w.bin, ".").CombinedOutput(); err != nil {
-		b.Fatalf("go build: %v\n%s", err, out)
+	w.bin = os.Getenv("BENCH_PROXY_BIN")
+	if w.bin == "" {
+		w.bin = filepath.Join(w.dir, "connect-proxy")
+		gobin, err := exec.LookPath("go")
+		if err != nil {
+			b.Fatalf("building connect-proxy: %v", err)
+		}
+		if out, err := exec.Command(gobin, "build", "-o", w.bin, ".").CombinedOutput(); err != nil {
+			b.Fatalf("go build: %v\n%s", err, out)
+		}
 	}
 	w.serve(b, bbSinkPort, w.sink)
 	w.serve(b, bbSrcPort, source)
