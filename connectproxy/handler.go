@@ -110,13 +110,17 @@ func (f ResolverFunc) Lookup(name string) (netip.Addr, error) { return f(name) }
 // bytes that a peer sent after its 200, are relayed first; half-closes are
 // passed on (CloseWrite); nothing else is added to the byte stream.
 //
-// ServeHTTP returns once a tunnel is established: the tunnel runs on two
-// goroutines that the Handler owns, one per direction, copying with
-// io.Copy between the connections as they are, so that Linux splices
-// between TCP sockets without user-space buffers. [Handler.Shutdown] ends
-// them. Serve the Handler with a [Server], or with an http.Server whose
-// listener yields *net.TCPConn (wrapped connections are copied through
-// buffers) and whose ReadHeaderTimeout and MaxHeaderBytes are set.
+// ServeHTTP returns once a tunnel is established: the tunnel runs on
+// goroutines that the Handler owns, one per direction while bytes move,
+// copying with io.Copy between the connections as they are, so that
+// Linux splices between TCP sockets without user-space buffers. Between
+// TCP connections, a direction in which no byte moved for 10 ms gives up
+// its goroutine and splice pipe and waits in an epoll instance of the
+// Handler's (Linux), so that an idle tunnel costs its two connections and
+// little more. [Handler.Shutdown] ends them. Serve the Handler with a
+// [Server], or with an http.Server whose listener yields *net.TCPConn
+// (wrapped connections are copied through buffers, and keep their
+// goroutines) and whose ReadHeaderTimeout and MaxHeaderBytes are set.
 //
 // The zero Handler answers every CONNECT 407: set an Authorizer. Its
 // fields must not change once it serves.
@@ -180,8 +184,9 @@ type Handler struct {
 	// [*StatusError] with the status code the default would send.
 	ErrorHandler func(w http.ResponseWriter, r *http.Request, err error)
 
-	// Logger receives one line per refused request and per tunnel. Nil
-	// means discard. Keys are never logged.
+	// Logger receives one line per refused request, and one per tunnel
+	// that fails or is closed when idle; tunnels that open and close are
+	// logged at debug level. Nil means discard. Keys are never logged.
 	Logger *slog.Logger
 
 	// Next serves requests that are not CONNECT. Nil answers them 405.
@@ -199,9 +204,11 @@ type Handler struct {
 	// otel.GetTextMapPropagator().
 	Propagator propagation.TextMapPropagator
 
-	now    func() time.Time // nil: time.Now; tests set it
-	joined func()           // called when a caller waits for a question in flight; tests set it
-	access accessCache
+	now       func() time.Time // nil: time.Now; tests set it
+	joined    func()           // called when a caller waits for a question in flight; tests set it
+	idleAfter time.Duration    // 0: parkAfter; tests set it
+	parked    func()           // called when a tunnel direction parks; tests set it
+	access    accessCache
 
 	mu      sync.Mutex
 	n       int // tunnels open or being set up
@@ -211,6 +218,7 @@ type Handler struct {
 	kill    context.Context // ends when killed
 	killFn  context.CancelFunc
 	drained chan struct{} // closed when n drops to 0 after closed
+	poll    poller        // the tunnels' idle directions
 }
 
 const (

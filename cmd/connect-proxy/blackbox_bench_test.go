@@ -47,8 +47,9 @@ import (
 // proxy, CONNECT and its 200) plus the first byte back. The namespace's
 // ephemeral port range is widened so that the batches' TIME_WAIT sockets
 // do not run it out; dial errors are counted and reported. Last, a fresh
-// proxy process (and a fresh HAProxy) holds the idle tunnels, and the
-// delta of its resident memory over them is reported per tunnel.
+// proxy process (and a fresh HAProxy) holds the idle tunnels, each used
+// once and then idle for 3 s, and the delta of its resident memory over
+// them is reported per tunnel.
 //
 // Ratios are the proxy's figure over HAProxy's in the same round; the
 // table gives their median and range over the rounds.

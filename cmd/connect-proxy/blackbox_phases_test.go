@@ -220,9 +220,13 @@ func pct(d []time.Duration, p int) time.Duration {
 	return d[min(len(d)-1, len(d)*p/100)]
 }
 
+// bbIdle is how long the connections of the memory phase are idle when
+// the resident memory is read.
+const bbIdle = 3 * time.Second
+
 // idleMemory opens n connections through the process's path, each
-// carrying one byte there and back and then left idle, and returns the
-// growth of the process's resident memory per connection. Ten such
+// carrying one byte there and back and then left idle for bbIdle, and
+// returns the growth of the process's resident memory per connection. Ten such
 // connections, opened and closed first, warm the process up.
 func (w *bbWorld) idleMemory(b *testing.B, proc bbProcess, name string, n int) float64 {
 	defer proc.p.Stop()
@@ -274,6 +278,9 @@ func (w *bbWorld) idleMemory(b *testing.B, proc bbProcess, name string, n int) f
 				}
 			}
 		})
+		// Idle means idle for a while: longer than a tunnel
+		// takes to give up its goroutines (a second).
+		time.Sleep(bbIdle)
 		after = proc.rss(b)
 	}
 	if err == nil {
