@@ -111,6 +111,10 @@ func newBBWorld(b *testing.B) *bbWorld {
 	w := &bbWorld{ns: vpntest.NewNetns(b, "bbox"), dir: b.TempDir(), haproxy: paths[1], counts: make(chan int64, 64)}
 	w.sh(b, "ip", "addr", "add", bbDevice+"/32", "dev", "lo")
 	w.sh(b, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000")
+	// The fixed ports are no ephemeral ones (the API's listener, the
+	// proxy's connections to it), so that the next HAProxy can bind them.
+	w.sh(b, "sysctl", "-q", "-w", fmt.Sprintf("net.ipv4.ip_local_reserved_ports=%d,%d-%d,%d-%d",
+		bbProxyPort, bbHAProxy, bbHAProxy+bbEchoPort-bbSinkPort, bbSinkPort, bbEchoPort))
 	w.bin = os.Getenv("BENCH_PROXY_BIN")
 	if w.bin == "" {
 		w.bin = filepath.Join(w.dir, "connect-proxy")
