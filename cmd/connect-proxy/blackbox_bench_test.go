@@ -267,6 +267,22 @@ func (p bbProcess) rss(b *testing.B) int64 {
 	return 0
 }
 
+// cpu returns the CPU time (user and system) that the process used.
+func (p bbProcess) cpu(b *testing.B) time.Duration {
+	s, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	// The fields after the command's name, which is in parentheses.
+	f := strings.Fields(string(s[bytes.LastIndexByte(s, ')')+1:]))
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		b.Fatalf("/proc/%d/stat: %q", p.cmd.Process.Pid, s)
+	}
+	return time.Duration(utime+stime) * time.Second / 100 // USER_HZ
+}
+
 // startProxy runs connect-proxy in the namespace and waits until it
 // listens.
 func (w *bbWorld) startProxy(b *testing.B) bbProcess {

@@ -24,6 +24,7 @@ const bbStreams = 16
 // bbResults are the figures of a run, per round.
 type bbResults struct {
 	rate      map[string]map[string][]float64 // phase → path → MB/s
+	cpu       map[string]map[string][]float64 // phase → relay → CPU ms per GiB relayed
 	p50, p99  map[string][]time.Duration      // path → connect plus first byte
 	connect   []time.Duration                 // the proxy's p50 to its 200
 	dialErrs  map[string]int
@@ -33,10 +34,11 @@ type bbResults struct {
 }
 
 func (w *bbWorld) run(b *testing.B, cfg bbConfig) *bbResults {
-	res := &bbResults{rate: map[string]map[string][]float64{}, p50: map[string][]time.Duration{},
+	res := &bbResults{rate: map[string]map[string][]float64{}, cpu: map[string]map[string][]float64{}, p50: map[string][]time.Duration{},
 		p99: map[string][]time.Duration{}, dialErrs: map[string]int{}, perTunnel: map[string]float64{}, tunnels: cfg.tunnels}
 	for _, ph := range bbPhases {
 		res.rate[ph] = map[string][]float64{}
+		res.cpu[ph] = map[string][]float64{}
 	}
 	proxy, haproxy := w.startProxy(b), w.startHAProxy(b)
 	ps := paths(w.ns.Dial)
@@ -44,7 +46,16 @@ func (w *bbWorld) run(b *testing.B, cfg bbConfig) *bbResults {
 		order := append(slices.Clone(ps[r%len(ps):]), ps[:r%len(ps)]...)
 		for _, ph := range bbPhases {
 			for _, p := range order {
+				relay, ok := map[string]bbProcess{"proxy": proxy, "haproxy": haproxy}[p.name]
+				var cpu0 time.Duration
+				if ok {
+					cpu0 = relay.cpu(b)
+				}
 				res.rate[ph][p.name] = append(res.rate[ph][p.name], w.stream(b, p, ph, cfg.size))
+				if ok {
+					ms := float64(relay.cpu(b)-cpu0) / float64(time.Millisecond)
+					res.cpu[ph][p.name] = append(res.cpu[ph][p.name], ms/(float64(cfg.size)/(1<<30)))
+				}
 			}
 		}
 		w.latencyRound(b, r, cfg.samples, res)
@@ -349,6 +360,13 @@ func (res *bbResults) report(b *testing.B, cfg bbConfig) {
 		fmt.Fprintf(&sb, " %.2f (%.2f–%.2f)\n", m, lo, hi)
 		b.ReportMetric(m, strings.ReplaceAll(ph, " ", "")+"-×haproxy")
 	}
+	fmt.Fprintf(&sb, "relay CPU (user+system), ms per GiB:")
+	for _, ph := range bbPhases {
+		hm, _, _ := medRange(res.cpu[ph]["haproxy"])
+		pm, _, _ := medRange(res.cpu[ph]["proxy"])
+		fmt.Fprintf(&sb, " %s haproxy %.0f proxy %.0f;", ph, hm, pm)
+	}
+	fmt.Fprintf(&sb, "\n")
 	fmt.Fprintf(&sb, "connect plus first byte, µs: p50 (range over rounds) / p99 (range)\n")
 	for _, p := range []string{"direct", "haproxy", "proxy"} {
 		m, lo, hi := medRange(micros(res.p50[p]))
