@@ -1,6 +1,6 @@
 GO ?= go
 
-.PHONY: all build demo plan test bench
+.PHONY: all build demo plan test bench bench-proxy
 
 all: build
 
@@ -51,6 +51,23 @@ test:
 # HAProxy's relay, a linear scan), since these machines are shared.
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./...
+
+# bench-proxy measures cmd/connect-proxy black-box, as a user gets it: the
+# command as its own process in a network namespace of its own, next to
+# HAProxy 2.6 as a TCP relay (splice-auto, nbthread 2) and the direct path,
+# in rotating rounds (throughput up, down and over 16 streams; connect
+# plus first byte; resident memory per idle tunnel in a fresh process).
+# It needs root and haproxy. BENCH_PROXY_MIB (512), BENCH_PROXY_ROUNDS (5),
+# BENCH_PROXY_SAMPLES (500) and BENCH_PROXY_TUNNELS (2000) size it, e.g.
+# make bench-proxy BENCH_PROXY_MIB=128.
+BENCH_PROXY_MIB ?=
+BENCH_PROXY_ROUNDS ?=
+BENCH_PROXY_SAMPLES ?=
+BENCH_PROXY_TUNNELS ?=
+bench-proxy:
+	BENCH_PROXY_MIB=$(BENCH_PROXY_MIB) BENCH_PROXY_ROUNDS=$(BENCH_PROXY_ROUNDS) \
+	BENCH_PROXY_SAMPLES=$(BENCH_PROXY_SAMPLES) BENCH_PROXY_TUNNELS=$(BENCH_PROXY_TUNNELS) \
+		$(GO) test -run '^$$' -bench '^BenchmarkBlackBox$$' -benchtime 1x -count=1 ./cmd/connect-proxy
 
 # The NSS module: make install-nss builds it, installs it where glibc looks
 # for NSS modules, and puts "openvpn" on the hosts line of nsswitch.conf

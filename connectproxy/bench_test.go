@@ -213,7 +213,11 @@ func BenchmarkThroughput(b *testing.B) {
 
 // BenchmarkThroughputRatio streams 64 MiB through every path in turn in
 // each iteration, and reports the proxy's throughput as a ratio of the
-// direct path's and of HAProxy's, measured in the same run.
+// direct path's and of HAProxy's, measured in the same run. It is for
+// profiling the copy path: the client and the device share the proxy's
+// process and HAProxy runs without splice-auto here, so its ratios are not
+// what a user of the proxy gets. BenchmarkBlackBox in cmd/connect-proxy
+// (make bench-proxy) measures that.
 func BenchmarkThroughputRatio(b *testing.B) {
 	const n = 64 << 20
 	s := newSink(b)

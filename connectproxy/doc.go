@@ -4,16 +4,17 @@
 //
 // [Handler] is an http.Handler that follows the reference system step by
 // step: it parses the target ([ParseTarget]), asks the balena API whether
-// the caller's key may reach that port and whether the device is online
-// (the small interfaces [Authorizer], [OnlineChecker] and [Locator], which
-// *balena.Client implements), finds the device among the clients of this
-// VPN server ([Resolver], which *nss.Resolver implements), and otherwise
-// forwards the request to the VPN server that holds it, with the caller's
-// credentials and a Forwarded header that stops loops. It fixes the
-// reference system's defects: forwarded credentials are sent as
-// "Basic base64(balena:<key>)", the Forwarded header is sent, bytes that
-// arrive with a peer's 200 are kept, and API failures are answered 500
-// and never cached as denials.
+// the caller's key may reach that port (the small interfaces [Authorizer],
+// [OnlineChecker] and [Locator], which *balena.Client implements), finds
+// the device among the clients of this VPN server ([Resolver], which
+// *nss.Resolver implements), and otherwise, once the API says that the
+// device is online, forwards the request to the VPN server that holds it,
+// with the caller's credentials and a Forwarded header that stops loops.
+// It fixes the reference system's defects: forwarded credentials are sent
+// as "Basic base64(balena:<key>)", the Forwarded header is sent, bytes
+// that arrive with a peer's 200 are kept, and API failures are answered
+// 500 and never cached as denials. Unlike the reference, it does not ask
+// the API whether a device that is connected to this server is online.
 //
 // [Server] serves a Handler with what a hijacking proxy needs (request
 // head limits, graceful Shutdown that waits for tunnels). Tunnels copy

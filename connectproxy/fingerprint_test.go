@@ -49,13 +49,13 @@ func TestFingerprints(t *testing.T) {
 		want   string
 	}{
 		{"canAccess fails", func(w *world) { w.api.FailNext(balenatest.CanAccess, 1, 500) }, target(devUUID, public.port), nil, FingerprintTunnel},
-		{"online check fails", func(w *world) { w.api.FailNext(balenatest.DeviceOnline, 1, 502) }, target(devUUID, public.port), nil, FingerprintDeviceLookup},
+		{"online check fails", func(w *world) { notHere(w); w.api.FailNext(balenatest.DeviceOnline, 1, 502) }, target(devUUID, public.port), nil, FingerprintDeviceLookup},
 		{"locate fails", func(w *world) { notHere(w); w.api.FailNext(balenatest.LocateDevice, 1, 500) }, target(devUUID, svc.port),
 			[]string{"Proxy-Authorization: " + basic("u", opKey)}, FingerprintVPNHostLookup},
 		{"no key", nil, target(devUUID, svc.port), nil, ""},
 		{"a wrong key", nil, target(devUUID, svc.port), []string{"Proxy-Authorization: " + basic("u", "wrong-SECRET")}, ""},
 		{"not a device", nil, "example.com:443", nil, ""},
-		{"device offline", func(w *world) { w.api.SetOffline(devUUID) }, target(devUUID, public.port), nil, ""},
+		{"device offline", func(w *world) { notHere(w); w.api.SetOffline(devUUID) }, target(devUUID, public.port), nil, ""},
 		{"device service down", func(w *world) { w.api.Grant(opKey, devUUID, closed) }, target(devUUID, closed),
 			[]string{"Proxy-Authorization: " + basic("u", opKey)}, ""},
 		{"held by no server", func(w *world) { notHere(w); w.api.SetOnline(devUUID, 0) }, target(devUUID, public.port), nil, ""},

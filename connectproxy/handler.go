@@ -90,10 +90,12 @@ func (f ResolverFunc) Lookup(name string) (netip.Addr, error) { return f(name) }
 //  3. The Authorizer must allow (uuid, port, key), else 407. Its answers
 //     are cached for 5 s per (uuid, port, key); errors are never cached
 //     and are answered 500.
-//  4. The OnlineChecker must say that the device is online, else 503.
-//  5. If the Resolver finds the device here, the proxy dials its VPN
-//     address and port, answers 200 and relays bytes both ways.
-//  6. Otherwise the Locator names the VPN server that holds it, and the
+//  4. If the Resolver finds the device here, the proxy dials its VPN
+//     address and port, answers 200 and relays bytes both ways. A device
+//     connected here is online: the OnlineChecker is not asked.
+//  5. Otherwise the OnlineChecker must say that the device is online,
+//     else 503.
+//  6. Then the Locator names the VPN server that holds it, and the
 //     request is forwarded to that server's proxy (ForwardPort) with the
 //     caller's credentials and a Forwarded header that carries this
 //     server's signature; a request that already carries it is a loop
@@ -108,13 +110,17 @@ func (f ResolverFunc) Lookup(name string) (netip.Addr, error) { return f(name) }
 // bytes that a peer sent after its 200, are relayed first; half-closes are
 // passed on (CloseWrite); nothing else is added to the byte stream.
 //
-// ServeHTTP returns once a tunnel is established: the tunnel runs on two
-// goroutines that the Handler owns, one per direction, copying with
-// io.Copy between the connections as they are, so that Linux splices
-// between TCP sockets without user-space buffers. [Handler.Shutdown] ends
-// them. Serve the Handler with a [Server], or with an http.Server whose
-// listener yields *net.TCPConn (wrapped connections are copied through
-// buffers) and whose ReadHeaderTimeout and MaxHeaderBytes are set.
+// ServeHTTP returns once a tunnel is established: the tunnel runs on
+// goroutines that the Handler owns, one per direction while bytes move,
+// copying with io.Copy between the connections as they are, so that
+// Linux splices between TCP sockets without user-space buffers. Between
+// TCP connections, a direction in which no byte moved for 10 ms gives up
+// its goroutine and splice pipe and waits in an epoll instance of the
+// Handler's (Linux), so that an idle tunnel costs its two connections and
+// little more. [Handler.Shutdown] ends them. Serve the Handler with a
+// [Server], or with an http.Server whose listener yields *net.TCPConn
+// (wrapped connections are copied through buffers, and keep their
+// goroutines) and whose ReadHeaderTimeout and MaxHeaderBytes are set.
 //
 // The zero Handler answers every CONNECT 407: set an Authorizer. Its
 // fields must not change once it serves.
@@ -123,8 +129,9 @@ type Handler struct {
 	// (407); see [AllowAll].
 	Authorizer Authorizer
 
-	// Online says whether a device is connected to the VPN. Nil skips the
-	// check.
+	// Online says whether a device is connected to the VPN, for devices
+	// that the Resolver does not find here (see step 5 above). Nil skips
+	// the check.
 	Online OnlineChecker
 
 	// Locator finds the VPN server that holds a device. Nil means that
@@ -177,8 +184,9 @@ type Handler struct {
 	// [*StatusError] with the status code the default would send.
 	ErrorHandler func(w http.ResponseWriter, r *http.Request, err error)
 
-	// Logger receives one line per refused request and per tunnel. Nil
-	// means discard. Keys are never logged.
+	// Logger receives one line per refused request, and one per tunnel
+	// that fails or is closed when idle; tunnels that open and close are
+	// logged at debug level. Nil means discard. Keys are never logged.
 	Logger *slog.Logger
 
 	// Next serves requests that are not CONNECT. Nil answers them 405.
@@ -196,9 +204,11 @@ type Handler struct {
 	// otel.GetTextMapPropagator().
 	Propagator propagation.TextMapPropagator
 
-	now    func() time.Time // nil: time.Now; tests set it
-	joined func()           // called when a caller waits for a question in flight; tests set it
-	access accessCache
+	now       func() time.Time // nil: time.Now; tests set it
+	joined    func()           // called when a caller waits for a question in flight; tests set it
+	idleAfter time.Duration    // 0: parkAfter; tests set it
+	parked    func()           // called when a tunnel direction parks; tests set it
+	access    accessCache
 
 	mu      sync.Mutex
 	n       int // tunnels open or being set up
@@ -208,6 +218,7 @@ type Handler struct {
 	kill    context.Context // ends when killed
 	killFn  context.CancelFunc
 	drained chan struct{} // closed when n drops to 0 after closed
+	poll    poller        // the tunnels' idle directions
 }
 
 const (
@@ -293,7 +304,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.release()
 		return
 	}
-	if h.Online != nil {
+	// A device in this server's own list is connected here: the API's
+	// view of it (is_connected_to_vpn) comes from this server's own
+	// reports, later, so asking it would only add a round trip. A device
+	// that is not here is forwarded only if the API says it is online.
+	addr, here := h.lookup(ctx, t.UUID, log)
+	if !here && h.Online != nil {
 		online, err := h.online(ctx, deviceID)
 		if err != nil {
 			h.fail(w, r, log, http.StatusInternalServerError, mark(ctx, FingerprintDeviceLookup, fmt.Errorf("asking the API whether the device is online: %w", err)))
@@ -307,7 +323,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
-	dev, early, via, err := h.reach(ctx, r, t, key, log)
+	dev, early, via, err := h.reach(ctx, r, t, key, addr, log)
 	if err != nil {
 		h.countError()
 		var se *StatusError
@@ -344,10 +360,11 @@ func proxyKey(hdr http.Header) string {
 	return string(b)
 }
 
-// reach connects to the device: here, or through the peer VPN server that
-// holds it. early holds bytes that the peer sent after its 200.
-func (h *Handler) reach(ctx context.Context, r *http.Request, t Target, key string, log *slog.Logger) (dev net.Conn, early []byte, via string, err error) {
-	if addr, ok := h.lookup(ctx, t.UUID, log); ok {
+// reach connects to the device: here at addr, when it is valid, or
+// through the peer VPN server that holds it. early holds bytes that the
+// peer sent after its 200.
+func (h *Handler) reach(ctx context.Context, r *http.Request, t Target, key string, addr netip.Addr, log *slog.Logger) (dev net.Conn, early []byte, via string, err error) {
+	if addr.IsValid() {
 		dev, err = h.dialDevice(ctx, addr, t.Port)
 		return dev, nil, "local", err
 	}

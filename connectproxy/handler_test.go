@@ -72,12 +72,22 @@ func TestStatusCodes(t *testing.T) {
 			"HTTP/1.0 407 Proxy Authorization Required"},
 		{"not a device", nil, "example.com:443", nil, "HTTP/1.0 403 Forbidden"},
 		{"port out of range", nil, devUUID + ".balena:65536", nil, "HTTP/1.0 403 Forbidden"},
-		{"device offline", func(w *world) { w.api.SetOffline(devUUID) }, target(devUUID, public.port), nil,
-			"HTTP/1.0 503 Service Unavailable"},
+		{"not here, device offline", func(w *world) {
+			w.res = newResolver()
+			w.h.Resolver = w.res
+			w.api.SetOffline(devUUID)
+		}, target(devUUID, public.port), nil, "HTTP/1.0 503 Service Unavailable"},
+		{"here, the API says offline: a device here is online", func(w *world) { w.api.SetOffline(devUUID) }, target(devUUID, public.port), nil,
+			"HTTP/1.0 200 Connection Established"},
 		{"canAccess fails", func(w *world) { w.api.FailNext(balenatest.CanAccess, 1, 500) }, target(devUUID, public.port), nil,
 			"HTTP/1.0 500 Internal Server Error"},
-		{"online check fails", func(w *world) { w.api.FailNext(balenatest.DeviceOnline, 1, 502) }, target(devUUID, public.port), nil,
-			"HTTP/1.0 500 Internal Server Error"},
+		{"not here, the online check fails", func(w *world) {
+			w.res = newResolver()
+			w.h.Resolver = w.res
+			w.api.FailNext(balenatest.DeviceOnline, 1, 502)
+		}, target(devUUID, public.port), nil, "HTTP/1.0 500 Internal Server Error"},
+		{"here, the online check would fail: not asked", func(w *world) { w.api.FailNext(balenatest.DeviceOnline, 1, 502) }, target(devUUID, public.port), nil,
+			"HTTP/1.0 200 Connection Established"},
 		{"API unreachable", func(w *world) {
 			c := w.api.Client()
 			c.BaseURL = "http://" + net.JoinHostPort("127.0.0.1", strconv.Itoa(int(closed)))
@@ -797,4 +807,29 @@ func TestDeadlinesClearedAfterHijack(t *testing.T) {
 	a.roundTrip(t, "before")
 	time.Sleep(500 * time.Millisecond) // past both timeouts: what is tested, not a synchronisation
 	a.roundTrip(t, "after the server's timeouts")
+}
+
+// TestLocalDeviceIsOnline: a device found here is online here, and the
+// API is not asked whether it is; one found nowhere here is.
+func TestLocalDeviceIsOnline(t *testing.T) {
+	svc := startService(t, echo)
+	w := newWorld(t, nil)
+	w.addDevice(devUUID, svc.port)
+	a := connect(t, w.addr, target(devUUID, svc.port), "Proxy-Authorization: "+basic("u", opKey))
+	if a.status != 200 {
+		t.Fatalf("got %q, want 200", a.line)
+	}
+	a.roundTrip(t, "here")
+	if n := w.api.Calls(balenatest.DeviceOnline); n != 0 {
+		t.Errorf("the API was asked %d times whether a device here is online", n)
+	}
+
+	w.res.mu.Lock()
+	delete(w.res.names, devUUID+".vpn")
+	w.res.mu.Unlock()
+	w.api.SetOffline(devUUID)
+	a = connect(t, w.addr, target(devUUID, svc.port), "Proxy-Authorization: "+basic("u", opKey))
+	if a.status != 503 || w.api.Calls(balenatest.DeviceOnline) != 1 {
+		t.Fatalf("not here and offline: got %q after %d online checks, want 503 after 1", a.line, w.api.Calls(balenatest.DeviceOnline))
+	}
 }

@@ -1,34 +1,56 @@
 package connectproxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
 // tunnel relays bytes between a caller and a device (or a peer VPN
-// server) on two goroutines, one per direction.
+// server), a direction at a time: each direction copies on a goroutine
+// of its own while bytes move, and, between TCP connections, waits in the
+// handler's poller with no goroutine once none moved for parkAfter.
 type tunnel struct {
 	h              *Handler
 	client, device net.Conn
-	log            *slog.Logger
+	uuid, via      string // for the log, with port
+	port           uint16
 	begin          time.Time
 
-	pending   atomic.Int32 // copiers still running
+	pending   atomic.Int32 // directions not ended
 	closing   atomic.Bool  // the proxy closes the tunnel: errors after that are its own
 	closeOnce sync.Once
 	err       error        // first error of a copier, unless closing; read after both end
-	up, down  int64        // bytes copied to the device and to the client
+	bytes     [2]int64     // copied to the device, to the client
 	idleFor   atomic.Int64 // how long it was idle when that closed it
 
-	mu   sync.Mutex
-	idle *time.Timer // checks whether the tunnel is idle; nil after finish
+	mu     sync.Mutex
+	idle   *time.Timer // checks whether the tunnel is idle; nil after finish
+	parked [2]bool     // the direction waits in the poller
+	pollID [2]uint64   // the direction's registration with the poller, 0 for none
+	shut_  bool        // the connections are closed: no more parking
 }
+
+// The directions of a tunnel.
+const (
+	toDevice = iota
+	fromDevice
+)
+
+// parkAfter is how long a direction copies without a byte before it
+// waits in the poller instead, giving up its goroutine and splice pipe.
+// It is short, so that idle tunnels hold goroutines (and their stacks)
+// only briefly after their last byte; a stream that pauses longer costs
+// a goroutine start when it resumes, and one that flows costs a deadline
+// renewed every parkAfter.
+const parkAfter = 10 * time.Millisecond
 
 // reserve takes a place for a tunnel, unless the handler is closed or
 // full. Until stop is called, a kill (a Shutdown out of time) calls
@@ -68,7 +90,7 @@ func (h *Handler) releaseLocked() {
 
 // start runs the tunnel on its reserved place.
 func (h *Handler) start(client, dev net.Conn, t Target, via string, log *slog.Logger) {
-	tn := &tunnel{h: h, client: client, device: dev, log: log.With("via", via), begin: time.Now()}
+	tn := &tunnel{h: h, client: client, device: dev, uuid: t.UUID, port: t.Port, via: via, begin: time.Now()}
 	tn.pending.Store(2)
 	h.mu.Lock()
 	if h.tunnels == nil {
@@ -77,7 +99,7 @@ func (h *Handler) start(client, dev net.Conn, t Target, via string, log *slog.Lo
 	h.tunnels[tn] = struct{}{}
 	killed := h.killed
 	h.mu.Unlock()
-	tn.log.Info("connectproxy: tunnel open", "remote", client.RemoteAddr().String())
+	log.Debug("connectproxy: tunnel open", "via", via, "remote", client.RemoteAddr().String())
 	if killed {
 		tn.close()
 	}
@@ -92,18 +114,75 @@ func (h *Handler) start(client, dev net.Conn, t Target, via string, log *slog.Lo
 
 // copyToDevice relays the caller's bytes to the device and passes the
 // caller's end of stream on.
-func (t *tunnel) copyToDevice() {
-	n, err := io.Copy(t.device, t.client)
-	t.up = n
-	t.done(err, t.device)
-}
+func (t *tunnel) copyToDevice() { t.copy(toDevice) }
 
 // copyFromDevice relays the device's bytes to the caller and passes the
 // device's end of stream on.
-func (t *tunnel) copyFromDevice() {
-	n, err := io.Copy(t.client, t.device)
-	t.down = n
-	t.done(err, t.client)
+func (t *tunnel) copyFromDevice() { t.copy(fromDevice) }
+
+// copy relays direction d with io.Copy, so that Linux splices between TCP
+// connections. A parkable source gets a read deadline parkAfter ahead,
+// which ends the splice with the pipe empty: with bytes copied, the copy
+// goes on; without, the direction parks and this goroutine ends.
+func (t *tunnel) copy(d int) {
+	src, dst := t.client, t.device
+	if d == fromDevice {
+		src, dst = t.device, t.client
+	}
+	park := canPark(src)
+	after := cmp.Or(t.h.idleAfter, parkAfter)
+	for {
+		if park {
+			_ = src.SetReadDeadline(time.Now().Add(after))
+		}
+		n, err := io.Copy(dst, src)
+		t.bytes[d] += n
+		if park && errors.Is(err, os.ErrDeadlineExceeded) {
+			if n > 0 || !t.park(d, src) {
+				continue
+			}
+			return
+		}
+		t.done(err, dst)
+		return
+	}
+}
+
+// park registers direction d with the poller, which wakes it when src has
+// bytes; false means that it cannot wait there (the tunnel is closing, or
+// the poller failed) and must copy on.
+func (t *tunnel) park(d int, src net.Conn) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.shut_ {
+		return false
+	}
+	id, err := t.h.poll.arm(t, d, src, t.pollID[d])
+	t.pollID[d] = id
+	if err != nil {
+		return false
+	}
+	t.parked[d] = true
+	if t.h.parked != nil {
+		t.h.parked()
+	}
+	return true
+}
+
+// wake starts direction d again, if it is still parked.
+func (t *tunnel) wake(d int) {
+	t.mu.Lock()
+	ok := t.parked[d]
+	t.parked[d] = false
+	t.mu.Unlock()
+	if !ok {
+		return
+	}
+	if d == toDevice {
+		go t.copyToDevice()
+	} else {
+		go t.copyFromDevice()
+	}
 }
 
 // done ends one direction: on end of stream it half-closes dst, on error
@@ -120,6 +199,11 @@ func (t *tunnel) done(err error, dst net.Conn) {
 	} else {
 		t.shut(err)
 	}
+	t.leave()
+}
+
+// leave ends a direction; the last one finishes the tunnel.
+func (t *tunnel) leave() {
 	if t.pending.Add(-1) == 0 {
 		t.finish()
 	}
@@ -127,8 +211,12 @@ func (t *tunnel) done(err error, dst net.Conn) {
 
 // shut closes both connections once. err is the failure that caused it,
 // if any; failures that follow a close by the proxy are not failures.
+// Parked directions end with it: their connections left the poller when
+// they were closed.
 func (t *tunnel) shut(err error) {
+	first := false
 	t.closeOnce.Do(func() {
+		first = true
 		if err != nil && !t.closing.Load() {
 			t.err = err
 		}
@@ -136,6 +224,22 @@ func (t *tunnel) shut(err error) {
 		t.client.Close()
 		t.device.Close()
 	})
+	if !first {
+		return
+	}
+	t.mu.Lock()
+	t.shut_ = true
+	n := 0
+	for d := range t.parked {
+		if t.parked[d] {
+			t.parked[d] = false
+			n++
+		}
+	}
+	t.mu.Unlock()
+	for range n {
+		t.leave()
+	}
 }
 
 // close ends the tunnel on the proxy's behalf (idle, shutdown).
@@ -150,8 +254,14 @@ func (t *tunnel) finish() {
 		t.idle.Stop()
 		t.idle = nil
 	}
+	ids := t.pollID
 	t.mu.Unlock()
 	t.shut(nil)
+	for _, id := range ids {
+		if id != 0 {
+			t.h.poll.forget(id)
+		}
+	}
 	h := t.h
 	if m := h.Metrics; m != nil {
 		m.ActiveTunnels.Dec()
@@ -159,19 +269,25 @@ func (t *tunnel) finish() {
 			m.TunnelErrors.Inc()
 		}
 	}
-	attrs := []any{"duration", time.Since(t.begin).Round(time.Millisecond), "bytes_up", t.up, "bytes_down", t.down}
-	switch {
-	case t.err != nil:
-		t.log.Info("connectproxy: tunnel failed", append(attrs, "err", t.err)...)
-	case t.idleFor.Load() > 0:
-		t.log.Info("connectproxy: tunnel closed when idle", append(attrs, "idle", time.Duration(t.idleFor.Load()))...)
-	default:
-		t.log.Debug("connectproxy: tunnel closed", attrs...)
-	}
+	t.logEnd()
 	h.mu.Lock()
 	delete(h.tunnels, t)
 	h.releaseLocked()
 	h.mu.Unlock()
+}
+
+func (t *tunnel) logEnd() {
+	log := t.h.logger()
+	attrs := []any{"uuid", t.uuid, "port", t.port, "via", t.via, "duration", time.Since(t.begin).Round(time.Millisecond),
+		"bytes_up", t.bytes[toDevice], "bytes_down", t.bytes[fromDevice]}
+	switch {
+	case t.err != nil:
+		log.Info("connectproxy: tunnel failed", append(attrs, "err", t.err)...)
+	case t.idleFor.Load() > 0:
+		log.Info("connectproxy: tunnel closed when idle", append(attrs, "idle", time.Duration(t.idleFor.Load()))...)
+	default:
+		log.Debug("connectproxy: tunnel closed", attrs...)
+	}
 }
 
 // checkIdle closes the tunnel if no byte moved for IdleTimeout, and
@@ -217,6 +333,7 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 
 	select {
 	case <-drained:
+		h.poll.wg.Wait()
 		return nil
 	case <-ctx.Done():
 	}
@@ -233,6 +350,7 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 		t.close()
 	}
 	<-drained
+	h.poll.wg.Wait()
 	return ctx.Err()
 }
 

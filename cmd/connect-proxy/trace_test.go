@@ -124,8 +124,10 @@ func TestTracing(t *testing.T) {
 	if len(conn) != 1 || conn[0].TraceID != traceID || conn[0].Resource["service.name"] != "proxy-eu1" {
 		t.Fatalf("connect spans %+v, want one in trace %s of service proxy-eu1", conn, traceID)
 	}
-	for _, name := range []string{"connectproxy.access", "connectproxy.online", "connectproxy.lookup", "connectproxy.dial",
-		"POST /v7/device(uuid=@uuid)/canAccess", "GET /v7/device(@id)"} {
+	// The device is in this server's status file: it is online here, and
+	// the API is not asked whether it is.
+	for _, name := range []string{"connectproxy.access", "connectproxy.lookup", "connectproxy.dial",
+		"POST /v7/device(uuid=@uuid)/canAccess"} {
 		if len(otlptest.Named(spans, name)) != 1 {
 			t.Errorf("no span %s among %d", name, len(spans))
 		}

@@ -1,0 +1,101 @@
+package connectproxy
+
+import (
+	"io"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+)
+
+// parkWorld is a world whose tunnels park after 20 ms without a byte;
+// parked receives a value each time a direction parks.
+func parkWorld(t *testing.T) (*world, chan struct{}) {
+	t.Helper()
+	parked := make(chan struct{}, 16)
+	w := newWorld(t, func(w *world) {
+		w.h.idleAfter = 20 * time.Millisecond
+		w.h.parked = func() { parked <- struct{}{} }
+	})
+	return w, parked
+}
+
+func waitParked(t *testing.T, parked chan struct{}, n int) {
+	t.Helper()
+	for range n {
+		select {
+		case <-parked:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the tunnel's directions did not park")
+		}
+	}
+}
+
+// copiers returns the number of goroutines that copy a tunnel direction.
+func copiers() int {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	return strings.Count(string(buf), "connectproxy.(*tunnel).copy(")
+}
+
+// TestParkedTunnel: an idle tunnel parks both directions and keeps no
+// goroutine; bytes wake it, either way, and a half-close passes through a
+// parked direction.
+func TestParkedTunnel(t *testing.T) {
+	svc := startService(t, echo)
+	w, parked := parkWorld(t)
+	w.addDevice(devUUID, svc.port)
+	a := connect(t, w.addr, target(devUUID, svc.port), "Proxy-Authorization: "+basic("u", opKey))
+	if a.status != 200 {
+		t.Fatalf("got %q, want 200", a.line)
+	}
+	a.roundTrip(t, "first")
+	waitParked(t, parked, 2)
+	if n := copiers(); n != 0 {
+		t.Fatalf("%d copiers while the tunnel is idle, want 0", n)
+	}
+	for _, msg := range []string{"woken", strings.Repeat("x", 1<<20)} {
+		a.roundTrip(t, msg)
+		waitParked(t, parked, 2)
+	}
+	if err := a.conn.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	a.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if rest, err := io.ReadAll(a.r); err != nil || len(rest) != 0 {
+		t.Fatalf("after the half-close: %q, %v; want the echo's end of stream", rest, err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); w.h.Tunnels() > 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the tunnel did not end")
+		}
+	}
+}
+
+// TestParkedTunnelsClose: Close ends parked tunnels, and the poller's
+// goroutine with them.
+func TestParkedTunnelsClose(t *testing.T) {
+	svc := startService(t, echo)
+	w, parked := parkWorld(t)
+	w.addDevice(devUUID, svc.port)
+	var as []*answer
+	for range 3 {
+		a := connect(t, w.addr, target(devUUID, svc.port), "Proxy-Authorization: "+basic("u", opKey))
+		a.roundTrip(t, "x")
+		as = append(as, a)
+	}
+	waitParked(t, parked, 6)
+	if err := w.h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := w.h.Tunnels(); n != 0 {
+		t.Fatalf("%d tunnels after Close", n)
+	}
+	for _, a := range as {
+		a.waitEOF(t, 5*time.Second)
+	}
+	buf := make([]byte, 1<<20)
+	if s := string(buf[:runtime.Stack(buf, true)]); strings.Contains(s, "(*poller).wait") {
+		t.Fatal("the poller's goroutine outlived the tunnels")
+	}
+}
