@@ -91,7 +91,7 @@ func check(w io.Writer, before map[int64]bool, ignore []string) int {
 
 func report(left []goroutine, timeout time.Duration) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "leaktest: %d goroutines still running %v after the test:", len(left), timeout)
+	fmt.Fprintf(&b, "leaktest: %d goroutine(s) still running %v after the test:", len(left), timeout)
 	for _, g := range left {
 		b.WriteString("\n\n")
 		b.WriteString(g.stack)
