@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/obvpn/obvpn/vpn/vpntest/leaktest"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata")
@@ -18,7 +20,7 @@ func TestMain(m *testing.M) {
 	// Formatted timestamps are local time; pin it so golden files do not
 	// depend on the machine's zone.
 	time.Local = time.UTC
-	os.Exit(m.Run())
+	os.Exit(leaktest.Main(m)) // and no goroutine left behind
 }
 
 // dump writes a Status in a stable text form for golden files.

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/obvpn/obvpn/openvpnmgmt"
 	"github.com/obvpn/obvpn/openvpnmgmt/mgmttest"
+	"github.com/obvpn/obvpn/vpn/vpntest/leaktest"
 )
 
 func dial(t *testing.T, s *mgmttest.Server, opts openvpnmgmt.Options) *openvpnmgmt.Client {
@@ -310,7 +310,7 @@ func TestPassword(t *testing.T) {
 }
 
 func TestCloseEndsEverything(t *testing.T) {
-	before := runtime.NumGoroutine()
+	leaktest.Check(t)
 	for range 20 {
 		s := mgmttest.NewServer(t)
 		c := dial(t, s, openvpnmgmt.Options{})
@@ -328,14 +328,6 @@ func TestCloseEndsEverything(t *testing.T) {
 		}
 		c.Close()
 		s.Close()
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-		runtime.Gosched()
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n := runtime.NumGoroutine(); n > before {
-		t.Errorf("%d goroutines before, %d after", before, n)
 	}
 }
 

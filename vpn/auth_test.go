@@ -78,6 +78,8 @@ func TestAuthenticatorCache(t *testing.T) {
 		_, _ = a.Authenticate(ctx, uuidA, "bad")
 		is.Equal(api.calls.Load(), int64(2)) // the deny too, per key
 
+		// On the bubble's clock, as every sleep in a synctest bubble: the
+		// cache's age, not a wait.
 		time.Sleep(time.Minute - time.Nanosecond)
 		_, _ = a.Authenticate(ctx, uuidA, "good")
 		is.Equal(api.calls.Load(), int64(2)) // not yet expired
@@ -216,25 +218,30 @@ func TestAuthenticatorTimeout(t *testing.T) {
 // it has its place: in a storm that queues for longer than Timeout, every
 // device still gets its answer.
 func TestAuthenticatorQueueNotTimed(t *testing.T) {
-	is := is.New(t)
-	api := &fakeAuthAPI{answers: map[string]func() (bool, error){}}
-	a := &Authenticator{API: api, MaxInFlight: 1, Timeout: 200 * time.Millisecond}
-	const n = 8 // 8 × 50 ms in a row: twice the timeout
-	for i := range n {
-		api.answers[fmt.Sprintf("%032x", i)] = func() (bool, error) { time.Sleep(50 * time.Millisecond); return true, nil }
-	}
-	var wg sync.WaitGroup
-	var allowed atomic.Int64
-	for i := range n {
-		wg.Go(func() {
-			if ok, err := a.Authenticate(context.Background(), fmt.Sprintf("%032x", i), "good"); ok && err == nil {
-				allowed.Add(1)
-			}
-		})
-	}
-	wg.Wait()
-	a.Wait()
-	is.Equal(allowed.Load(), int64(n))
+	synctest.Test(t, func(t *testing.T) {
+		is := is.New(t)
+		api := &fakeAuthAPI{answers: map[string]func() (bool, error){}}
+		a := &Authenticator{API: api, MaxInFlight: 1, Timeout: 200 * time.Millisecond}
+		const n = 8 // 8 × 50 ms in a row: twice the timeout
+		for i := range n {
+			// The API's latency, on the bubble's clock: not a wait.
+			api.answers[fmt.Sprintf("%032x", i)] = func() (bool, error) { time.Sleep(50 * time.Millisecond); return true, nil }
+		}
+		start := time.Now()
+		var wg sync.WaitGroup
+		var allowed atomic.Int64
+		for i := range n {
+			wg.Go(func() {
+				if ok, err := a.Authenticate(context.Background(), fmt.Sprintf("%032x", i), "good"); ok && err == nil {
+					allowed.Add(1)
+				}
+			})
+		}
+		wg.Wait()
+		a.Wait()
+		is.Equal(allowed.Load(), int64(n))
+		is.Equal(time.Since(start), n*50*time.Millisecond) // one at a time, none cut short
+	})
 }
 
 func TestAuthenticatorSweep(t *testing.T) {
@@ -244,6 +251,7 @@ func TestAuthenticatorSweep(t *testing.T) {
 		for i := range 1023 {
 			_, _ = a.Authenticate(context.Background(), fmt.Sprintf("%x", i+1), "good")
 		}
+		// On the bubble's clock: the entries' age, not a wait.
 		time.Sleep(2 * time.Second)
 		_, _ = a.Authenticate(context.Background(), "ffff", "good") // the 1024th entry sweeps
 		a.Wait()

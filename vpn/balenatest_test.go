@@ -97,15 +97,15 @@ func TestReporterOutageWithBalenatest(t *testing.T) {
 		}
 	}
 	// The outage lasts while the reporter retries many times.
-	for api.Calls(balenatest.StateReport) < 20 {
-		time.Sleep(time.Millisecond)
-	}
+	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
+	defer wcancel()
+	waitAPI(t, wctx, api, func(a *balenatest.API) bool { return a.Calls(balenatest.StateReport) >= 20 })
 	pending := r.Pending()
 	before := api.Calls(balenatest.StateReport)
 	api.ClearFaults()
-	for r.Pending() > 0 {
-		time.Sleep(time.Millisecond)
-	}
+	// The reporter's own bookkeeping has no event: poll it, with the
+	// deadline.
+	waitUntil(t, wctx, func() bool { return r.Pending() == 0 })
 	cancel()
 	is.True(errors.Is(<-done, context.Canceled))
 

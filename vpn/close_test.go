@@ -32,14 +32,7 @@ func TestServerClose(t *testing.T) {
 		}
 	}
 	// Both sessions counted (the drain kills what the server counts).
-	waitUntil(t, ctx, func() bool {
-		for _, uuid := range []string{"0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"} {
-			if d, _ := ws.api.Device(uuid); !d.ConnectedToVPN {
-				return false
-			}
-		}
-		return true
-	})
+	waitOnline(t, ctx, ws.api, "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210")
 	var pids []int
 	files, _ := filepath.Glob(filepath.Join(ws.run, "server-*.pid"))
 	for _, f := range files {

@@ -227,7 +227,7 @@ func TestReferenceContainerEnvironmentStarts(t *testing.T) {
 	if _, err := c.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
 		t.Fatalf("the balenaOS client: %v\n%s", err, strings.Join(c.Lines(), "\n"))
 	}
-	waitUntil(t, wctx, func() bool { d, _ := api.Device(dev.UUID); return d.ConnectedToVPN })
+	waitOnline(t, wctx, api, dev.UUID)
 
 	hc := &http.Client{Transport: &http.Transport{DialContext: world.Dial}}
 	get := func(path, token string) (int, string) {

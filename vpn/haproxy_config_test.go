@@ -420,10 +420,7 @@ func TestServerExternalHAProxy(t *testing.T) {
 	if _, err := c.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
 		t.Fatalf("client through haproxy: %v\n%s", err, strings.Join(c.Lines(), "\n"))
 	}
-	waitUntil(t, ctx, func() bool {
-		d, _ := api.Device(d.UUID)
-		return d.ConnectedToVPN
-	})
+	waitOnline(t, ctx, api, d.UUID)
 
 	// The stop leaves the external haproxy running, with the servers out
 	// of rotation.

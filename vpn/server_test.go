@@ -98,8 +98,8 @@ func TestServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Online in the API, managed by the registered instance.
-	waitUntil(t, wctx, func() bool {
-		d, _ := api.Device(good.UUID)
+	waitAPI(t, wctx, api, func(a *balenatest.API) bool {
+		d, _ := a.Device(good.UUID)
 		return d.ConnectedToVPN && d.ServiceInstance != 0 && d.ServiceInstance == srv.ServiceID()
 	})
 
@@ -253,6 +253,29 @@ func waitUntil(t *testing.T, ctx context.Context, cond func() bool) {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// waitAPI waits until cond holds for the balena API, checking it after
+// each of the API's changes, and fails the test when ctx ends first.
+func waitAPI(t *testing.T, ctx context.Context, api *balenatest.Server, cond func(*balenatest.API) bool) {
+	t.Helper()
+	if err := api.WaitFor(ctx, cond); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitOnline waits until the balena API says that every device of uuids
+// is connected to the VPN.
+func waitOnline(t *testing.T, ctx context.Context, api *balenatest.Server, uuids ...string) {
+	t.Helper()
+	waitAPI(t, ctx, api, func(a *balenatest.API) bool {
+		for _, u := range uuids {
+			if d, _ := a.Device(u); !d.ConnectedToVPN {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 // worldServer is a vpn.Server running in a world namespace of its own
@@ -412,14 +435,7 @@ func TestServerDrain(t *testing.T) {
 		}
 		clients = append(clients, c)
 	}
-	waitUntil(t, wctx, func() bool {
-		for _, u := range uuids {
-			if d, _ := api.Device(u); !d.ConnectedToVPN {
-				return false
-			}
-		}
-		return true
-	})
+	waitOnline(t, wctx, api, uuids...)
 	before := make([]int, len(clients))
 	for i, c := range clients {
 		before[i] = len(c.Lines())
@@ -518,8 +534,10 @@ func ping503WhenDown(t *testing.T, ctx context.Context, hc *http.Client, run str
 			syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) && ctx.Err() == nil {
+	// HAProxy's monitor has no event to wait on: poll it, with a deadline.
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	for {
 		resp, err := hc.Get("http://127.0.0.1:8088/ping")
 		if err == nil {
 			resp.Body.Close()
@@ -527,9 +545,12 @@ func ping503WhenDown(t *testing.T, ctx context.Context, hc *http.Client, run str
 				return true
 			}
 		}
-		time.Sleep(10 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(10 * time.Millisecond):
+		}
 	}
-	return false
 }
 
 // TestHandBuiltConfig runs a Server on the Config of
@@ -573,7 +594,7 @@ func TestHandBuiltConfig(t *testing.T) {
 	if _, err := c.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, wctx, func() bool { d, _ := api.Device(dev.UUID); return d.ConnectedToVPN })
+	waitOnline(t, wctx, api, dev.UUID)
 	hc := &http.Client{Transport: &http.Transport{DialContext: world.Dial}}
 	for url, want := range map[string]string{
 		"http://127.0.0.1:80/ping":              "",

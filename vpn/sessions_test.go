@@ -20,10 +20,22 @@ import (
 	"github.com/obvpn/obvpn/vpn/internalapi"
 )
 
-type slowAuth struct{ delay time.Duration }
+// heldAuth allows the key "good". It holds its answer for the device
+// hold until release is closed, so that a test can show that a slow
+// answer holds up no other.
+type heldAuth struct {
+	hold    string
+	release <-chan struct{}
+}
 
-func (a slowAuth) Authenticate(ctx context.Context, uuid, key string) (bool, error) {
-	time.Sleep(a.delay)
+func (a heldAuth) Authenticate(ctx context.Context, uuid, key string) (bool, error) {
+	if uuid == a.hold {
+		select {
+		case <-a.release:
+		case <-ctx.Done():
+			return false, ctx.Err()
+		}
+	}
 	return key == "good", nil
 }
 
@@ -37,11 +49,14 @@ func TestSessions(t *testing.T) {
 	defer c.Close()
 	state := &recordedState{}
 	m, _ := NewMetrics(nil)
-	s := &Sessions{Auth: slowAuth{10 * time.Millisecond}, State: state, DelayOnAuthFail: 300 * time.Millisecond, Metrics: m}
+	release := make(chan struct{})
+	s := &Sessions{Auth: heldAuth{hold: "bad1", release: release}, State: state, DelayOnAuthFail: 300 * time.Millisecond, Metrics: m}
 	h := s.Handler(1)
+	handled := make(chan openvpnmgmt.Event, 64) // each event once the handler has returned
 	go func() {
 		for ev := range c.Events() {
 			h(ctx, c, ev)
+			handled <- ev
 		}
 	}()
 	const dev = "0123456789abcdef0123456789abcdef"
@@ -51,10 +66,12 @@ func TestSessions(t *testing.T) {
 		">CLIENT:CONNECT,3,0", ">CLIENT:ENV,username="+dev, ">CLIENT:ENV,END", // no password
 		">CLIENT:REAUTH,4,1", ">CLIENT:ENV,username="+dev, ">CLIENT:ENV,password=revoked", ">CLIENT:ENV,END",
 	)
-	// The good device is answered at once, not after the denials' delay.
+	// The good device is answered at once, not after the denials' delay,
+	// nor after the answer for the device before it, which is held.
 	start := time.Now()
 	waitCommands(t, srv, "client-auth-nt 2 0")
 	is.True(time.Since(start) < 250*time.Millisecond)
+	close(release)
 	waitCommands(t, srv, `client-deny 1 0 "device authentication failed"`)
 	waitCommands(t, srv, `client-deny 3 0 "device authentication failed"`)
 	waitCommands(t, srv, `client-deny 4 1 "device authentication failed"`, "client-kill 4")
@@ -67,7 +84,11 @@ func TestSessions(t *testing.T) {
 		">CLIENT:DISCONNECT,2", ">CLIENT:ENV,common_name="+dev, ">CLIENT:ENV,bytes_received=150", ">CLIENT:ENV,bytes_sent=70", ">CLIENT:ENV,time_duration=90", ">CLIENT:ENV,END",
 		">CLIENT:DISCONNECT,9", ">CLIENT:ENV,common_name=never-established", ">CLIENT:ENV,END",
 	)
-	waitFor(t, func() bool { return value(m.RxBytes) == 150 })
+	waitHandled(t, handled, func(ev openvpnmgmt.Event) bool {
+		ce, ok := ev.(*openvpnmgmt.ClientEvent)
+		return ok && ce.Kind == openvpnmgmt.ClientDisconnect && ce.CID == 9 // the last one sent
+	})
+	is.Equal(value(m.RxBytes), 150.0)
 	is.Equal(state.snapshot(), []string{"+" + dev + "@1", "+" + dev + "@1"}) // still online: one session left
 	is.Equal(value(m.OnlineDevices), 1.0)
 	is.Equal(value(m.Devices), 2.0)
@@ -82,17 +103,34 @@ func TestSessions(t *testing.T) {
 	s.Wait()
 }
 
+// waitCommands waits until srv has read a command with each of want, and
+// fails the test after 10 s.
 func waitCommands(t *testing.T, srv *mgmttest.Server, want ...string) {
 	t.Helper()
-	waitFor(t, func() bool {
-		have := strings.Join(srv.Commands(), "\n")
-		for _, w := range want {
-			if !strings.Contains(have, w) {
-				return false
-			}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, w := range want {
+		if err := srv.WaitCommand(ctx, w); err != nil {
+			t.Fatal(err)
 		}
-		return true
-	})
+	}
+}
+
+// waitHandled reads the events that the handler is done with until last
+// reports true for one, and fails the test after 10 s.
+func waitHandled(t *testing.T, handled <-chan openvpnmgmt.Event, last func(openvpnmgmt.Event) bool) {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case ev := <-handled:
+			if last(ev) {
+				return
+			}
+		case <-timeout:
+			t.Fatal("the event was not handled within 10 s")
+		}
+	}
 }
 
 // value reads a gauge's or a counter's value.
@@ -197,6 +235,8 @@ func TestSessionsBitrates(t *testing.T) {
 			t.Fatal("no vpn_session_avg_rx_bitrate")
 			return 0, 0
 		}
+		// The sleeps below run the bubble's clock: the sessions' ages, not
+		// waits.
 		const minute = 60 * time.Second
 		time.Sleep(minute)
 		ev(&openvpnmgmt.ByteCountClientEvent{CID: 1, Received: 60 * 1000 / 8, Sent: 0})    // a: 1000 bit/s

@@ -202,7 +202,8 @@ func testReporterOutage(t *testing.T) {
 	down.Unlock()
 	api.mu.Unlock()
 
-	// The next pass comes within MaxBackoff and sends everything.
+	// The next pass comes within MaxBackoff and sends everything (on the
+	// bubble's clock: the backoff's length, not a wait).
 	time.Sleep(30 * time.Second)
 	synctest.Wait()
 	is.Equal(r.Pending(), 0)
@@ -304,17 +305,4 @@ func TestReporterRunWakesOnSet(t *testing.T) {
 		is.Equal(api.onlineSet(), []string(nil))
 		is.Equal(api.requests, 2)
 	})
-}
-
-// waitFor polls cond, for state that has no event to wait on, and fails the
-// test after 10 s.
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 10 s")
-		}
-		time.Sleep(time.Millisecond)
-	}
 }

@@ -8,11 +8,12 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/obvpn/obvpn/vpn/vpntest/leaktest"
 )
 
 const uuid = "0123456789abcdef0123456789abcdef"
@@ -22,7 +23,7 @@ const uuid = "0123456789abcdef0123456789abcdef"
 // /healthz answers next to the proxy. Cancelling the context shuts it all
 // down with exit status 0.
 func TestProxy(t *testing.T) {
-	checkGoroutines(t)
+	leaktest.Check(t)
 	device := echoServer(t)
 	port := device.Port()
 
@@ -162,21 +163,4 @@ func echoServer(t *testing.T) *echo {
 		e.wg.Wait()
 	})
 	return e
-}
-
-// checkGoroutines fails the test if, once every other cleanup has run,
-// more goroutines are left than there were when it started.
-func checkGoroutines(t *testing.T) {
-	t.Helper()
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-			runtime.Gosched()
-		}
-		if n := runtime.NumGoroutine(); n > before {
-			buf := make([]byte, 1<<20)
-			t.Errorf("%d goroutines left, %d before the test:\n%s", n, before, buf[:runtime.Stack(buf, true)])
-		}
-	})
 }

@@ -3,20 +3,20 @@ package main
 import (
 	"bytes"
 	"context"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/obvpn/obvpn/openvpnmgmt/mgmttest"
+	"github.com/obvpn/obvpn/vpn/vpntest/leaktest"
 )
 
 // TestEvents pushes a CLIENT:CONNECT block, a byte count, a log line and a
 // state change from a fake OpenVPN, and checks what the example prints:
 // each event on a line of its own, and never the device's password.
 func TestEvents(t *testing.T) {
-	checkGoroutines(t)
+	leaktest.Check(t)
 	server := mgmttest.NewServer(t)
 	server.SetPassword("mgmt-pw")
 	out := newOutput()
@@ -73,7 +73,7 @@ func TestEvents(t *testing.T) {
 // TestServerCloses ends the connection from the server's side: the example
 // says so and exits 0.
 func TestServerCloses(t *testing.T) {
-	checkGoroutines(t)
+	leaktest.Check(t)
 	server := mgmttest.NewServer(t)
 	out := newOutput()
 	done := make(chan int, 1)
@@ -142,21 +142,4 @@ func (o *output) waitFor(t *testing.T, want string) {
 			t.Fatalf("output lacks %q after 10 s:\n%s", want, got)
 		}
 	}
-}
-
-// checkGoroutines fails the test if, once every other cleanup has run,
-// more goroutines are left than there were when it started.
-func checkGoroutines(t *testing.T) {
-	t.Helper()
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-			runtime.Gosched()
-		}
-		if n := runtime.NumGoroutine(); n > before {
-			buf := make([]byte, 1<<20)
-			t.Errorf("%d goroutines left, %d before the test:\n%s", n, before, buf[:runtime.Stack(buf, true)])
-		}
-	})
 }

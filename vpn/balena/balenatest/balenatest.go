@@ -3,7 +3,8 @@
 // UUIDs, API keys and ports, keys granted ports on devices, VPN service
 // instances, and which device is online on which instance. It records what
 // it was asked (every request, device authentications, state reports,
-// access checks) and fails or delays the next calls of an endpoint on
+// access checks), tells waiters when that changes ([API.Changed],
+// [API.WaitFor]), and fails or delays the next calls of an endpoint on
 // demand.
 //
 // [New] returns an [*API], an http.Handler that can be served on any
@@ -14,6 +15,7 @@
 package balenatest
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -163,6 +165,7 @@ type API struct {
 	reports   []Report
 	calls     map[Endpoint]int
 	faults    map[Endpoint][]*fault
+	changed   chan struct{} // closed at the next change; nil: nobody asked
 }
 
 type fault struct {
@@ -213,6 +216,7 @@ func (a *API) AddDevice(d Device) Device {
 	d.PublicPorts = slices.Clone(d.PublicPorts)
 	a.devices[k] = &d
 	a.byID[d.ID] = &d
+	a.notify()
 	return copyDevice(&d)
 }
 
@@ -244,6 +248,7 @@ func (a *API) Grant(key, uuid string, ports ...uint16) {
 		a.grants[key] = m
 	}
 	k := strings.ToLower(uuid)
+	defer a.notify()
 	if len(ports) == 0 {
 		m[k] = nil
 		return
@@ -267,6 +272,7 @@ func (a *API) addInstance(addr netip.Addr) *ServiceInstance {
 	a.nextSI++
 	si := &ServiceInstance{ID: a.nextSI, IPAddress: addr}
 	a.instances[si.ID] = si
+	a.notify()
 	return si
 }
 
@@ -292,6 +298,7 @@ func (a *API) SetOnline(uuid string, serviceID int64) bool {
 		return false
 	}
 	d.ConnectedToVPN, d.ServiceInstance = true, serviceID
+	a.notify()
 	return true
 }
 
@@ -305,6 +312,7 @@ func (a *API) SetOffline(uuid string) bool {
 		return false
 	}
 	d.ConnectedToVPN, d.ServiceInstance = false, 0
+	a.notify()
 	return true
 }
 
@@ -372,6 +380,49 @@ func (a *API) StateReports() []Report {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return slices.Clone(a.reports)
+}
+
+// Changed returns a channel that is closed at the API's next change: when
+// a call arrives (it is counted, see [API.Calls]), when a request has been
+// answered (it is recorded, with what it changed, see [API.Requests]), and
+// when a method adds or changes devices, grants or service instances. Each
+// change closes the channel returned before it; call Changed again for the
+// next one. Take the channel before looking at the state, so that no change
+// falls between the two. A test waits on it, with its own deadline, instead
+// of polling; [API.WaitFor] does that loop.
+func (a *API) Changed() <-chan struct{} {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.changed == nil {
+		a.changed = make(chan struct{})
+	}
+	return a.changed
+}
+
+// notify wakes the waiters of [API.Changed]. The caller holds a.mu.
+func (a *API) notify() {
+	if a.changed != nil {
+		close(a.changed)
+		a.changed = nil
+	}
+}
+
+// WaitFor returns nil as soon as cond reports true, or ctx's error (wrapped)
+// when ctx ends first. It calls cond once at once, and again after each
+// change of the API (see [API.Changed]), never while holding the API's lock:
+// cond may call the API's methods, but not WaitFor.
+func (a *API) WaitFor(ctx context.Context, cond func(*API) bool) error {
+	for {
+		ch := a.Changed()
+		if cond(a) {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("balenatest: waiting for a change of the API: %w", ctx.Err())
+		}
+	}
 }
 
 // Server is an [API] served on a loopback httptest server.
@@ -444,6 +495,7 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rec.Status = status
 	a.mu.Lock()
 	a.requests = append(a.requests, rec)
+	a.notify()
 	a.mu.Unlock()
 }
 
@@ -452,6 +504,7 @@ func (a *API) takeFault(e Endpoint) *fault {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.calls[e]++
+	a.notify()
 	q := a.faults[e]
 	if len(q) == 0 {
 		return nil

@@ -292,3 +292,67 @@ func TestNewOnListener(t *testing.T) {
 	is.NoErr(err)
 	is.True(ok)
 }
+
+// TestChanged: every kind of change closes the channel taken before it,
+// and only that one.
+func TestChanged(t *testing.T) {
+	s := balenatest.NewServer(t)
+	c := s.Client()
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name   string
+		change func()
+	}{
+		{"AddDevice", func() { s.AddDevice(balenatest.Device{UUID: dev1, Key: "k1"}) }},
+		{"Grant", func() { s.Grant("other", dev1, 80) }},
+		{"AddServiceInstance", func() { s.AddServiceInstance(netip.Addr{}) }},
+		{"SetOnline", func() { s.SetOnline(dev1, 1) }},
+		{"SetOffline", func() { s.SetOffline(dev1) }},
+		{"a request", func() { _, _ = c.DeviceAuth(ctx, dev1, "k1") }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ch := s.Changed()
+			select {
+			case <-ch:
+				t.Fatal("closed before the change")
+			default:
+			}
+			tc.change()
+			select {
+			case <-ch:
+			default:
+				t.Fatal("not closed after the change")
+			}
+			select {
+			case <-s.Changed():
+				t.Fatal("the next channel is closed already")
+			default:
+			}
+		})
+	}
+}
+
+// TestWaitFor: a waiter wakes for the change it waits for, made by a
+// request in flight, and gives up with ctx's error.
+func TestWaitFor(t *testing.T) {
+	is := is.New(t)
+	s := balenatest.NewServer(t)
+	s.AddDevice(balenatest.Device{UUID: dev1, Key: "k1"})
+	c := s.Client()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	s.DelayNext(balenatest.StateReport, 1, 50*time.Millisecond)
+	done := make(chan error, 1)
+	go func() { done <- c.ReportState(ctx, 7, []string{dev1}, true) }()
+	is.NoErr(s.WaitFor(ctx, func(a *balenatest.API) bool { return a.Calls(balenatest.StateReport) == 1 }))
+	d, _ := s.Device(dev1)
+	is.True(!d.ConnectedToVPN) // the call is held: it has arrived, changed nothing yet
+	is.NoErr(s.WaitFor(ctx, func(a *balenatest.API) bool { d, _ := a.Device(dev1); return d.ConnectedToVPN }))
+	is.NoErr(<-done)
+
+	short, cancelShort := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancelShort()
+	err := s.WaitFor(short, func(*balenatest.API) bool { return false })
+	is.True(errors.Is(err, context.DeadlineExceeded))
+}

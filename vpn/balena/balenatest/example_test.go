@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"time"
 
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
 )
@@ -46,4 +47,24 @@ func ExampleAPI_FailNext() {
 	// Output:
 	// balena: GET /services/vpn/auth/abcdef: 503 Service Unavailable: balenatest: injected fault
 	// true <nil>
+}
+
+// A test waits for what the code under test does to the API, with a
+// deadline, instead of polling: here, for a device to come online through
+// a state report sent in the background.
+func ExampleAPI_WaitFor() {
+	s := balenatest.NewServer(nil)
+	defer s.Close()
+	s.AddDevice(balenatest.Device{UUID: "abcdef", Key: "k"})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	go func() { _ = s.Client().ReportState(ctx, 1, []string{"abcdef"}, true) }()
+	err := s.WaitFor(ctx, func(a *balenatest.API) bool {
+		d, _ := a.Device("abcdef")
+		return d.ConnectedToVPN
+	})
+	fmt.Println(err)
+	// Output:
+	// <nil>
 }
