@@ -335,9 +335,10 @@ func BenchmarkIdleTunnelMemory(b *testing.B) {
 		}
 	}()
 	port := uint16(l.Addr().(*net.TCPAddr).Port)
+	closed := make(chan TunnelInfo, 4096)
 	h := &Handler{Authorizer: AllowAll, Resolver: ResolverFunc(func(string) (netip.Addr, error) {
 		return netip.MustParseAddr("127.0.0.1"), nil
-	})}
+	}), OnTunnelClosed: func(ti TunnelInfo) { closed <- ti }}
 	addr := serve(b, &Server{Handler: h}, "127.0.0.1:0")
 
 	mem := func() uint64 {
@@ -390,8 +391,12 @@ func BenchmarkIdleTunnelMemory(b *testing.B) {
 			b.Fatalf("%d tunnels open, want %d", h.Tunnels(), n)
 		}
 		closeAll(clients)
-		for h.Tunnels() > 0 {
-			time.Sleep(time.Millisecond)
+		for range len(clients) {
+			select {
+			case <-closed:
+			case <-time.After(10 * time.Second):
+				b.Fatalf("%d tunnels still open 10 s after their clients closed", h.Tunnels())
+			}
 		}
 	}
 	b.ReportMetric(direct, "direct-B/conn")

@@ -164,6 +164,12 @@ type Handler struct {
 	// negative means no wait.
 	RetryDelay time.Duration
 
+	// OnTunnelClosed, if set, is called once for each tunnel that
+	// ends, after its connections are closed and it no longer counts in
+	// Tunnels, with what it carried. It runs on the tunnel's goroutine:
+	// it must not block.
+	OnTunnelClosed func(TunnelInfo)
+
 	// IdleTimeout closes a tunnel in which no byte moved either way for
 	// that long. It is measured by the kernel (TCP_INFO, Linux only), so
 	// it costs nothing on the byte path; elsewhere, or on connections that

@@ -144,7 +144,9 @@ func TestTooManyTunnels(t *testing.T) {
 	// so that the wait for none below means that a's place is free.
 	waitFor(t, func() bool { return w.h.Tunnels() == 1 })
 	a.conn.Close()
-	waitFor(t, func() bool { return w.h.Tunnels() == 0 })
+	if ti := w.waitClosed(t); ti.UUID != devUUID || ti.Via != "local" || w.h.Tunnels() != 0 {
+		t.Fatalf("closed %+v, %d still open", ti, w.h.Tunnels())
+	}
 	c := connect(t, w.addr, target(devUUID, svc.port))
 	is.Equal(c.status, 200)
 }
@@ -485,7 +487,9 @@ func TestIdleTimeout(t *testing.T) {
 	last := time.Now()
 	a.waitEOF(t, 5*time.Second)
 	is.True(time.Since(last) >= 280*time.Millisecond)
-	waitFor(t, func() bool { return w.h.Tunnels() == 0 })
+	ti := w.waitClosed(t)
+	is.Equal(ti.BytesToDevice, int64(10*len("tick")))
+	is.NoErr(ti.Err)
 	is.True(strings.Contains(w.log.String(), "idle"))
 }
 

@@ -274,6 +274,27 @@ func (t *tunnel) finish() {
 	delete(h.tunnels, t)
 	h.releaseLocked()
 	h.mu.Unlock()
+	if h.OnTunnelClosed != nil {
+		h.OnTunnelClosed(TunnelInfo{UUID: t.uuid, Port: t.port, Via: t.via, Duration: time.Since(t.begin),
+			BytesToDevice: t.bytes[toDevice], BytesFromDevice: t.bytes[fromDevice], Err: t.err})
+	}
+}
+
+// TunnelInfo describes a tunnel that ended, for [Handler.OnTunnelClosed].
+type TunnelInfo struct {
+	// UUID and Port are the device and the port the tunnel reached.
+	UUID string
+	Port uint16
+	// Via is where it went: "local" for a device of this host's, else
+	// "service instance <id>", the peer it was forwarded to.
+	Via string
+	// Duration is how long it was open, from the CONNECT's 200.
+	Duration time.Duration
+	// BytesToDevice and BytesFromDevice are the bytes it carried each way.
+	BytesToDevice, BytesFromDevice int64
+	// Err is why it failed, or nil for a tunnel that ended normally
+	// (either side closed, or the proxy closed it: idle, shut down).
+	Err error
 }
 
 func (t *tunnel) logEnd() {

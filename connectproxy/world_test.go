@@ -169,6 +169,8 @@ type world struct {
 	addr string // the proxy's listen address
 	log  *logBuffer
 	res  *resolver
+	// closed gets every tunnel that ends (Handler.OnTunnelClosed).
+	closed chan TunnelInfo
 }
 
 // newWorld makes an API, a service instance for this server and a handler
@@ -176,7 +178,7 @@ type world struct {
 // serves.
 func newWorld(t testing.TB, setup func(w *world)) *world {
 	t.Helper()
-	w := &world{api: balenatest.NewServer(t), res: newResolver()}
+	w := &world{api: balenatest.NewServer(t), res: newResolver(), closed: make(chan TunnelInfo, 1000)}
 	w.si = w.api.AddServiceInstance(netip.MustParseAddr("127.0.0.1"))
 	c := w.api.Client()
 	var log *slog.Logger
@@ -184,6 +186,7 @@ func newWorld(t testing.TB, setup func(w *world)) *world {
 	w.h = &Handler{
 		Authorizer: c, Online: c, Locator: c, Resolver: w.res,
 		ServiceID: w.si.ID, RetryDelay: 20 * time.Millisecond, Logger: log,
+		OnTunnelClosed: func(ti TunnelInfo) { w.closed <- ti },
 	}
 	if setup != nil {
 		setup(w)
@@ -191,6 +194,19 @@ func newWorld(t testing.TB, setup func(w *world)) *world {
 	w.srv = &Server{Handler: w.h, Logger: log}
 	w.addr = serve(t, w.srv, "127.0.0.1:0")
 	return w
+}
+
+// waitClosed waits for the next tunnel of w to end, and returns what it
+// carried.
+func (w *world) waitClosed(t testing.TB) TunnelInfo {
+	t.Helper()
+	select {
+	case ti := <-w.closed:
+		return ti
+	case <-time.After(10 * time.Second):
+		t.Fatal("no tunnel ended within 10 s")
+		return TunnelInfo{}
+	}
 }
 
 // serve runs srv on addr until the test ends, and checks that it stops

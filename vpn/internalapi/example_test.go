@@ -13,7 +13,9 @@ import (
 // authFunc adapts a function to internalapi.Authenticator.
 type authFunc func(uuid, key string) bool
 
-func (f authFunc) Authenticate(_ context.Context, uuid, key string) (bool, error) { return f(uuid, key), nil }
+func (f authFunc) Authenticate(_ context.Context, uuid, key string) (bool, error) {
+	return f(uuid, key), nil
+}
 
 // The internal API behind an HTTP server on loopback, asked as OpenVPN's
 // auth hook asks it, through package vpn/hook's client.
