@@ -58,9 +58,6 @@ func (h *Handler) canAccess(ctx context.Context, t Target, key string) (int64, b
 			c.mu.Unlock()
 			cacheAnswer(ctx, hitOrShared(finished))
 			if !finished {
-				if h.joined != nil {
-					h.joined()
-				}
 				select {
 				case <-e.done:
 				case <-ctx.Done():

@@ -211,7 +211,6 @@ type Handler struct {
 	Propagator propagation.TextMapPropagator
 
 	now       func() time.Time // nil: time.Now; tests set it
-	joined    func()           // called when a caller waits for a question in flight; tests set it
 	idleAfter time.Duration    // 0: parkAfter; tests set it
 	parked    func()           // called when a tunnel direction parks; tests set it
 	access    accessCache

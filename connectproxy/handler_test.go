@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/matryer/is"
@@ -275,56 +276,66 @@ func TestAccessCache(t *testing.T) {
 }
 
 // TestAccessShared checks that identical questions in flight share one
-// call, and that a waiter whose asker went away asks again.
+// call, and that a waiter whose asker went away asks again. It runs in a
+// synctest bubble: synctest.Wait returns once every caller is blocked,
+// the waiters on the question in flight.
 func TestAccessShared(t *testing.T) {
-	is := is.New(t)
-	release := make(chan struct{})
-	var mu sync.Mutex
-	calls, joined := 0, 0
-	h := &Handler{joined: func() { mu.Lock(); joined++; mu.Unlock() }, Authorizer: AuthorizerFunc(func(ctx context.Context, uuid string, port uint16, key string) (int64, bool, error) {
-		mu.Lock()
-		calls++
-		mu.Unlock()
-		select {
-		case <-release:
-			return 7, true, nil
-		case <-ctx.Done():
-			return 0, false, ctx.Err()
-		}
-	})}
-	tg := Target{UUID: devUUID, TLD: "balena", Port: 22}
-	ctx1, cancel1 := context.WithCancel(context.Background())
-	first := make(chan error, 1)
-	go func() { _, _, err := h.canAccess(ctx1, tg, "k"); first <- err }()
-	waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return calls == 1 })
-
-	const n = 5
-	var wg sync.WaitGroup
-	results := make(chan int64, n)
-	for range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			id, ok, err := h.canAccess(context.Background(), tg, "k")
-			if err == nil && ok {
-				results <- id
+	synctest.Test(t, func(t *testing.T) {
+		is := is.New(t)
+		release := make(chan struct{})
+		var mu sync.Mutex
+		calls := 0
+		h := &Handler{Authorizer: AuthorizerFunc(func(ctx context.Context, uuid string, port uint16, key string) (int64, bool, error) {
+			mu.Lock()
+			calls++
+			mu.Unlock()
+			select {
+			case <-release:
+				return 7, true, nil
+			case <-ctx.Done():
+				return 0, false, ctx.Err()
 			}
-		}()
-	}
-	// The first asker goes away: one waiter asks again, the others share.
-	waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return joined == n })
-	cancel1()
-	is.True(errors.Is(<-first, context.Canceled))
-	waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return calls == 2 })
-	close(release)
-	wg.Wait()
-	close(results)
-	for id := range results {
-		is.Equal(id, int64(7))
-	}
-	mu.Lock()
-	is.Equal(calls, 2)
-	mu.Unlock()
+		})}
+		count := func() int { mu.Lock(); defer mu.Unlock(); return calls }
+		tg := Target{UUID: devUUID, TLD: "balena", Port: 22}
+		ctx1, cancel1 := context.WithCancel(context.Background())
+		first := make(chan error, 1)
+		go func() { _, _, err := h.canAccess(ctx1, tg, "k"); first <- err }()
+		synctest.Wait()
+		is.Equal(count(), 1)
+
+		const n = 5
+		var wg sync.WaitGroup
+		results := make(chan int64, n)
+		for range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				id, ok, err := h.canAccess(context.Background(), tg, "k")
+				if err == nil && ok {
+					results <- id
+				}
+			}()
+		}
+		// Every waiter joined the question in flight: none asked.
+		synctest.Wait()
+		is.Equal(count(), 1)
+		// The first asker goes away: one waiter asks again, the others share.
+		cancel1()
+		is.True(errors.Is(<-first, context.Canceled))
+		synctest.Wait()
+		is.Equal(count(), 2)
+		close(release)
+		wg.Wait()
+		close(results)
+		got := 0
+		for id := range results {
+			is.Equal(id, int64(7))
+			got++
+		}
+		is.Equal(got, n)
+		is.Equal(count(), 2)
+	})
 }
 
 func TestResinDeprecated(t *testing.T) {
