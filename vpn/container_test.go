@@ -195,26 +195,7 @@ func TestReferenceContainerEnvironmentStarts(t *testing.T) {
 	dev := api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "device-key"})
 	srv := &vpn.Server{Config: cfg, API: api.Client(), Command: world.CommandContext, Dial: world.Dial, Listen: world.Listen,
 		Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run = %v", err)
-		}
-		if t.Failed() {
-			t.Logf("server logs:\n%s", logs.String())
-		}
-	})
-	select {
-	case <-srv.Ready():
-	case err := <-done:
-		done <- err
-		t.Fatalf("Run: %v", err)
-	case <-time.After(60 * time.Second):
-		t.Fatal("not ready within 60 s")
-	}
+	ctx := runReady(t, srv, 60*time.Second, &logs)
 
 	ca := filepath.Join(t.TempDir(), "ca.crt")
 	if err := os.WriteFile(ca, cfg.OpenVPN.CACert, 0o644); err != nil {

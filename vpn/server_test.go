@@ -571,23 +571,7 @@ func TestHandBuiltConfig(t *testing.T) {
 	}
 	dev := api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "k"})
 	srv := &vpn.Server{Config: cfg, Command: world.CommandContext, Dial: world.Dial, Listen: world.Listen}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run = %v", err)
-		}
-	})
-	select {
-	case <-srv.Ready():
-	case err := <-done:
-		done <- err
-		t.Fatalf("Run: %v", err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("not ready within 30 s")
-	}
+	ctx := runReady(t, srv, 30*time.Second, nil)
 	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
 	defer wcancel()
 	c := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:443", CA: pki.CAFile, Username: dev.UUID, Password: dev.Key})
@@ -613,4 +597,32 @@ func TestHandBuiltConfig(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(run, "nss.index")); err != nil {
 		t.Errorf("the NSS index is not in the run directory: %v", err)
 	}
+}
+
+// runReady runs srv until the test ends (then it checks that Run returned
+// nil, and prints logs, if given, when the test failed), and returns once
+// srv is ready, with the context that Run's ends with the test.
+func runReady(t *testing.T, srv *vpn.Server, within time.Duration, logs fmt.Stringer) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run = %v", err)
+		}
+		if logs != nil && t.Failed() {
+			t.Logf("server logs:\n%s", logs)
+		}
+	})
+	select {
+	case <-srv.Ready():
+	case err := <-done:
+		done <- err
+		t.Fatalf("Run: %v", err)
+	case <-time.After(within):
+		t.Fatalf("not ready within %v", within)
+	}
+	return ctx
 }
