@@ -10,7 +10,7 @@
 //
 // Everything runs in network namespaces, so nothing touches the machine's
 // own network: a "world" namespace is the network (the balena API, the
-// balancer, and links to the devices from 192.0.2.0/24 and to the hosts
+// balancer, and links to the devices from 198.18.0.0/15 and to the hosts
 // from 198.51.100.0/24, no default route), and each VPN host is a
 // namespace of its own with a local-fleet process in it that runs the
 // server (as cmd/open-balena-vpn would), registered with the API as its
@@ -52,6 +52,7 @@ import (
 )
 
 func main() {
+	raiseFileLimit()
 	if os.Getenv(hostEnv) == "1" {
 		os.Exit(serveHost()) // one of the fleet's VPN hosts, started by the fleet
 	}
@@ -138,6 +139,21 @@ func prerequisites() error {
 		}
 	}
 	return nil
+}
+
+// raiseFileLimit raises the soft limit on open files to the hard limit,
+// for this process and for what it starts (Go raises its own, but gives
+// children the original one unless the program sets it): the balancer
+// and the hosts' HAProxies hold two sockets per device, the hosts'
+// OpenVPN one, and the fleet a pipe and a listener. A failure leaves the
+// limit as it was.
+func raiseFileLimit() {
+	var r syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &r); err != nil || r.Cur >= r.Max {
+		return
+	}
+	r.Cur = r.Max
+	_ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &r)
 }
 
 // quietOpenVPN drops OpenVPN's own log lines (source=openvpn), which the

@@ -194,7 +194,7 @@ func (n *Netns) Delete() error {
 var linkSeq atomic.Int64
 
 // Device is a namespace of a device's own, linked to a world namespace by
-// a veth pair with addresses from 192.0.2.0/24 (a /30 per device).
+// a veth pair with addresses from 198.18.0.0/15 (a /30 per device).
 type Device struct {
 	*Netns
 	// Addr is the device's address on the link; WorldAddr the world's,
@@ -225,11 +225,23 @@ func NewDevice(tb testing.TB, world *Netns) *Device {
 }
 
 // MaxDevices is how many devices a process can link: the /30s of
-// 192.0.2.0/24. MaxHosts is how many hosts: the /30s of 198.51.100.0/24.
+// 198.18.0.0/15 but the first. MaxHosts is how many hosts: the /30s of
+// 198.51.100.0/24 but the first.
 const (
-	MaxDevices = 63
+	MaxDevices = 1<<15 - 1
 	MaxHosts   = 63
 )
+
+// deviceLinks is 198.18.0.0, where the block that the devices' links are
+// cut from (198.18.0.0/15, a /30 each) begins.
+const deviceLinks = 198<<24 | 18<<16
+
+// deviceLink returns the first address of the n-th device's /30,
+// 198.18.0.0 + 4n (n from 1 to MaxDevices).
+func deviceLink(n int64) [4]byte {
+	v := uint32(deviceLinks + 4*n)
+	return [4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}
+}
 
 var hostSeq atomic.Int64
 
@@ -240,7 +252,7 @@ func MakeDevice(world *Netns) (*Device, error) {
 	if n > MaxDevices {
 		return nil, fmt.Errorf("vpntest: at most %d devices per process", MaxDevices)
 	}
-	return makeLinked(world, "dev", "od", [4]byte{192, 0, 2, byte(4 * n)}, n)
+	return makeLinked(world, "dev", "od", deviceLink(n), n)
 }
 
 // MakeHost makes a namespace for a server host, linked to world like a
