@@ -283,7 +283,11 @@ func MakeHost(world *Netns) (*Device, error) {
 }
 
 // makeLinked makes a namespace linked to world by a veth pair on the /30
-// at base, the n-th of its kind.
+// at base, the n-th of its kind. Each end knows the other's hardware
+// address for good (a permanent neighbour entry, which the kernel's
+// neighbour table, shared by every namespace, does not count towards its
+// limits): a thousand devices make no ARP traffic and no "neighbour table
+// overflow".
 func makeLinked(world *Netns, prefix, ifPrefix string, base4 [4]byte, n int64) (*Device, error) {
 	ns, err := MakeNetns(prefix)
 	if err != nil {
@@ -295,19 +299,52 @@ func makeLinked(world *Netns, prefix, ifPrefix string, base4 [4]byte, n int64) (
 		Iface: fmt.Sprintf("%s%d-%d", ifPrefix, pid, n)}
 	base := netip.AddrFrom4(base4)
 	dev.WorldAddr, dev.Addr = base.Next(), base.Next().Next()
-	for _, c := range [][]string{
-		{"ip", "link", "add", dev.link, "netns", world.Name, "type", "veth", "peer", "name", dev.Iface, "netns", dev.Name},
-		{"ip", "-n", world.Name, "addr", "add", dev.WorldAddr.String() + "/30", "dev", dev.link},
-		{"ip", "-n", dev.Name, "addr", "add", dev.Addr.String() + "/30", "dev", dev.Iface},
-		{"ip", "-n", world.Name, "link", "set", dev.link, "up"},
-		{"ip", "-n", dev.Name, "link", "set", dev.Iface, "up"},
-	} {
-		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+	worldMAC, devMAC := linkMAC(ifPrefix, n, 1), linkMAC(ifPrefix, n, 2)
+	steps := []struct {
+		netns string // run in this namespace, "" for the process's own
+		cmds  []string
+	}{
+		{"", []string{fmt.Sprintf("link add %s address %s netns %s type veth peer name %s address %s netns %s",
+			dev.link, worldMAC, world.Name, dev.Iface, devMAC, dev.Name)}},
+		{world.Name, []string{
+			fmt.Sprintf("addr add %s/30 dev %s", dev.WorldAddr, dev.link),
+			fmt.Sprintf("neigh replace %s lladdr %s dev %s nud permanent", dev.Addr, devMAC, dev.link),
+			fmt.Sprintf("link set %s up", dev.link),
+		}},
+		{dev.Name, []string{
+			fmt.Sprintf("addr add %s/30 dev %s", dev.Addr, dev.Iface),
+			fmt.Sprintf("neigh replace %s lladdr %s dev %s nud permanent", dev.WorldAddr, worldMAC, dev.Iface),
+			fmt.Sprintf("link set %s up", dev.Iface),
+		}},
+	}
+	for _, st := range steps {
+		if err := ipBatch(st.netns, st.cmds); err != nil {
 			_ = dev.Delete()
-			return nil, fmt.Errorf("vpntest: %s: %w: %s", strings.Join(c, " "), err, bytes.TrimSpace(out))
+			return nil, err
 		}
 	}
 	return dev, nil
+}
+
+// linkMAC is the hardware address of one end (side 1 or 2) of the n-th
+// link of a kind: locally administered, unique in every namespace.
+func linkMAC(kind string, n int64, side byte) string {
+	return fmt.Sprintf("02:%02x:%02x:%02x:%02x:%02x", kind[1], byte(n>>16), byte(n>>8), byte(n), side)
+}
+
+// ipBatch runs ip's commands in netns ("" for the process's own), in one
+// ip process.
+func ipBatch(netns string, cmds []string) error {
+	args := []string{"-batch", "-"}
+	if netns != "" {
+		args = append([]string{"-n", netns}, args...)
+	}
+	cmd := exec.Command("ip", args...)
+	cmd.Stdin = strings.NewReader(strings.Join(cmds, "\n") + "\n")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("vpntest: ip %s: %s: %w: %s", strings.Join(args, " "), strings.Join(cmds, "; "), err, bytes.TrimSpace(out))
+	}
+	return nil
 }
 
 // Delete deletes the device's namespace and its link to the world.
