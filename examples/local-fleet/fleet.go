@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -91,6 +92,7 @@ type fleet struct {
 	relays         []net.Listener
 	wg             sync.WaitGroup // the web services, the relays and the devices' supervisors
 	closing        chan struct{}  // closed when close begins
+	memAvailable   int64          // the machine's, in bytes, before start
 	mu             sync.Mutex     // the devices' check results, while check runs
 }
 
@@ -127,23 +129,29 @@ func demo(ctx context.Context, o options) (err error) {
 			err = cerr
 		}
 	}()
+	start := time.Now()
+	f.memAvailable = memAvailable()
 	if err := f.start(ctx); err != nil {
 		return err
 	}
-	for _, r := range records {
-		if err := f.addDevice(r); err != nil {
-			return err
-		}
+	t0 := time.Now()
+	if err := f.addDevices(records); err != nil {
+		return err
 	}
+	fmt.Fprintf(o.out, "%d devices made (namespace, link, web service, openvpn started) in %s\n", len(f.devices), time.Since(t0).Round(time.Millisecond))
 	wctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
-	t0 := time.Now()
 	if err := f.waitOnline(wctx); err != nil {
 		return err
 	}
-	fmt.Fprintf(o.out, "all %d devices online in %s\n", len(f.devices), time.Since(t0).Round(time.Millisecond))
-	f.check(wctx)
+	fmt.Fprintf(o.out, "all %d devices online in the API in %s from the first device's start (%s from local-fleet's start)\n",
+		len(f.devices), time.Since(t0).Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
+	f.printAPICalls(o.out)
+	took, lat := f.check(wctx)
 	reached := f.report()
+	f.printCheck(took, lat)
+	f.printAPICalls(o.out)
+	f.printUsage(o.out)
 	if k := max(o.killHost, o.drainHost); k > 0 && reached == len(f.devices) {
 		if reached, err = f.moveHost(wctx, f.hosts[k-1]); err != nil {
 			return err
@@ -200,9 +208,12 @@ func (f *fleet) moveHost(ctx context.Context, h *host) (int, error) {
 		return 0, err
 	}
 	online := time.Since(t0)
-	f.check(ctx)
+	took, lat := f.check(ctx)
 	recovered := time.Since(t0)
 	reached := f.report()
+	f.printCheck(took, lat)
+	f.printAPICalls(f.o.out)
+	f.printUsage(f.o.out)
 	verb := "kill"
 	if f.o.drainHost > 0 {
 		verb = "drain"
@@ -324,11 +335,44 @@ func (f *fleet) profileOf(i int) vpntest.Profile {
 	return vpntest.Profile(f.o.profile)
 }
 
-// addDevice registers a device with the API, makes its namespace, starts
-// its web service on port 80 and its openvpn client, which dials HAProxy.
-func (f *fleet) addDevice(r record) error {
-	d := &device{Device: f.api.AddDevice(balenatest.Device{UUID: r.UUID, Key: r.Key, PublicPorts: []uint16{80}})}
-	f.devices = append(f.devices, d)
+// makers is how many devices addDevices makes at once.
+const makers = 4
+
+// addDevices registers the devices with the API and makes them, makers
+// at a time, in the order of records; it returns the first error.
+func (f *fleet) addDevices(records []record) error {
+	for _, r := range records {
+		f.devices = append(f.devices, &device{Device: f.api.AddDevice(balenatest.Device{UUID: r.UUID, Key: r.Key, PublicPorts: []uint16{80}})})
+	}
+	next := make(chan int)
+	errs := make([]error, len(f.devices))
+	var failed atomic.Bool
+	var wg sync.WaitGroup
+	for range makers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				if errs[i] = f.addDevice(f.devices[i], i); errs[i] != nil {
+					failed.Store(true)
+				}
+			}
+		}()
+	}
+	for i := range f.devices {
+		if failed.Load() {
+			break
+		}
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// addDevice makes the namespace of d, the i-th device, starts its web
+// service on port 80 and its openvpn client, which dials the balancer.
+func (f *fleet) addDevice(d *device, i int) error {
 	var err error
 	if d.ns, err = vpntest.MakeDevice(f.world); err != nil {
 		return err
@@ -348,7 +392,7 @@ func (f *fleet) addDevice(r record) error {
 		return err
 	}
 	d.opts = vpntest.ClientOptions{
-		Profile:  f.profileOf(len(f.devices) - 1),
+		Profile:  f.profileOf(i),
 		Netns:    d.ns.Netns,
 		Remote:   fmt.Sprintf("%s:%d", d.ns.WorldAddr, vpnPort),
 		Username: d.UUID, Password: d.Key,
@@ -473,37 +517,93 @@ func isTerminal(w io.Writer) bool {
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }
 
+// callers is how many fetches a check makes at once.
+const callers = 16
+
+// target is a device to reach through a host's proxy.
+type target struct {
+	d *device
+	h *host
+}
+
 // check fetches every device's page through the CONNECT proxy of every
 // host that serves, with the service's key (a caller's key is what lets a
-// proxy ask the API which host holds a device, and forward), until each
-// answers or ctx ends. A device shows in its host's view once OpenVPN has
-// written its status file, so early attempts may fail.
-func (f *fleet) check(ctx context.Context) {
-	var wg sync.WaitGroup
+// proxy ask the API which host holds a device, and forward), callers at a
+// time, until each answers or ctx ends; a fetch that fails is tried again
+// 250 ms later, after the others queued. A device shows in its host's view
+// once the server has learnt its address, so early attempts may fail. It
+// returns how long it took and the CONNECTs' durations.
+func (f *fleet) check(ctx context.Context) (time.Duration, *latencies) {
+	var targets []target
 	for _, d := range f.devices {
 		d.reached, d.rtt, d.err = 0, 0, nil
 		for _, h := range f.hosts {
-			if h.gone {
-				continue
+			if !h.gone {
+				targets = append(targets, target{d, h})
 			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				rtt, err := f.reach(ctx, h, d)
-				f.mu.Lock()
-				defer f.mu.Unlock()
-				if err != nil {
-					d.err = fmt.Errorf("via %s: %w", h.name(), err)
-					return
-				}
-				d.reached++
-				if h == d.host {
-					d.rtt = rtt
-				}
-			}()
 		}
 	}
-	wg.Wait()
+	lat := &latencies{}
+	queue := make(chan target, len(targets)) // each target is in it once at most
+	for _, t := range targets {
+		queue <- t
+	}
+	var left, workers sync.WaitGroup
+	left.Add(len(targets))
+	stop := make(chan struct{})
+	t0 := time.Now()
+	for range callers {
+		workers.Add(1)
+		go func() {
+			defer workers.Done()
+			for {
+				select {
+				case t := <-queue:
+					if f.try(ctx, t, lat) {
+						left.Done()
+					} else {
+						time.AfterFunc(250*time.Millisecond, func() { queue <- t })
+					}
+				case <-stop:
+					return
+				}
+			}
+		}()
+	}
+	left.Wait()
+	took := time.Since(t0)
+	close(stop)
+	workers.Wait()
+	f.noteAddresses()
+	return took, lat
+}
+
+// try fetches t's page once and notes the result; it reports whether t
+// is done: reached, or out of time.
+func (f *fleet) try(ctx context.Context, t target, lat *latencies) bool {
+	t0 := time.Now()
+	body, connect, err := fetch(ctx, f.world, t.h.proxyAddr(), t.d.UUID+".balena:80", f.api.ServiceKey)
+	rtt := time.Since(t0)
+	if err == nil && !strings.Contains(string(body), t.d.UUID) {
+		err = fmt.Errorf("unexpected page %q", body)
+	}
+	lat.record(connect, err)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err != nil {
+		t.d.err = fmt.Errorf("via %s: %w", t.h.name(), err)
+		return ctx.Err() != nil
+	}
+	t.d.reached++
+	if t.h == t.d.host {
+		t.d.rtt = rtt
+	}
+	return true
+}
+
+// noteAddresses notes each device's instance and VPN address from its
+// host's status files.
+func (f *fleet) noteAddresses() {
 	for _, h := range f.hosts {
 		if h.gone {
 			continue
@@ -513,63 +613,59 @@ func (f *fleet) check(ctx context.Context) {
 		if err != nil {
 			f.o.log.Warn("reading the status files", "host", h.name(), "err", err)
 		}
+		byName := make(map[string]nss.FileClient, len(clients))
+		for _, c := range clients {
+			byName[strings.ToLower(c.CommonName)] = c
+		}
 		for _, d := range f.devices {
-			for _, c := range clients {
-				if d.host == h && strings.EqualFold(c.CommonName, d.UUID) {
-					d.instance, d.addr = c.Instance, c.VirtualAddress
-				}
+			if c, ok := byName[strings.ToLower(d.UUID)]; ok && d.host == h {
+				d.instance, d.addr = c.Instance, c.VirtualAddress
 			}
-		}
-	}
-}
-
-// reach fetches d's page through h's proxy until it answers or ctx ends,
-// and returns the round trip of one more fetch, with the proxy's caches
-// warm.
-func (f *fleet) reach(ctx context.Context, h *host, d *device) (time.Duration, error) {
-	target := d.UUID + ".balena:80"
-	for {
-		body, err := fetch(ctx, f.world, h.proxyAddr(), target, f.api.ServiceKey)
-		if err == nil && strings.Contains(string(body), d.UUID) {
-			t0 := time.Now()
-			if _, err := fetch(ctx, f.world, h.proxyAddr(), target, f.api.ServiceKey); err != nil {
-				return 0, nil
-			}
-			return time.Since(t0), nil
-		}
-		if err == nil {
-			err = fmt.Errorf("unexpected page %q", body)
-		}
-		select {
-		case <-ctx.Done():
-			return 0, err
-		case <-time.After(250 * time.Millisecond):
 		}
 	}
 }
 
 // fetch asks the proxy, from inside the world, for a tunnel to target,
 // with key as its credentials (none if empty), and returns the body of
-// GET / through the tunnel.
-func fetch(ctx context.Context, world *vpntest.Netns, proxy, target, key string) ([]byte, error) {
+// GET / through the tunnel and how long the CONNECT took (dialling the
+// proxy until its answer).
+func fetch(ctx context.Context, world *vpntest.Netns, proxy, target, key string) ([]byte, time.Duration, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	d := &connectproxy.Dialer{ProxyAddr: proxy, Key: key, DialProxy: world.Dial}
-	client := &http.Client{Transport: &http.Transport{DialContext: d.DialContext, DisableKeepAlives: true}}
+	var connect atomic.Int64 // the transport may still dial once Do returned
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		t0 := time.Now()
+		c, err := d.DialContext(ctx, network, addr)
+		connect.Store(int64(time.Since(t0)))
+		return c, err
+	}
+	client := &http.Client{Transport: &http.Transport{DialContext: dial, DisableKeepAlives: true}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+target+"/", nil)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	resp, err := client.Do(req)
 	if ue := (*url.Error)(nil); errors.As(err, &ue) {
 		err = ue.Err // the dialer's error names the target already
 	}
 	if err != nil {
-		return nil, err
+		return nil, time.Duration(connect.Load()), err
 	}
 	defer resp.Body.Close()
-	return io.ReadAll(resp.Body)
+	body, err := io.ReadAll(resp.Body)
+	return body, time.Duration(connect.Load()), err
 }
+
+// printCheck prints how long check took and its CONNECTs' durations.
+func (f *fleet) printCheck(took time.Duration, lat *latencies) {
+	fmt.Fprintf(f.o.out, "every device tried through every serving host's proxy in %s, %d callers at a time: %d CONNECTs answered (p50 %s, p99 %s), %d failed and were tried again\n",
+		took.Round(time.Millisecond), callers, len(lat.ok), lat.quantile(0.5).Round(10*time.Microsecond), lat.quantile(0.99).Round(10*time.Microsecond), lat.failures)
+}
+
+// maxTable is how many devices report lists in full; a bigger fleet's
+// table has only the devices that were not reached.
+const maxTable = 100
 
 // report prints the table of devices and a few metrics of each host that
 // serves, and returns how many devices every such host's proxy reached.
@@ -608,9 +704,15 @@ func (f *fleet) report() int {
 		if d.rtt > 0 {
 			rtt = d.rtt.Round(10 * time.Microsecond).String()
 		}
+		if len(f.devices) > maxTable && d.reached == live {
+			continue
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", d.UUID, hostName, inst, addr, yes, rtt)
 	}
 	tw.Flush()
+	if len(f.devices) > maxTable {
+		fmt.Fprintf(f.o.out, "(more than %d devices: only those not reached are listed)\n", maxTable)
+	}
 	fmt.Fprintf(f.o.out, "\n%d/%d devices reached through the CONNECT proxy", reached, len(f.devices))
 	if live > 1 {
 		fmt.Fprintf(f.o.out, " of each of the %d hosts", live)

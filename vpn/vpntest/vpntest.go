@@ -488,6 +488,10 @@ func (p *Process) WaitFrom(ctx context.Context, from int, substr string) (string
 	}
 }
 
+// Pid returns the process's id (that of the command itself: ip netns
+// exec becomes the command it runs).
+func (p *Process) Pid() int { return p.cmd.Process.Pid }
+
 // Exited returns a channel closed when the process has exited.
 func (p *Process) Exited() <-chan struct{} { return p.exited }
 
