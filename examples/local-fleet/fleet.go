@@ -212,14 +212,14 @@ func (f *fleet) moveHost(ctx context.Context, h *host) (int, error) {
 	recovered := time.Since(t0)
 	reached := f.report()
 	f.printCheck(took, lat)
-	f.printAPICalls(f.o.out)
-	f.printUsage(f.o.out)
 	verb := "kill"
 	if f.o.drainHost > 0 {
 		verb = "drain"
 	}
 	fmt.Fprintf(f.o.out, "from the %s: every device online on the other hosts in %s, reached through every other proxy in %s\n",
 		verb, online.Round(time.Millisecond), recovered.Round(time.Millisecond))
+	f.printAPICalls(f.o.out)
+	f.printUsage(f.o.out)
 	return reached, nil
 }
 
