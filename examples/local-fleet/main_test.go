@@ -33,7 +33,7 @@ func TestMain(m *testing.M) {
 // TestOnce runs the demo as CI does, local-fleet -once -devices 3, with
 // devices of both client profiles (-profile mixed): every
 // device comes online and is reached through the proxy, the exit status is
-// 0, and nothing the demo made is left behind.
+// 0, the figures are printed, and nothing the demo made is left behind.
 func TestOnce(t *testing.T) {
 	vpntest.Require(t, "openvpn", "haproxy", "ip")
 	before := leftovers(t)
@@ -43,7 +43,9 @@ func TestOnce(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit status %d, want 0", code)
 	}
-	for _, want := range []string{"3/3 devices online", "3/3 devices reached through the CONNECT proxy", "vpn_online_devices=3", "drained in"} {
+	for _, want := range []string{"3/3 devices online", "3/3 devices reached through the CONNECT proxy", "vpn_online_devices=3", "drained in",
+		"all 3 devices online in the API in", "3 device auths, ", "state-report requests carrying 3 device reports",
+		"16 callers at a time: 3 CONNECTs answered (p50 ", "devices' openvpn: RSS ", "  all: RSS "} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q", want)
 		}
