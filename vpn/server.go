@@ -193,12 +193,17 @@ func (s *Server) drain(ctx context.Context, cfg *Config, reg *haproxy.Registrar,
 	s.log().Info("draining", "clients", len(clients), "spacing", spacing, "timeout", timeout)
 	start := time.Now()
 	for i, c := range clients {
-		if i > 0 {
+		// Client i goes at start + i×spacing: a kill's own round trip is
+		// part of the spacing, not added to it, so the rate is the one
+		// configured (it was half that with 100 kills a second).
+		if wait := time.Until(start.Add(time.Duration(i) * spacing)); i > 0 {
+			t := time.NewTimer(max(wait, 0))
 			select {
 			case <-ctx.Done():
+				t.Stop()
 				s.log().Warn("drain timeout: the remaining clients go with their instances", "left", len(clients)-i)
 				return
-			case <-time.After(spacing):
+			case <-t.C:
 			}
 		}
 		if m := instances[c.instance].Management(); m != nil {
