@@ -61,8 +61,14 @@ func (c *Config) Paths(id int) InstancePaths {
 	return p
 }
 
-// runDir is RunDir, defaulted.
-func (c *Config) runDir() string { return c.WithDefaults().RunDir }
+// runDir is RunDir, defaulted as WithDefaults does, without copying the
+// Config: Paths is asked on every connect and disconnect.
+func (c *Config) runDir() string {
+	if c.RunDir == "" {
+		return DefaultRunDir
+	}
+	return c.RunDir
+}
 
 // OpenVPNServerConfig renders the OpenVPN configuration file of instance
 // in: the server settings of SPEC §2 with the instance's addresses, ports

@@ -148,10 +148,19 @@ func (s *Server) build() (*run, error) {
 	// One view of where the devices are, for the proxy and the NSS index:
 	// the status files, and what the management interface says before
 	// the next status write.
-	r.resolver = &nss.Resolver{Globs: []string{filepath.Join(cfg.runDir(), "server-*.status")}}
+	r.resolver = &nss.Resolver{Globs: []string{filepath.Join(cfg.RunDir, "server-*.status")}}
+	statusFiles := make([]string, n+1) // by instance id, for each connect and disconnect
+	for id := 1; id <= n; id++ {
+		statusFiles[id] = cfg.Paths(id).Status
+	}
 	r.sessions = &Sessions{Auth: r.auth, Connections: conns, State: r.reporter, DelayOnAuthFail: cfg.Auth.DelayOnFail,
 		Metrics: r.metrics, Script: cfg.Auth.Mode == AuthScript, Logger: s.Logger,
-		Addresses: r.resolver, StatusFile: func(id int) string { return cfg.Paths(id).Status }}
+		Addresses: r.resolver, StatusFile: func(id int) string {
+			if id > 0 && id < len(statusFiles) {
+				return statusFiles[id]
+			}
+			return cfg.Paths(id).Status
+		}}
 	r.buildLimiters()
 	r.internal = &internalapi.Server{Auth: r.auth, Instances: n,
 		Clients:         &ScriptClients{Connections: conns, Metrics: r.metrics, State: r.reporter, Sessions: r.sessions},
@@ -168,7 +177,7 @@ func (r *run) prepareHooks() error {
 	if err := r.hooks.CheckHooks(user); err != nil {
 		return err
 	}
-	dir, err := internalapi.PrepareControlDir(filepath.Join(r.cfg.runDir(), "openvpn-tmp"), "/tmp", user, group)
+	dir, err := internalapi.PrepareControlDir(filepath.Join(r.cfg.RunDir, "openvpn-tmp"), "/tmp", user, group)
 	if dir == "" {
 		return err
 	}
