@@ -297,16 +297,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer stop()
+	// Until the tunnel takes it, the place is this request's: it is given
+	// back after the answer and after the request's span has ended, so
+	// that a Shutdown that waits for it also finds the span ended (and a
+	// flush after it exports the span).
+	held := true
+	defer func() {
+		if held {
+			span.End()
+			h.release()
+		}
+	}()
 
 	deviceID, ok, err := h.checkAccess(ctx, t, key)
 	if err != nil {
 		h.fail(w, r, log, http.StatusInternalServerError, mark(ctx, FingerprintTunnel, fmt.Errorf("asking the API for access: %w", err)))
-		h.release()
 		return
 	}
 	if !ok {
 		h.fail(w, r, log, http.StatusProxyAuthRequired, ErrDenied)
-		h.release()
 		return
 	}
 	// A device in this server's own list is connected here: the API's
@@ -318,12 +327,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		online, err := h.online(ctx, deviceID)
 		if err != nil {
 			h.fail(w, r, log, http.StatusInternalServerError, mark(ctx, FingerprintDeviceLookup, fmt.Errorf("asking the API whether the device is online: %w", err)))
-			h.release()
 			return
 		}
 		if !online {
 			h.fail(w, r, log, http.StatusServiceUnavailable, ErrOffline)
-			h.release()
 			return
 		}
 	}
@@ -336,10 +343,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			se = &StatusError{Code: http.StatusInternalServerError, Err: err}
 		}
 		h.fail(w, r, log, se.Code, se.Err)
-		h.release() // after the answer: a Shutdown waits for it
 		return
 	}
-	h.establish(w, r, t, dev, early, via, log)
+	held = !h.establish(w, r, span, t, dev, early, via, log)
 }
 
 // proxyKey returns the caller's key from a Basic Proxy-Authorization
@@ -466,16 +472,17 @@ func (h *Handler) dialDevice(ctx context.Context, addr netip.Addr, port uint16) 
 	return c, nil
 }
 
-// establish hijacks the caller's connection, answers 200 and starts the
-// tunnel.
-func (h *Handler) establish(w http.ResponseWriter, r *http.Request, t Target, dev net.Conn, early []byte, via string, log *slog.Logger) {
+// establish hijacks the caller's connection, answers 200, ends the
+// request's span and starts the tunnel. It reports whether the tunnel
+// started: then the tunnel holds the request's place, else the caller
+// gives it back.
+func (h *Handler) establish(w http.ResponseWriter, r *http.Request, span trace.Span, t Target, dev net.Conn, early []byte, via string, log *slog.Logger) bool {
 	client, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		dev.Close()
 		h.countError()
 		h.fail(w, r, log, http.StatusInternalServerError, mark(r.Context(), FingerprintConnect, fmt.Errorf("hijacking the connection: %w", err)))
-		h.release()
-		return
+		return false
 	}
 	// The server may have set deadlines for the request head: a tunnel
 	// has none.
@@ -495,16 +502,17 @@ func (h *Handler) establish(w http.ResponseWriter, r *http.Request, t Target, de
 	if err != nil {
 		client.Close()
 		dev.Close()
-		h.release()
 		if m := h.Metrics; m != nil {
 			m.ActiveTunnels.Dec()
 			m.TunnelErrors.Inc()
 		}
 		log.Info("connectproxy: tunnel failed at its start", "err", err)
-		return
+		return false
 	}
-	trace.SpanFromContext(r.Context()).SetAttributes(attrStatus.Int(http.StatusOK), attrVia.String(via))
+	span.SetAttributes(attrStatus.Int(http.StatusOK), attrVia.String(via))
+	span.End() // the span is the request's: it ends as the tunnel starts
 	h.start(client, dev, t, via, log)
+	return true
 }
 
 // fail answers a refused or failed request. A failure that err marks
