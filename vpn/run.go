@@ -325,6 +325,7 @@ func (r *run) start() (stop func(), err error) {
 		r.goRun(func(ctx context.Context) { r.runProxy(ctx, pm) })
 	}
 	r.s.log().Info("VPN server running", "instances", r.n, "plan", cfg.Plan.String())
+	close(r.s.started)
 	return stop, nil
 }
 
@@ -428,6 +429,7 @@ func (r *run) wait(ctx context.Context) error {
 		r.s.drain(dctx, r.cfg, r.hreg, r.sessions, r.instances)
 		dcancel()
 	case <-r.s.closed:
+	case <-r.s.handover: // TODO(issue 21): leave the data plane running
 	case err := <-r.fatal:
 		r.s.log().Error("VPN server stopping", "err", err)
 		return err

@@ -90,15 +90,44 @@ type Server struct {
 	// internal API and the metrics listener. Zero means 10 s.
 	ReadHeaderTimeout time.Duration
 
-	once      sync.Once
-	ready     chan struct{}
-	closed    chan struct{} // closed by Close
-	closeOnce sync.Once
-	service   *Service
+	once         sync.Once
+	ready        chan struct{}
+	started      chan struct{} // closed once the listeners are open and the parts run
+	closed       chan struct{} // closed by Close
+	closeOnce    sync.Once
+	handover     chan struct{} // closed by Handover
+	handoverOnce sync.Once
+	service      *Service
 }
 
 func (s *Server) init() {
-	s.once.Do(func() { s.ready, s.closed = make(chan struct{}), make(chan struct{}) })
+	s.once.Do(func() {
+		s.ready, s.started, s.closed, s.handover = make(chan struct{}), make(chan struct{}), make(chan struct{}), make(chan struct{})
+	})
+}
+
+// Started returns a channel that is closed once Run has opened every
+// listener (through Listen) and started its parts, before the instances
+// are ready. A successor process started for an upgrade says it is ready
+// at this point: its instances adopt the running OpenVPN processes only
+// once its predecessor has let go of them (see [Server.Handover]).
+func (s *Server) Started() <-chan struct{} {
+	s.init()
+	return s.started
+}
+
+// Handover ends Run for an upgrade or a restart in place: the OpenVPN
+// instances, their device isolation and bandwidth limits and the managed
+// HAProxy keep running for a successor process to adopt, and no device is
+// reported offline. Run lets go of the management sessions, stops serving
+// the internal API and the metrics (a successor that listens on the same
+// sockets takes over), sends the state reports still pending, records
+// what the API holds in the run directory for the successor, and returns
+// once the CONNECT tunnels still open have ended (within Drain.Timeout).
+// Handover does not wait for Run.
+func (s *Server) Handover() {
+	s.init()
+	s.handoverOnce.Do(func() { close(s.handover) })
 }
 
 // Close stops the server at once: the drain (or what is left of it) and
