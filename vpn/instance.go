@@ -6,7 +6,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -15,9 +17,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/openvpnmgmt"
 	"github.com/obvpn/obvpn/subnet"
 )
@@ -38,6 +42,17 @@ type EventHandler func(ctx context.Context, c *openvpnmgmt.Client, ev openvpnmgm
 // hold and hands every event to Handler; when openvpn exits it is started
 // again after a backoff, and when only the management connection drops it
 // is reconnected.
+//
+// An openvpn that an earlier process of this server left running (one
+// that was upgraded in place, or killed) is adopted rather than stopped,
+// when it is this instance's: the pid file names a live process whose
+// command line is this instance's, and the configuration and certificate
+// files on disk are the ones this Instance would write. Its devices stay
+// connected; Resync gets its clients. One with another configuration (the
+// environment changed) is stopped and replaced, and the log says why.
+// openvpn runs in a process group of its own, its output in
+// server-<id>.log of the run directory, so that it outlives this process
+// and a terminal's ^C reaches only the server.
 type Instance struct {
 	// Config is the server's configuration; ID the instance (1-indexed).
 	Config *Config
@@ -64,6 +79,13 @@ type Instance struct {
 	// Dial connects to the management port. Nil means a net.Dialer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 
+	// Resync, if set, is given the clients of an openvpn that took clients
+	// while no management session watched it, each time a session starts
+	// on it: an adopted process (see [Instance.Run]), or one whose
+	// management connection dropped and came back. Their events of the
+	// time between are lost; the list (status 3) is the truth.
+	Resync func(ctx context.Context, id int, clients []nss.Client)
+
 	// Logger receives the instance's life and OpenVPN's log lines at their
 	// level (its debug lines at slog.LevelDebug, so that a logger whose
 	// level changes at run time shows them or not). Nil means discard.
@@ -71,7 +93,14 @@ type Instance struct {
 
 	mu     sync.Mutex
 	client *openvpnmgmt.Client // the current management session
+	leave  atomic.Bool         // set by Leave
 }
+
+// Leave makes Run, once its context ends, let go of openvpn instead of
+// stopping it: the process, its clients and the isolation of its devices
+// stay, for a later process of this server to adopt. The server calls it
+// for [Server.Handover].
+func (i *Instance) Leave() { i.leave.Store(true) }
 
 // Orphan-killing and start-up times of SPEC §2.
 const (
@@ -108,20 +137,33 @@ func (i *Instance) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("vpn: instance %d: %w", i.ID, err)
 	}
-	if err := i.writeFiles(in); err != nil {
-		return err
-	}
-	// The devices are isolated before openvpn exists, so no packet of
-	// theirs ever passes; the rule goes when the instance stops.
-	undo, err := i.isolate(ctx)
+	files, err := i.files(in)
 	if err != nil {
 		return err
 	}
-	defer undo()
+	adopt := i.adoptable(files)
+	if adopt == 0 {
+		if err := writeFiles(files); err != nil {
+			return err
+		}
+	}
+	// The devices are isolated before openvpn exists, so no packet of
+	// theirs ever passes; the rule goes when the instance stops (and
+	// stays when it is left running).
+	undo, err := i.isolate(ctx, adopt > 0)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if !i.leave.Load() {
+			undo()
+		}
+	}()
 	delay := minRestartDelay
 	for {
 		started := time.Now()
-		err := i.runOnce(ctx, in)
+		err := i.runOnce(ctx, in, adopt)
+		adopt = 0
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -138,21 +180,61 @@ func (i *Instance) Run(ctx context.Context) error {
 	}
 }
 
-// writeFiles writes the configuration and the certificate files.
-func (i *Instance) writeFiles(in subnet.Instance) error {
+// files returns the files that the instance runs on, by name: its
+// configuration and the certificates.
+func (i *Instance) files(in subnet.Instance) (map[string][]byte, error) {
 	paths := i.Config.Paths(i.ID)
 	if err := os.MkdirAll(filepath.Dir(paths.Config), 0o755); err != nil {
-		return fmt.Errorf("vpn: %w", err)
+		return nil, fmt.Errorf("vpn: %w", err)
 	}
 	conf, err := i.Config.OpenVPNServerConfig(in, i.Hooks)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	files := map[string][]byte{paths.Config: []byte(conf), paths.CA: i.Config.OpenVPN.CACert,
 		paths.Cert: i.Config.OpenVPN.ServerCert, paths.Key: i.Config.OpenVPN.ServerKey}
 	if paths.DH != "" {
 		files[paths.DH] = i.Config.OpenVPN.DH
 	}
+	return files, nil
+}
+
+// adoptable returns the pid of the openvpn that an earlier process of
+// this server left running for this instance, if it runs on files as they
+// are; else 0. One that runs on other files is stopped later, as an
+// orphan; the log says why.
+func (i *Instance) adoptable(files map[string][]byte) int {
+	paths := i.Config.Paths(i.ID)
+	pid := ownOpenVPN(paths)
+	if pid == 0 {
+		return 0
+	}
+	for _, name := range slices.Sorted(maps.Keys(files)) {
+		if b, err := os.ReadFile(name); err != nil || !bytes.Equal(b, files[name]) {
+			i.log().Warn("openvpn left running by an earlier process runs on another configuration; replacing it (its devices reconnect)",
+				"pid", pid, "file", name)
+			return 0
+		}
+	}
+	return pid
+}
+
+// ownOpenVPN returns the pid of the live openvpn that paths' pid file
+// names, if it runs this instance's configuration file; else 0.
+func ownOpenVPN(paths InstancePaths) int {
+	pid := readPID(paths.PID)
+	if pid == 0 || isZombie(pid) {
+		return 0
+	}
+	args, err := cmdline(pid)
+	if err != nil || len(args) != 3 || filepath.Base(args[0]) != "openvpn" || args[1] != "--config" || args[2] != paths.Config {
+		return 0
+	}
+	return pid
+}
+
+// writeFiles writes files, by name, mode 0600.
+func writeFiles(files map[string][]byte) error {
 	for name, data := range files {
 		if err := writeFile0600(name, data); err != nil {
 			return fmt.Errorf("vpn: %w", err)
@@ -182,78 +264,55 @@ func writeFile0600(name string, data []byte) error {
 	return err
 }
 
-// runOnce runs openvpn once, with its management sessions, until it exits
-// or ctx ends.
-func (i *Instance) runOnce(ctx context.Context, in subnet.Instance) error {
+// runOnce runs openvpn once (or the one it adopts, when adopt is its
+// pid), with its management sessions, until it exits or ctx ends. Then
+// the process is stopped, or let go of (Leave).
+func (i *Instance) runOnce(ctx context.Context, in subnet.Instance, adopt int) error {
 	paths := i.Config.Paths(i.ID)
-	if err := killOrphan(paths.PID, i.log()); err != nil {
-		return err
+	var p *process
+	var err error
+	if adopt > 0 {
+		if p, err = watch(adopt); err != nil {
+			return fmt.Errorf("vpn: watching openvpn %d: %w", adopt, err)
+		}
+		i.log().Info("openvpn adopted: it runs on from an earlier process of this server", "pid", adopt, "port", in.Port)
+	} else {
+		if err := killOrphan(paths, i.log()); err != nil {
+			return err
+		}
+		if p, err = i.start(ctx, paths); err != nil {
+			return err
+		}
+		i.log().Info("openvpn started", "pid", p.pid, "port", in.Port, "subnet", in.Subnet)
 	}
 	runCtx, cancel := context.WithCancel(ctx)
-	cmd := i.command(runCtx, "openvpn", "--config", paths.Config)
-	cmd.Cancel = func() error {
-		err := cmd.Process.Signal(syscall.SIGTERM)
-		if err != nil && !errors.Is(err, os.ErrProcessDone) {
-			// openvpn runs as OpenVPN.User once it has started: without
-			// CAP_KILL (a container that drops it) root may not signal it.
-			i.log().Error("cannot stop openvpn; the server needs CAP_KILL to signal it once it runs as its own user",
-				"pid", cmd.Process.Pid, "err", err)
-		}
-		return err
-	}
-	cmd.WaitDelay = orphanTermWait // then SIGKILL
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		cancel()
-		return err
-	}
-	cmd.Stderr = cmd.Stdout
-	if err := cmd.Start(); err != nil {
-		cancel()
-		return fmt.Errorf("vpn: starting openvpn: %w", err)
-	}
-	i.log().Info("openvpn started", "pid", cmd.Process.Pid, "port", in.Port, "subnet", in.Subnet)
-	exited := make(chan error, 1)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		var last lastLines
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			// OpenVPN's stdout: its whole log, the management session's
-			// "log on" notwithstanding. The last lines say why it exited.
-			i.log().Debug("openvpn", "line", sc.Text())
-			last.add(sc.Text())
-		}
-		err := cmd.Wait()
-		if err != nil && len(last.lines) > 0 {
-			err = fmt.Errorf("%w; its last words: %s", err, strings.Join(last.lines, " | "))
-		}
-		exited <- err
-	}()
-	// On the way out the process is stopped (SIGTERM, SIGKILL after 5 s)
-	// and waited for.
 	defer func() {
 		cancel()
-		wg.Wait()
+		if i.leave.Load() && ctx.Err() != nil {
+			p.release()
+			i.log().Info("openvpn left running for the next process of this server", "pid", p.pid)
+			return
+		}
+		if err := p.stop(i.log()); err != nil {
+			i.log().Error("openvpn did not stop", "pid", p.pid, "err", err)
+		}
 	}()
-	down := func(err error) error {
+	down := func() error {
 		if i.OnDown != nil {
 			i.OnDown(i.ID)
 		}
-		return fmt.Errorf("openvpn exited: %v", err)
+		return fmt.Errorf("openvpn exited: %w%s", p.exitErr(), lastWords(paths.Log))
 	}
 
 	mgmtAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(in.ManagementPort))
 	for first := true; ; first = false {
-		sessionErr := i.session(runCtx, mgmtAddr, first, exited)
+		sessionErr := i.session(runCtx, mgmtAddr, first, adopt > 0 || !first, p)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		select {
-		case err := <-exited:
-			return down(err)
+		case <-p.exited:
+			return down()
 		default:
 		}
 		if errors.Is(sessionErr, errNoManagement) {
@@ -261,8 +320,8 @@ func (i *Instance) runOnce(ctx context.Context, in subnet.Instance) error {
 		}
 		i.log().Warn("management connection lost; reconnecting", "err", sessionErr)
 		select {
-		case err := <-exited:
-			return down(err)
+		case <-p.exited:
+			return down()
 		case <-time.After(minRestartDelay):
 		case <-ctx.Done():
 			return ctx.Err()
@@ -270,9 +329,73 @@ func (i *Instance) runOnce(ctx context.Context, in subnet.Instance) error {
 	}
 }
 
-// lastLines keeps the last few lines of openvpn's output, for the error
+// start starts openvpn: in a process group of its own, its output
+// appended to the log file, watched by pid, so that it can outlive this
+// process.
+func (i *Instance) start(ctx context.Context, paths InstancePaths) (*process, error) {
+	out, err := os.OpenFile(paths.Log, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("vpn: openvpn's log: %w", err)
+	}
+	defer out.Close() // openvpn has its own descriptor
+	// Not ctx's: the process is stopped, or left running, on purpose.
+	cmd := i.command(context.WithoutCancel(ctx), "openvpn", "--config", paths.Config)
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Setpgid = true
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("vpn: starting openvpn: %w", err)
+	}
+	pid := cmd.Process.Pid
+	_ = cmd.Process.Release() // watched, and reaped, by pid
+	p, err := watch(pid)
+	if err != nil {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+		return nil, fmt.Errorf("vpn: watching openvpn %d: %w", pid, err)
+	}
+	return p, nil
+}
+
+// lastWords returns the last lines of openvpn's log file, for the error
 // that reports its exit: a fatal configuration error ("dh key too small",
 // "Cannot load certificate") is otherwise only in the debug log.
+func lastWords(log string) string {
+	f, err := os.Open(log)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	const tail = 16 << 10
+	if fi, err := f.Stat(); err == nil && fi.Size() > tail {
+		_, _ = f.Seek(-tail, io.SeekEnd)
+	}
+	var last lastLines
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		last.add(sc.Text())
+	}
+	if len(last.lines) == 0 {
+		return ""
+	}
+	return "; its last words: " + strings.Join(last.lines, " | ")
+}
+
+// maxLogSize is the size at which openvpn's log file is emptied: the
+// management session carries the same lines to the server's log, and the
+// file only has to say why a process that never got one exited.
+const maxLogSize = 16 << 20
+
+// trimLog empties openvpn's log file when it has grown past maxLogSize;
+// openvpn appends (O_APPEND), so it goes on writing at the new end.
+func trimLog(name string) {
+	if fi, err := os.Stat(name); err == nil && fi.Size() > maxLogSize {
+		_ = os.Truncate(name, 0)
+	}
+}
+
+// lastLines keeps the last few lines of openvpn's output.
 type lastLines struct{ lines []string }
 
 // maxLastLines is how many lines lastLines keeps: OpenSSL's error, the
@@ -294,36 +417,13 @@ func (l *lastLines) add(line string) {
 var errNoManagement = errors.New("management port did not open")
 
 // session runs one management session: connect (waiting up to 5 s for
-// the port on the first), set up, release the hold, handle events until
-// the connection or the process ends.
-func (i *Instance) session(ctx context.Context, addr string, first bool, exited chan error) error {
-	dial := i.Dial
-	if dial == nil {
-		var d net.Dialer
-		dial = d.DialContext
-	}
-	var conn net.Conn
-	deadline := time.Now().Add(managementWait)
-	for {
-		c, err := dial(ctx, "tcp", addr)
-		if err == nil {
-			conn = c
-			break
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		if first && time.Now().After(deadline) {
-			return fmt.Errorf("%w within %v at %s: %v", errNoManagement, managementWait, addr, err)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case err := <-exited:
-			exited <- err // for the caller
-			return fmt.Errorf("openvpn exited before its management port opened: %v", err)
-		case <-time.After(50 * time.Millisecond):
-		}
+// the port on the first), set up, release the hold, resync (when the
+// process took clients unwatched), handle events until the connection or
+// the process ends.
+func (i *Instance) session(ctx context.Context, addr string, first, resync bool, p *process) error {
+	conn, err := i.dialManagement(ctx, addr, first, p)
+	if err != nil {
+		return err
 	}
 	c, err := openvpnmgmt.NewClient(ctx, conn, openvpnmgmt.Options{Logger: i.Logger})
 	if err != nil {
@@ -339,50 +439,107 @@ func (i *Instance) session(ctx context.Context, addr string, first bool, exited 
 		i.client = nil
 		i.mu.Unlock()
 	}()
-	setup := func() error {
-		if err := c.Log(ctx, true); err != nil {
-			return err
-		}
-		if err := c.ByteCount(ctx, int(i.Config.OpenVPN.BytecountInterval/time.Second)); err != nil {
-			return err
-		}
-		// "hold release" is harmless when OpenVPN is not holding (a
-		// reconnected session).
-		return c.HoldRelease(ctx)
-	}
-	if err := setup(); err != nil {
-		return fmt.Errorf("management set-up: %w", err)
+	if err := i.setup(ctx, c, resync); err != nil {
+		return err
 	}
 	if i.OnReady != nil {
 		i.OnReady(i.ID)
 	}
+	trim := time.NewTicker(time.Minute)
+	defer trim.Stop()
 	for {
 		select {
 		case ev, ok := <-c.Events():
 			if !ok {
 				return c.Err()
 			}
-			if lev, ok := ev.(*openvpnmgmt.LogEvent); ok {
-				i.logOpenVPN(lev)
-				continue
+			if err := i.event(ctx, c, ev); err != nil {
+				return err
 			}
-			if _, ok := ev.(*openvpnmgmt.HoldEvent); ok {
-				// --management-hold holds every restart within the
-				// process too (SIGUSR1, SIGHUP): let it go on. Its tun
-				// device, and so its isolation, persists (persist-tun).
-				i.log().Info("openvpn restarted within its process; releasing its hold")
-				if err := c.HoldRelease(ctx); err != nil {
-					return fmt.Errorf("hold release after a restart: %w", err)
-				}
-				continue
-			}
-			if i.Handler != nil {
-				i.Handler(ctx, c, ev)
-			}
+		case <-trim.C:
+			trimLog(i.Config.Paths(i.ID).Log)
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
+}
+
+// dialManagement connects to the management port, waiting up to 5 s for
+// it on the first session of a process.
+func (i *Instance) dialManagement(ctx context.Context, addr string, first bool, p *process) (net.Conn, error) {
+	dial := i.Dial
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	deadline := time.Now().Add(managementWait)
+	for {
+		c, err := dial(ctx, "tcp", addr)
+		if err == nil {
+			return c, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if first && time.Now().After(deadline) {
+			return nil, fmt.Errorf("%w within %v at %s: %v", errNoManagement, managementWait, addr, err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-p.exited:
+			return nil, fmt.Errorf("openvpn exited before its management port opened: %v", p.err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// setup turns the session's log and byte counts on and releases the
+// hold; with resync, it gives the clients that openvpn has to Resync.
+func (i *Instance) setup(ctx context.Context, c *openvpnmgmt.Client, resync bool) error {
+	if err := c.Log(ctx, true); err != nil {
+		return fmt.Errorf("management set-up: %w", err)
+	}
+	if err := c.ByteCount(ctx, int(i.Config.OpenVPN.BytecountInterval/time.Second)); err != nil {
+		return fmt.Errorf("management set-up: %w", err)
+	}
+	// "hold release" is harmless when OpenVPN is not holding (a
+	// reconnected session, an adopted process).
+	if err := c.HoldRelease(ctx); err != nil {
+		return fmt.Errorf("management set-up: %w", err)
+	}
+	if !resync || i.Resync == nil {
+		return nil
+	}
+	st, err := c.Status(ctx, 3)
+	if err != nil {
+		return fmt.Errorf("management set-up: the clients of a running openvpn: %w", err)
+	}
+	i.log().Info("clients of the running openvpn taken over", "clients", len(st.Clients))
+	i.Resync(ctx, i.ID, st.Clients)
+	return nil
+}
+
+// event handles one management event.
+func (i *Instance) event(ctx context.Context, c *openvpnmgmt.Client, ev openvpnmgmt.Event) error {
+	if lev, ok := ev.(*openvpnmgmt.LogEvent); ok {
+		i.logOpenVPN(lev)
+		return nil
+	}
+	if _, ok := ev.(*openvpnmgmt.HoldEvent); ok {
+		// --management-hold holds every restart within the process too
+		// (SIGUSR1, SIGHUP): let it go on. Its tun device, and so its
+		// isolation, persists (persist-tun).
+		i.log().Info("openvpn restarted within its process; releasing its hold")
+		if err := c.HoldRelease(ctx); err != nil {
+			return fmt.Errorf("hold release after a restart: %w", err)
+		}
+		return nil
+	}
+	if i.Handler != nil {
+		i.Handler(ctx, c, ev)
+	}
+	return nil
 }
 
 // isolationPriority is the priority of the policy-routing rule that
@@ -405,10 +562,17 @@ func isolationRule(verb string, id int) []string {
 
 // isolate applies [IsolationOn] to instance id's future tun device, before
 // openvpn starts: it deletes any rule left by an earlier process (one
-// killed before it could clean up), then adds one. It returns the undo.
-func (i *Instance) isolate(ctx context.Context) (undo func(), err error) {
+// killed before it could clean up), then adds one. For an adopted openvpn
+// (keep), a rule already there is kept as it is, so that the devices are
+// never without one. It returns the undo.
+func (i *Instance) isolate(ctx context.Context, keep bool) (undo func(), err error) {
 	if i.Config.OpenVPN.Isolation == IsolationOff {
 		return func() {}, nil
+	}
+	undo = func() { i.unisolate(context.WithoutCancel(ctx)) }
+	if keep && i.isolated(ctx) {
+		i.log().Debug("devices still isolated", "dev", "tun"+strconv.Itoa(i.ID))
+		return undo, nil
 	}
 	i.unisolate(ctx)
 	if out, err := i.command(ctx, "ip", isolationRule("add", i.ID)...).CombinedOutput(); err != nil {
@@ -416,7 +580,23 @@ func (i *Instance) isolate(ctx context.Context) (undo func(), err error) {
 			i.ID, strings.Join(isolationRule("add", i.ID), " "), err, bytes.TrimSpace(out))
 	}
 	i.log().Debug("devices isolated", "dev", "tun"+strconv.Itoa(i.ID))
-	return func() { i.unisolate(context.WithoutCancel(ctx)) }, nil
+	return undo, nil
+}
+
+// isolated reports whether the rule that isolates the instance's devices
+// is in place.
+func (i *Instance) isolated(ctx context.Context) bool {
+	out, err := i.command(ctx, "ip", "-4", "rule", "show", "priority", isolationPriority).Output()
+	if err != nil {
+		return false
+	}
+	want := "iif tun" + strconv.Itoa(i.ID) + " prohibit"
+	for line := range strings.Lines(string(out)) {
+		if strings.Contains(line, want) {
+			return true
+		}
+	}
+	return false
 }
 
 // unisolate deletes every isolation rule of the instance.
@@ -451,39 +631,24 @@ func (i *Instance) logOpenVPN(ev *openvpnmgmt.LogEvent) {
 	i.log().Log(context.Background(), level, ev.Message, "source", "openvpn")
 }
 
-// killOrphan stops a process named by the pid file, if it is alive: SIGTERM,
-// then SIGKILL after 5 s, giving up after 10 s in all.
-func killOrphan(pidFile string, log *slog.Logger) error {
+// killOrphan stops the openvpn of this instance that the pid file names,
+// if it is alive (one that an earlier process left and that is not
+// adopted): SIGTERM, then SIGKILL after 5 s, giving up after 10 s in all. A
+// pid that now names another program is left alone.
+func killOrphan(paths InstancePaths, log *slog.Logger) error {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	b, err := os.ReadFile(pidFile)
+	pid := ownOpenVPN(paths)
+	if pid == 0 {
+		return nil
+	}
+	p, err := watch(pid)
 	if err != nil {
-		return nil // no pid file: no orphan
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid <= 1 {
-		return nil
-	}
-	alive := func() bool { return syscall.Kill(pid, 0) == nil && !isZombie(pid) }
-	if !alive() {
-		return nil
+		return fmt.Errorf("vpn: orphaned openvpn %d: %w", pid, err)
 	}
 	log.Warn("stopping an orphaned openvpn", "pid", pid)
-	_ = syscall.Kill(pid, syscall.SIGTERM)
-	start := time.Now()
-	killed := false
-	for alive() {
-		switch elapsed := time.Since(start); {
-		case elapsed > orphanKillWait:
-			return fmt.Errorf("vpn: orphaned openvpn %d did not go away", pid)
-		case elapsed > orphanTermWait && !killed:
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-			killed = true
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return nil
+	return p.stop(log)
 }
 
 // isZombie reports whether pid has exited but not been reaped, which

@@ -37,13 +37,17 @@ type ScriptHooks struct {
 // InstancePaths are the files of one instance in the run directory.
 type InstancePaths struct {
 	Config, Status, PID string
+	// Log is where openvpn writes its output (the management session
+	// carries the same lines to the server's log).
+	Log string
 	// CA, Cert, Key and DH are shared by every instance; DH is empty for
 	// "dh none".
 	CA, Cert, Key, DH string
 }
 
 // Paths returns where instance id keeps its files under runDir:
-// server-<id>.conf, server-<id>.status and server-<id>.pid, and the shared
+// server-<id>.conf, server-<id>.status, server-<id>.pid and
+// server-<id>.log, and the shared
 // ca.crt, server.crt, server.key and, with DH parameters, dh.pem.
 func (c *Config) Paths(id int) InstancePaths {
 	dir := c.runDir()
@@ -51,6 +55,7 @@ func (c *Config) Paths(id int) InstancePaths {
 		Config: filepath.Join(dir, fmt.Sprintf("server-%d.conf", id)),
 		Status: filepath.Join(dir, fmt.Sprintf("server-%d.status", id)),
 		PID:    filepath.Join(dir, fmt.Sprintf("server-%d.pid", id)),
+		Log:    filepath.Join(dir, fmt.Sprintf("server-%d.log", id)),
 		CA:     filepath.Join(dir, "ca.crt"),
 		Cert:   filepath.Join(dir, "server.crt"),
 		Key:    filepath.Join(dir, "server.key"),

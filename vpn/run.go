@@ -45,6 +45,7 @@ type run struct {
 	auth     *Authenticator
 	reporter *Reporter
 	resolver *nss.Resolver
+	conns    *Connections
 	sessions *Sessions
 	limiters []*bandwidth.Limiter // by instance id; nil entries without limits
 	internal *internalapi.Server
@@ -61,6 +62,17 @@ type run struct {
 	instances []*Instance
 	hreg      *haproxy.Registrar
 
+	// The CONNECT proxy runs on a context of its own, so that a handover
+	// can let its tunnels finish after everything else has stopped.
+	proxyCtx     context.Context
+	proxyCancel  context.CancelFunc
+	proxyWG      sync.WaitGroup
+	proxyTimeout time.Duration // its shutdown's; ShutdownTimeout, or Drain.Timeout for a handover
+
+	prev    *handoff // what the process before this one left
+	unlock  func()   // releases the run directory's lock
+	leaving bool     // Handover: the data plane stays
+
 	readyMu  sync.Mutex
 	readySet map[int]bool
 }
@@ -74,7 +86,11 @@ func (s *Server) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer r.teardownLimits()
+	defer func() {
+		if !r.leaving {
+			r.teardownLimits()
+		}
+	}()
 	defer r.closeListeners()
 	if err := r.listen(); err != nil {
 		return err
@@ -82,13 +98,22 @@ func (s *Server) Run(ctx context.Context) error {
 	// The parts run until the drain is over, not merely until ctx ends.
 	r.ctx, r.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer r.cancel()
+	r.proxyCtx, r.proxyCancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer r.proxyCancel()
+	defer func() {
+		if r.unlock != nil {
+			r.unlock()
+		}
+	}()
 	stop, err := r.start()
 	if stop != nil {
 		defer stop()
 	}
 	if err != nil {
 		r.cancel()
+		r.proxyCancel()
 		r.wg.Wait()
+		r.proxyWG.Wait()
 		return err
 	}
 	runErr := r.wait(ctx)
@@ -112,7 +137,8 @@ func (s *Server) build() (*run, error) {
 	if err != nil {
 		return nil, fmt.Errorf("vpn: %w", err)
 	}
-	r := &run{s: s, cfg: cfg, n: n, hooks: s.Hooks, api: s.API, reg: s.Registry, readySet: map[int]bool{}}
+	r := &run{s: s, cfg: cfg, n: n, hooks: s.Hooks, api: s.API, reg: s.Registry, readySet: map[int]bool{},
+		proxyTimeout: orDefault(s.ShutdownTimeout, defaultShutdownTimeout)}
 	if cfg.Auth.Mode == AuthScript {
 		if err := r.prepareHooks(); err != nil {
 			return nil, err
@@ -142,6 +168,7 @@ func (s *Server) build() (*run, error) {
 	r.auth = &Authenticator{API: r.api, CacheTimeout: cfg.Auth.CacheTimeout, MaxInFlight: cfg.Auth.MaxWorkers, Logger: s.Logger,
 		TracerProvider: s.TracerProvider}
 	conns := &Connections{}
+	r.conns = conns
 	s.service = &Service{API: r.api, Addr: addr, Logger: s.Logger, TracerProvider: s.TracerProvider}
 	r.reporter = &Reporter{API: r.api, ServiceID: s.service.ID, BatchSize: cfg.Balena.StateBatchSize, Logger: s.Logger,
 		TracerProvider: s.TracerProvider}
@@ -278,25 +305,48 @@ func (r *run) serve(addr string, h http.Handler, maxConns int) error {
 // closeListeners shuts the HTTP servers down, closes the proxy's listener
 // and ends the deferred authentications in flight.
 func (r *run) closeListeners() {
-	sctx, cancel := context.WithTimeout(context.Background(), orDefault(r.s.ShutdownTimeout, defaultShutdownTimeout))
-	defer cancel()
-	for _, srv := range r.servers {
-		_ = srv.Shutdown(sctx)
-	}
-	r.serving.Wait()
+	r.shutdownServers()
 	if r.proxyL != nil {
 		r.proxyL.Close()
 	}
 	r.internal.Close()
 }
 
-// start starts the parts: HAProxy (managed) and the registrar, the NSS
-// index, the service instance, the reporter, the instances and the proxy.
-// stop, when not nil, stops the managed HAProxy.
+// shutdownServers shuts the HTTP servers down (the internal API's and the
+// metrics'), within ShutdownTimeout.
+func (r *run) shutdownServers() {
+	sctx, cancel := context.WithTimeout(context.Background(), orDefault(r.s.ShutdownTimeout, defaultShutdownTimeout))
+	defer cancel()
+	for _, srv := range r.servers {
+		_ = srv.Shutdown(sctx)
+	}
+	r.serving.Wait()
+}
+
+// start starts the parts: the CONNECT proxy (it serves once the service
+// instance is registered), then, once the run directory is this
+// process's (see lockRunDir), HAProxy (managed) and the registrar, the
+// NSS index, the service instance, the reporter and the instances. stop,
+// when not nil, stops the managed HAProxy.
 func (r *run) start() (stop func(), err error) {
 	cfg := r.cfg
 	r.fatal = make(chan error, r.n+3)
 	r.instances = make([]*Instance, r.n+1)
+	if r.proxyL != nil {
+		pm, err := connectproxy.NewMetrics(r.reg)
+		if err != nil {
+			return nil, fmt.Errorf("vpn: proxy metrics: %w", err)
+		}
+		r.proxyWG.Add(1)
+		go func() {
+			defer r.proxyWG.Done()
+			r.runProxy(r.proxyCtx, pm)
+		}()
+	}
+	close(r.s.started)
+	if err := r.takeOver(); err != nil {
+		return nil, err
+	}
 	h := cfg.haproxy()
 	if h.Mode != haproxy.Off {
 		r.hreg = &haproxy.Registrar{Runtime: &haproxy.Runtime{Socket: h.Socket}, Logger: r.s.log()}
@@ -317,16 +367,64 @@ func (r *run) start() (stop func(), err error) {
 	for id := 1; id <= r.n; id++ {
 		r.startInstance(id)
 	}
-	if r.proxyL != nil {
-		pm, err := connectproxy.NewMetrics(r.reg)
-		if err != nil {
-			return stop, fmt.Errorf("vpn: proxy metrics: %w", err)
-		}
-		r.goRun(func(ctx context.Context) { r.runProxy(ctx, pm) })
-	}
 	r.s.log().Info("VPN server running", "instances", r.n, "plan", cfg.Plan.String())
-	close(r.s.started)
 	return stop, nil
+}
+
+// takeOver takes the run directory's lock, waiting while a process
+// before this one hands over, and picks up what that one left: its
+// service instance, and the devices the API may hold as connected to it.
+// From here on the reporter keeps that record for the process after this
+// one.
+func (r *run) takeOver() error {
+	unlock, err := lockRunDir(r.ctx, r.cfg.RunDir, r.s.log())
+	if err != nil {
+		return err
+	}
+	r.unlock = unlock
+	prev, err := readHandoff(r.cfg.RunDir)
+	if err != nil {
+		r.s.log().Warn("what the process before this one left is unreadable; its devices are reported anew", "err", err)
+	}
+	r.prev = prev
+	r.s.service.Resume = prev.ServiceID
+	r.reporter.Restore(prev.held())
+	r.reporter.Record = func(held map[string]DeviceState, maybe []string) {
+		if err := writeHandoff(r.cfg.RunDir, r.s.service.ID(), held, maybe); err != nil {
+			r.s.log().Warn("could not record the devices online for the next process", "err", err)
+		}
+	}
+	return nil
+}
+
+// settle reports offline, once every instance is ready (adopted ones
+// resynced), the devices that the process before this one left online in
+// the API and that have no session here any more: they left while no
+// process watched. When the service instance could not be resumed, the
+// new one holds nothing, and every device here is reported to it.
+func (r *run) settle(ctx context.Context) {
+	held := r.prev.held()
+	if len(held) == 0 {
+		return
+	}
+	select {
+	case <-r.s.service.Registered():
+	case <-ctx.Done():
+		return
+	}
+	if r.s.service.ID() != r.prev.ServiceID {
+		for _, u := range r.conns.Online() {
+			r.reporter.Set(u, DeviceState{Connected: true})
+		}
+	}
+	gone := 0
+	for u := range held {
+		if r.conns.Count(u) <= 0 {
+			r.reporter.Set(u, DeviceState{Connected: false})
+			gone++
+		}
+	}
+	r.s.log().Info("devices taken over from the process before this one", "held", len(held), "left_unwatched", gone)
 }
 
 // goRun runs f on a goroutine that the run waits for.
@@ -345,6 +443,7 @@ func (r *run) startInstance(id int) {
 	hooks := r.hooks
 	hooks.APIURL = r.apiURLs[id]
 	inst := &Instance{Config: cfg, ID: id, Hooks: hooks, Handler: r.sessions.Handler(id),
+		Resync:  r.sessions.Resync,
 		Command: r.s.Command, Dial: r.s.Dial, Logger: r.s.Logger,
 		OnReady: func(id int) {
 			if r.hreg != nil {
@@ -357,6 +456,7 @@ func (r *run) startInstance(id int) {
 				r.readySet[id] = true
 				if len(r.readySet) == r.n {
 					close(r.s.ready)
+					r.goRun(r.settle)
 				}
 			}
 		},
@@ -413,7 +513,7 @@ func (r *run) runProxy(ctx context.Context, pm *connectproxy.Metrics) {
 			r.fatal <- fmt.Errorf("vpn: CONNECT proxy: %w", err)
 		}
 	case <-ctx.Done():
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), orDefault(r.s.ShutdownTimeout, defaultShutdownTimeout))
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.proxyTimeout)
 		defer cancel()
 		_ = proxy.Shutdown(sctx)
 		<-serveDone
@@ -429,7 +529,8 @@ func (r *run) wait(ctx context.Context) error {
 		r.s.drain(dctx, r.cfg, r.hreg, r.sessions, r.instances)
 		dcancel()
 	case <-r.s.closed:
-	case <-r.s.handover: // TODO(issue 21): leave the data plane running
+	case <-r.s.handover:
+		r.leaving = true
 	case err := <-r.fatal:
 		r.s.log().Error("VPN server stopping", "err", err)
 		return err
@@ -440,8 +541,14 @@ func (r *run) wait(ctx context.Context) error {
 // stop stops the parts, and reports the devices of the instances, gone
 // now, offline within the drain timeout (unless Close was called).
 func (r *run) stop(ctx context.Context) {
+	if r.leaving {
+		r.handOver(ctx)
+		return
+	}
 	r.cancel()
+	r.proxyCancel()
 	r.wg.Wait()
+	r.proxyWG.Wait()
 	r.sessions.Wait()
 	r.auth.Wait()
 	// The instances are gone, and their clients with them.
@@ -463,6 +570,40 @@ func (r *run) stop(ctx context.Context) {
 		}
 		r.s.log().Error("could not report every device offline", "err", err, "pending", r.reporter.Pending(), fp)
 	}
+}
+
+// handOver stops the run for the process after this one (Handover): the
+// internal API and the metrics stop serving (the successor serves their
+// sockets), the instances let go of their openvpn, the pending reports
+// are sent and what the API holds is recorded, the run directory is
+// unlocked for the successor, and the CONNECT tunnels still open get
+// Drain.Timeout to finish.
+func (r *run) handOver(ctx context.Context) {
+	r.s.log().Info("handing over to the next process of this server")
+	r.shutdownServers()
+	for _, inst := range r.instances {
+		if inst != nil {
+			inst.Leave()
+		}
+	}
+	r.cancel()
+	r.wg.Wait()
+	r.sessions.Wait()
+	r.auth.Wait()
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.Drain.Timeout)
+	defer cancel()
+	if err := r.reporter.Flush(fctx); err != nil {
+		r.s.log().Warn("state reports left to the next process", "err", err, "pending", r.reporter.Pending())
+	}
+	r.reporter.record(nil)
+	if r.unlock != nil {
+		r.unlock()
+		r.unlock = nil
+	}
+	r.proxyTimeout = r.cfg.Drain.Timeout
+	r.proxyCancel()
+	r.proxyWG.Wait()
+	r.s.log().Info("handed over")
 }
 
 // orDefault returns d, or def when d is not positive.

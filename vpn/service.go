@@ -36,6 +36,14 @@ type Service struct {
 	// registers none.
 	Addr netip.Addr
 
+	// Resume is the id of the service instance that an earlier process of
+	// this server registered (a restart or an upgrade in place): Run
+	// sends it a heartbeat first and, when the API takes it, goes on with
+	// it without registering, since the devices that stayed connected are
+	// held by it. Zero, or a heartbeat that fails, means registering a new
+	// one.
+	Resume int64
+
 	// Interval is the time between registration attempts and between
 	// heartbeats. Zero means 10 s.
 	Interval time.Duration
@@ -81,6 +89,18 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	if s.Resume > 0 {
+		hctx, span := tracer(s.TracerProvider).Start(ctx, "vpn.service.heartbeat", trace.WithAttributes(attrServiceID.Int64(s.Resume)))
+		err := s.API.Heartbeat(hctx, s.Resume)
+		endSpan(span, err)
+		if err == nil {
+			s.id.Store(s.Resume)
+			close(s.registered)
+			log.Info("service instance resumed", "id", s.Resume)
+		} else if ctx.Err() == nil {
+			log.Warn("the service instance of the process before this one is gone; registering a new one", "id", s.Resume, "err", err)
+		}
+	}
 	for s.ID() == 0 {
 		rctx, span := tracer(s.TracerProvider).Start(ctx, "vpn.service.register")
 		id, err := s.API.RegisterService(rctx, s.Addr)

@@ -16,6 +16,7 @@ type fakeServiceAPI struct {
 	failures   int // registrations to fail first
 	registered []netip.Addr
 	beats      chan int64
+	beatErr    error // the heartbeats' answer
 }
 
 func (f *fakeServiceAPI) RegisterService(_ context.Context, addr netip.Addr) (int64, error) {
@@ -31,7 +32,7 @@ func (f *fakeServiceAPI) RegisterService(_ context.Context, addr netip.Addr) (in
 
 func (f *fakeServiceAPI) Heartbeat(_ context.Context, id int64) error {
 	f.beats <- id
-	return nil
+	return f.beatErr
 }
 
 func TestServiceRegistersAndBeats(t *testing.T) {

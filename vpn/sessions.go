@@ -12,6 +12,7 @@ import (
 
 	devuuid "github.com/obvpn/obvpn/vpn/balena/uuid"
 
+	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/openvpnmgmt"
 	"github.com/obvpn/obvpn/vpn/bandwidth"
 )
@@ -407,6 +408,69 @@ func (s *Sessions) ScriptDisconnect(id int, commonName string, rx, tx uint64, d 
 	s.mu.Unlock()
 	s.ended(e, rx, tx, true, d)
 	return true
+}
+
+// Resync makes the sessions of instance id those of clients: the list
+// (status 3) of a running openvpn whose events this process missed, an
+// adopted one or one whose management session dropped and came back. A
+// client not known is counted as ESTABLISHED and ADDRESS would count it,
+// its byte counts and connect time those of the list, except that its
+// device is reported online only if the API does not already hold it so
+// (see [Resumer]); a known session missing from the list ended unwatched
+// and is counted as DISCONNECT would, with its last byte counts. In
+// script mode the hooks of those sessions went to an earlier process, so
+// the sessions are counted here.
+func (s *Sessions) Resync(ctx context.Context, id int, clients []nss.Client) {
+	now := time.Now()
+	live := make(map[uint64]bool, len(clients))
+	var added []nss.Client
+	s.mu.Lock()
+	if s.established == nil {
+		s.established = make(map[sessionKey]established)
+	}
+	if s.byName == nil {
+		s.byName = make(map[nameKey][]uint64)
+	}
+	for _, c := range clients {
+		if c.CommonName == "" || c.ClientID < 0 {
+			continue // not through authentication yet
+		}
+		cid := uint64(c.ClientID)
+		live[cid] = true
+		if _, ok := s.established[sessionKey{id, cid}]; ok {
+			continue
+		}
+		since := c.ConnectedSince
+		if since.IsZero() {
+			since = now
+		}
+		s.established[sessionKey{id, cid}] = established{cn: c.CommonName, since: since, rx: c.BytesReceived, tx: c.BytesSent, at: now}
+		k := nameKey{id, strings.ToLower(c.CommonName)}
+		s.byName[k] = append(s.byName[k], cid)
+		added = append(added, c)
+	}
+	var gone []uint64
+	for k := range s.established {
+		if k.instance == id && !live[k.cid] {
+			gone = append(gone, k.cid)
+		}
+	}
+	s.mu.Unlock()
+	for _, cid := range gone {
+		s.onDisconnect(id, &openvpnmgmt.ClientEvent{Kind: openvpnmgmt.ClientDisconnect, CID: cid})
+	}
+	for _, c := range added {
+		if s.Metrics != nil {
+			s.Metrics.Devices.Inc()
+		}
+		resumeSession(s.counts(), s.Metrics, s.State, c.CommonName, id)
+		if c.VirtualAddress.Is4() {
+			s.onAddress(ctx, id, &openvpnmgmt.ClientAddressEvent{CID: uint64(c.ClientID), Addr: c.VirtualAddress.String(), Primary: true})
+		}
+	}
+	if len(added)+len(gone) > 0 {
+		s.log().Info("sessions taken over from a running openvpn", "instance", id, "running", len(live), "new", len(added), "ended_unwatched", len(gone))
+	}
 }
 
 // sessionList lists the established sessions, by instance and client id.

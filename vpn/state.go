@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"maps"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -95,6 +97,34 @@ func connectSession(conns *Connections, m *Metrics, st StateSetter, uuid string,
 	}
 }
 
+// Resumer is a StateSetter that can take a session which was already
+// running when this process began to watch it; *Reporter implements it.
+type Resumer interface {
+	StateSetter
+	// Resume is Set for such a session: it may leave out a report that
+	// the API already holds.
+	Resume(uuid string, s DeviceState)
+}
+
+// resumeSession counts a session of uuid on instance that was running
+// before this process watched it: as connectSession, but st is told
+// through Resume when it is a Resumer.
+func resumeSession(conns *Connections, m *Metrics, st StateSetter, uuid string, instance int) {
+	r, ok := st.(Resumer)
+	if !ok {
+		connectSession(conns, m, st, uuid, instance)
+		return
+	}
+	uuid = strings.ToLower(uuid)
+	before := conns.Connect(uuid)
+	if before == 0 && m != nil {
+		m.OnlineDevices.Inc()
+	}
+	if before >= 0 {
+		r.Resume(uuid, DeviceState{Connected: true, Instance: instance})
+	}
+}
+
 // disconnectSession counts a session of uuid on instance as gone and returns
 // the count before it; the device goes offline, in m and st, when that was
 // its last session.
@@ -162,6 +192,17 @@ type Reporter struct {
 	// Logger receives failures and progress. Nil means discard.
 	Logger *slog.Logger
 
+	// Record, if set, is given what the API may hold each time that
+	// changes: before a pass sends its reports (from then on the API may
+	// hold them) and after it. held are the devices that the API
+	// acknowledged as connected; maybe are those whose report was sent but
+	// not acknowledged, which the API may hold either way. A Server keeps
+	// them in its run directory, so that the process after it knows whom
+	// the API holds online even when this one was killed (see
+	// [Reporter.Restore]). It is called from the pass, one call at a time,
+	// and must not call the Reporter.
+	Record func(held map[string]DeviceState, maybe []string)
+
 	// TracerProvider makes a span, vpn.state.report, of every batch sent,
 	// with its number of UUIDs and whether they connected. Nil means
 	// otel.GetTracerProvider().
@@ -217,6 +258,53 @@ func (r *Reporter) Set(uuid string, s DeviceState) {
 	case r.wake <- struct{}{}:
 	default:
 	}
+}
+
+// Restore records that the API holds held as connected to this server,
+// as an earlier process of it left them (see Record): a later
+// disconnected state of one of them is reported, and [Reporter.Resume]
+// of one of them on the same instance is not.
+func (r *Reporter) Restore(held map[string]DeviceState) {
+	r.init()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for u, st := range held {
+		if st.Connected {
+			r.acked[u] = reportState{DeviceState: st}
+		}
+	}
+}
+
+// Resume records a session that was already running when this process
+// began to watch it (an adopted OpenVPN): unlike [Reporter.Set], it is
+// reported only when the API does not already hold the device as
+// connected on that instance, so that a device that merely stayed
+// connected through a restart of the server costs the API nothing.
+func (r *Reporter) Resume(uuid string, s DeviceState) {
+	r.init()
+	r.mu.Lock()
+	a, held := r.acked[uuid]
+	_, pending := r.target[uuid]
+	r.mu.Unlock()
+	if s.Connected && held && a.DeviceState == s && !pending {
+		return
+	}
+	r.Set(uuid, s)
+}
+
+// record gives Record what the API may hold: the acknowledged devices,
+// and maybe. r.passMu is held.
+func (r *Reporter) record(maybe []string) {
+	if r.Record == nil {
+		return
+	}
+	r.mu.Lock()
+	held := make(map[string]DeviceState, len(r.acked))
+	for u, a := range r.acked {
+		held[u] = a.DeviceState
+	}
+	r.mu.Unlock()
+	r.Record(held, maybe)
 }
 
 // Pending returns how many devices wait to be reported.
@@ -328,6 +416,14 @@ func (r *Reporter) pass(ctx context.Context) error {
 	}
 	sort.Strings(up) // stable batches make logs and tests readable
 	sort.Strings(down)
+	// From here until their acknowledgement the API may hold any of them
+	// either way.
+	unacked := make(map[string]struct{}, len(up)+len(down))
+	for _, u := range append(slices.Clip(up), down...) {
+		unacked[u] = struct{}{}
+	}
+	r.record(slices.Collect(maps.Keys(unacked)))
+	defer func() { r.record(slices.Collect(maps.Keys(unacked))) }()
 	for _, group := range []struct {
 		uuids     []string
 		connected bool
@@ -341,6 +437,9 @@ func (r *Reporter) pass(ctx context.Context) error {
 				return err
 			}
 			r.ack(b, sent)
+			for _, u := range b {
+				delete(unacked, u)
+			}
 		}
 	}
 	return nil

@@ -1,0 +1,404 @@
+package vpn_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/obvpn/obvpn/connectproxy"
+	"github.com/obvpn/obvpn/vpn"
+	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/vpntest"
+)
+
+// sharedListeners hands every listener that it opened once to whoever
+// asks for the same address again, as a duplicate of the same socket: what
+// an upgrade in place does with the listeners it passes to the next process
+// (tableflip), in one test process. Closing a duplicate leaves the socket
+// open for the others; the test's end closes it.
+type sharedListeners struct {
+	t      *testing.T
+	listen func(network, addr string) (net.Listener, error)
+	mu     sync.Mutex
+	socks  map[string]*net.TCPListener
+}
+
+func (s *sharedListeners) Listen(network, addr string) (net.Listener, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l, ok := s.socks[network+" "+addr]
+	if !ok {
+		nl, err := s.listen(network, addr)
+		if err != nil {
+			return nil, err
+		}
+		l = nl.(*net.TCPListener)
+		if s.socks == nil {
+			s.socks = map[string]*net.TCPListener{}
+		}
+		s.socks[network+" "+addr] = l
+		s.t.Cleanup(func() { l.Close() })
+	}
+	f, err := l.File()
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return net.FileListener(f)
+}
+
+// nextServer starts another Server on ws's configuration, world and API,
+// as the next process of the same server would (listening through
+// listen), without waiting for it; ws then stands for it.
+func (ws *worldServer) nextServer(t *testing.T, listen func(network, addr string) (net.Listener, error)) {
+	t.Helper()
+	ws.srv = &vpn.Server{Config: ws.cfg, API: ws.api.Client(), Command: ws.world.CommandContext, Dial: ws.world.Dial, Listen: listen}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	var runErr error
+	srv := ws.srv
+	go func() { runErr = srv.Run(ctx); close(done) }()
+	ws.cancel = cancel
+	ws.wait = func() error { <-done; return runErr }
+	t.Cleanup(func() { cancel(); <-done })
+}
+
+// ready waits until ws's server is ready.
+func (ws *worldServer) ready(t *testing.T, within time.Duration) {
+	t.Helper()
+	select {
+	case <-ws.srv.Ready():
+	case <-time.After(within):
+		t.Fatalf("not ready within %v", within)
+	}
+}
+
+// openvpnPids returns the pids in the instances' pid files.
+func openvpnPids(t *testing.T, ws *worldServer) []int {
+	t.Helper()
+	var pids []int
+	for id := 1; id <= 2; id++ {
+		b, err := os.ReadFile(ws.cfg.Paths(id).PID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+// TestServerHandover hands a running server over to the next process of
+// the same server, twice, with three real devices connected (one
+// instance each at least), as an upgrade in place does: the next process
+// is started first, on the same sockets, and waits for the handover.
+//
+//   - No device notices: no client logs a second "Initialization
+//     Sequence Completed", the OpenVPN processes keep their pids, and the
+//     API gets no auth call and no state report for them; the next
+//     process resumes the service instance.
+//   - A stream through the first process's CONNECT tunnel runs across
+//     the handover and arrives whole; CONNECTs made all along are
+//     answered, by one process or the other, none refused.
+//   - A device that leaves between two processes is reported offline
+//     once by the next, and the others are left alone.
+func TestServerHandover(t *testing.T) {
+	vpntest.Require(t, "openvpn", "ip")
+	ws := startWorldServer(t, map[string]string{"VPN_HAPROXY": "off", "VPN_CONNECT_PROXY_PORT": "3128",
+		"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS": "1", "DEFAULT_SIGTERM_TIMEOUT": "30"})
+	// ws's first server listened on its own; the processes after it share
+	// sockets. The first one's are handed over as the listeners of the
+	// next are opened: a shared set from the start, for the test.
+	shared := &sharedListeners{t: t, listen: ws.world.Listen}
+	ws.cancel()
+	if err := ws.wait(); err != nil {
+		t.Fatal(err)
+	}
+	ws.nextServer(t, shared.Listen)
+	ws.ready(t, 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+
+	devs := startHandoverDevices(t, ctx, ws, 3)
+	var uuids []string
+	for _, d := range devs {
+		uuids = append(uuids, d.api.UUID)
+	}
+	waitOnline(t, ctx, ws.api, uuids...)
+	first := ws.srv.ServiceID()
+	pids := openvpnPids(t, ws)
+	auths, reports := len(ws.api.AuthChecks()), len(ws.api.StateReports())
+	inits := initCounts(devs)
+
+	// A stream through the first process, and CONNECTs all along.
+	stream := streamThrough(ctx, ws, devs[0], 16<<20)
+	refused := connectLoop(ctx, ws, devs[1])
+
+	old := ws.wait
+	oldSrv := ws.srv
+	ws.nextServer(t, shared.Listen)
+	select {
+	case <-ws.srv.Started():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the next process did not start")
+	}
+	select {
+	case err := <-stream:
+		t.Fatalf("the stream ended before the handover (%v): make it longer", err)
+	default:
+	}
+	oldSrv.Handover()
+	if err := old(); err != nil {
+		t.Fatalf("the handing-over Run: %v", err)
+	}
+	ws.ready(t, 30*time.Second)
+	if err := <-stream; err != nil {
+		t.Errorf("the stream across the handover: %v", err)
+	}
+	if n, err := refused(); err != nil || n == 0 {
+		t.Errorf("CONNECTs during the handover: %d answered, %v", n, err)
+	}
+	if got := ws.srv.ServiceID(); got != first {
+		t.Errorf("service instance %d after the handover, want %d resumed", got, first)
+	}
+	for _, d := range devs {
+		if body, err := viaConnect(ctx, ws.world, "127.0.0.1:3128", d.api.UUID+".balena", d.api.Key); err != nil || !strings.Contains(string(body), "hello from") {
+			t.Errorf("device %s through the next process: %q, %v", d.name, body, err)
+		}
+	}
+	checkUnnoticed(t, ws, devs, pids, inits, auths, reports)
+
+	// A device leaves while no process watches.
+	ws.srv.Handover()
+	if err := ws.wait(); err != nil {
+		t.Fatal(err)
+	}
+	gone := devs[2]
+	gone.client.Stop()
+	waitGoneFromStatus(t, ctx, ws, gone.api.UUID)
+	ws.nextServer(t, shared.Listen)
+	ws.ready(t, 30*time.Second)
+	waitAPI(t, ctx, ws.api, func(a *balenatest.API) bool {
+		d, _ := a.Device(gone.api.UUID)
+		return !d.ConnectedToVPN
+	})
+	var offline []string
+	for _, r := range ws.api.StateReports()[reports:] {
+		if r.Connected {
+			t.Errorf("a device reported online again after the handovers: %v", r.UUIDs)
+		} else {
+			offline = append(offline, r.UUIDs...)
+		}
+	}
+	if len(offline) != 1 || offline[0] != gone.api.UUID {
+		t.Errorf("offline reports after the handovers: %v, want only %s", offline, gone.api.UUID)
+	}
+	checkUnnoticed(t, ws, devs[:2], pids, inits, auths, len(ws.api.StateReports()))
+}
+
+// handoverDevice is a device of TestServerHandover: a web service on
+// port 80 and an echo service on port 7.
+type handoverDevice struct {
+	fleetDevice
+}
+
+// startHandoverDevices starts n devices, the first on instance 1 and the
+// others on instance 2 and 1 in turn.
+func startHandoverDevices(t *testing.T, ctx context.Context, ws *worldServer, n int) []*handoverDevice {
+	t.Helper()
+	var devs []*handoverDevice
+	for i := range n {
+		d := &handoverDevice{fleetDevice{name: fmt.Sprintf("dev%d", i), dev: vpntest.NewDevice(t, ws.world)}}
+		d.api = ws.api.AddDevice(balenatest.Device{UUID: fmt.Sprintf("%032x", 0xab0+i), Key: fmt.Sprintf("key-%d", i)})
+		ws.api.Grant(d.api.Key, d.api.UUID, 80, 7)
+		serveDevice(t, d, "hello from "+d.name)
+		d.opts = vpntest.ClientOptions{Netns: d.dev.Netns, Remote: fmt.Sprintf("%s:%d", d.dev.WorldAddr, 10001+i%2),
+			CA: ws.pki.CAFile, Username: d.api.UUID, Password: d.api.Key, Tunnel: true}
+		d.client = vpntest.StartClient(t, d.opts)
+		devs = append(devs, d)
+	}
+	for _, d := range devs {
+		if _, err := d.client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
+			t.Fatalf("device %s: %v", d.name, err)
+		}
+	}
+	return devs
+}
+
+// serveDevice serves a web page on port 80 and an echo on port 7 of d.
+func serveDevice(t *testing.T, d *handoverDevice, page string) {
+	t.Helper()
+	l, err := d.dev.Listen("tcp", "0.0.0.0:80")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, page) })}
+	go hs.Serve(l)
+	t.Cleanup(func() { hs.Close() })
+	el, err := d.dev.Listen("tcp", "0.0.0.0:7")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := el.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() { defer wg.Done(); io.Copy(c, c); c.Close() }()
+		}
+	}()
+	t.Cleanup(func() { el.Close(); wg.Wait() })
+}
+
+// initCounts counts each device's "Initialization Sequence Completed".
+func initCounts(devs []*handoverDevice) []int {
+	var n []int
+	for _, d := range devs {
+		n = append(n, countLines(d.client, "Initialization Sequence Completed"))
+	}
+	return n
+}
+
+func countLines(p *vpntest.Process, substr string) int {
+	n := 0
+	for _, l := range p.Lines() {
+		if strings.Contains(l, substr) {
+			n++
+		}
+	}
+	return n
+}
+
+// checkUnnoticed checks that the devices did not notice: the same openvpn
+// processes, no new session in any client's log, no auth call, and no
+// state report since reports.
+func checkUnnoticed(t *testing.T, ws *worldServer, devs []*handoverDevice, pids, inits []int, auths, reports int) {
+	t.Helper()
+	if got := openvpnPids(t, ws); fmt.Sprint(got) != fmt.Sprint(pids) {
+		t.Errorf("openvpn pids %v, want %v kept", got, pids)
+	}
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, 0); err != nil {
+			t.Errorf("openvpn %d: %v", pid, err)
+		}
+	}
+	for i, d := range devs {
+		if n := countLines(d.client, "Initialization Sequence Completed"); n != inits[i] {
+			t.Errorf("device %s connected %d times, want %d: it noticed", d.name, n, inits[i])
+		}
+	}
+	if n := len(ws.api.AuthChecks()); n != auths {
+		t.Errorf("%d auth calls during the handover", n-auths)
+	}
+	if got := ws.api.StateReports(); len(got) != reports {
+		t.Errorf("state reports during the handover: %+v", got[reports:])
+	}
+}
+
+// streamThrough sends size random bytes to d's echo service through a
+// CONNECT tunnel of the server that ws runs now, reading them back as it
+// goes, and reports on the channel whether every byte came back in order.
+func streamThrough(ctx context.Context, ws *worldServer, d *handoverDevice, size int) <-chan error {
+	res := make(chan error, 1)
+	dialer := &connectproxy.Dialer{ProxyAddr: "127.0.0.1:3128", Key: d.api.Key, DialProxy: ws.world.Dial}
+	go func() {
+		c, err := dialer.DialContext(ctx, "tcp", d.api.UUID+".balena:7")
+		if err != nil {
+			res <- err
+			return
+		}
+		defer c.Close()
+		data := make([]byte, size)
+		rand.Read(data)
+		sent := make(chan error, 1)
+		go func() {
+			// In pieces, a little at a time, so that the stream spans the
+			// handover.
+			for off := 0; off < size; off += 256 << 10 {
+				if _, err := c.Write(data[off:min(off+256<<10, size)]); err != nil {
+					sent <- err
+					return
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			sent <- c.(interface{ CloseWrite() error }).CloseWrite()
+		}()
+		got, err := io.ReadAll(c)
+		if serr := <-sent; serr != nil {
+			res <- fmt.Errorf("sending: %w", serr)
+			return
+		}
+		switch {
+		case err != nil:
+			res <- fmt.Errorf("after %d of %d bytes: %w", len(got), size, err)
+		case !bytes.Equal(got, data):
+			res <- fmt.Errorf("%d bytes back of %d, or out of order", len(got), size)
+		default:
+			res <- nil
+		}
+	}()
+	return res
+}
+
+// connectLoop makes CONNECTs to d's web page one after the other until
+// the returned function is called, which reports how many were answered
+// and the first failure.
+func connectLoop(ctx context.Context, ws *worldServer, d *handoverDevice) func() (int, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	var n atomic.Int64
+	var first error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 100000 && ctx.Err() == nil; i++ {
+			body, err := viaConnect(ctx, ws.world, "127.0.0.1:3128", d.api.UUID+".balena", d.api.Key)
+			if ctx.Err() != nil {
+				return
+			}
+			if err == nil && !strings.Contains(string(body), "hello from") {
+				err = fmt.Errorf("answer %q", body)
+			}
+			if err != nil {
+				first = fmt.Errorf("CONNECT %d: %w", i, err)
+				return
+			}
+			n.Add(1)
+		}
+	}()
+	return func() (int, error) { cancel(); <-done; return int(n.Load()), first }
+}
+
+// waitGoneFromStatus waits until no status file of ws lists uuid.
+func waitGoneFromStatus(t *testing.T, ctx context.Context, ws *worldServer, uuid string) {
+	t.Helper()
+	waitUntil(t, ctx, func() bool {
+		for id := 1; id <= 2; id++ {
+			b, _ := os.ReadFile(filepath.Join(ws.run, fmt.Sprintf("server-%d.status", id)))
+			if bytes.Contains(b, []byte(uuid)) {
+				return false
+			}
+		}
+		return true
+	})
+}
