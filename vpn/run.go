@@ -84,7 +84,7 @@ func (s *Server) Run(ctx context.Context) error {
 	defer r.cancel()
 	stop, err := r.start()
 	if stop != nil {
-		defer stop()
+		defer stop(false)
 	}
 	if err != nil {
 		r.cancel()
@@ -293,7 +293,7 @@ func (r *run) closeListeners() {
 // start starts the parts: HAProxy (managed) and the registrar, the NSS
 // index, the service instance, the reporter, the instances and the proxy.
 // stop, when not nil, stops the managed HAProxy.
-func (r *run) start() (stop func(), err error) {
+func (r *run) start() (stop func(keep bool), err error) {
 	cfg := r.cfg
 	r.fatal = make(chan error, r.n+3)
 	r.instances = make([]*Instance, r.n+1)
