@@ -83,25 +83,32 @@ func (m *managed) start(t *testing.T) (*Process, *logBuffer) {
 	return p, log
 }
 
-// stopLeftover stops the haproxy that the pid file names, if it runs
-// the test's configuration (a test that failed half-way, or released).
+// stopLeftover stops every haproxy master that runs the test's
+// configuration file (a test that failed half-way, or released): the
+// file is in the test's own directory, so they are the test's.
 func (m *managed) stopLeftover(t *testing.T) {
-	b, err := os.ReadFile(m.file() + ".pid")
-	if err != nil {
-		return
-	}
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	pr, err := openProc(pid)
-	if err != nil {
-		return
-	}
-	if args, _ := cmdline(pid); !runs(args, m.file()) {
-		pr.release()
-		return
-	}
-	p := &Process{StopTimeout: 5 * time.Second}
-	if err := p.terminate(context.Background(), pr); err != nil {
-		t.Errorf("stopping the haproxy left running: %v", err)
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		if args, _ := cmdline(pid); !runs(args, m.file()) {
+			continue
+		}
+		if ppid, _ := parentPid(pid); ppid != 0 {
+			if args, _ := cmdline(ppid); runs(args, m.file()) {
+				continue // a worker: its master stops it
+			}
+		}
+		pr, err := openProc(pid)
+		if err != nil {
+			continue
+		}
+		p := &Process{StopTimeout: 5 * time.Second}
+		if err := p.terminate(context.Background(), pr); err != nil {
+			t.Errorf("stopping the haproxy left running: %v", err)
+		}
 	}
 }
 
@@ -218,6 +225,9 @@ func TestProcessAdopt(t *testing.T) {
 	fi, err := os.Stat(m.file() + ".log")
 	is.NoErr(err)
 	is.Equal(fi.Mode().Perm(), os.FileMode(0o600)) // haproxy's output, private
+	pgid, err := syscall.Getpgid(p1.Pid())
+	is.NoErr(err)
+	is.Equal(pgid, p1.Pid()) // a process group of its own: a terminal's ^C misses it
 	m.register(t, echoServer(t))
 	c := m.dial(t)
 	is.NoErr(echoes(c, "before"))
@@ -370,6 +380,50 @@ func TestProcessDoneAdopted(t *testing.T) {
 	}
 	is.True(strings.Contains(p2.Err().Error(), "killed")) // a child of the test: reaped, its status known
 	is.NoErr(p2.Stop(context.Background()))               // already gone
+}
+
+// TestProcessAdoptNotChild: an haproxy that an earlier Go process
+// started, which has died since (haproxy is not a child of this one), is
+// adopted, stopped, and Done and Err work for it.
+func TestProcessAdoptNotChild(t *testing.T) {
+	is := is.New(t)
+	m := newManaged(t)
+	is.NoErr(os.WriteFile(m.file(), []byte(m.cfg.Render(m.site)), 0o600))
+	// The shell starts haproxy in the background and exits: haproxy's
+	// parent is then the init process (or a subreaper), not the test.
+	script := `haproxy -W -db -f "$1" -p "$1.pid" >"$1.log" 2>&1 </dev/null &`
+	out, err := exec.Command("setsid", "sh", "-c", script, "sh", m.file()).CombinedOutput()
+	is.NoErr(err)
+	t.Logf("sh: %s", out)
+	// Until haproxy answers: Start would not find it before.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := m.runtime().Command(context.Background(), "show info"); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the haproxy that sh started does not answer within 10 s")
+		}
+		time.Sleep(20 * time.Millisecond) // a poll with a deadline: no event tells
+	}
+	p, log := m.start(t)
+	if !p.Adopted() {
+		t.Fatalf("not adopted; log:\n%s", log)
+	}
+	if ppid, _ := parentPid(p.Pid()); ppid == os.Getpid() {
+		t.Fatal("haproxy is a child of the test")
+	}
+	m.register(t, echoServer(t))
+	c := m.dial(t)
+	is.NoErr(echoes(c, "adopted"))
+	is.NoErr(p.Stop(context.Background()))
+	select {
+	case <-p.Done():
+	default:
+		t.Fatal("Done not closed after Stop")
+	}
+	is.True(strings.Contains(p.Err().Error(), "status is unknown"))
+	is.True(echoes(c, "stopped") != nil)
 }
 
 // TestProcessStartFailure: when haproxy exits at start, Start's error
