@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -77,9 +78,11 @@ func (m *managed) start(t *testing.T) (*Process, *logBuffer) {
 	p := m.process(log)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
+	begin := time.Now()
 	if err := p.Start(ctx); err != nil {
 		t.Fatalf("Start: %v\nlog:\n%s", err, log)
 	}
+	t.Logf("Start took %v, adopted %v", time.Since(begin).Round(time.Millisecond), p.Adopted())
 	return p, log
 }
 
@@ -286,8 +289,30 @@ func TestProcessReload(t *testing.T) {
 	is.Equal(m.monitorStatus(t, "/metrics/haproxy"), 503) // no such route without a token
 	p1.Release()
 
+	// A connection that moves bytes all through the reload, as a device's.
+	busy := m.dial(t)
+	quit, done := make(chan struct{}), make(chan struct{})
+	var busyErr error
+	trips := 0
+	go func() {
+		defer close(done)
+		for ; trips < 1e6; trips++ { // bounded; quit ends it long before
+			select {
+			case <-quit:
+				return
+			default:
+			}
+			if busyErr = echoes(busy, "ping"); busyErr != nil {
+				return
+			}
+		}
+	}()
 	m.site.MonitorToken = "s3cret"
 	p2, log := m.start(t)
+	close(quit)
+	<-done
+	is.NoErr(busyErr)
+	t.Logf("%d round trips on a busy connection during the reload", trips)
 	is.True(p2.Adopted())
 	is.Equal(p2.Pid(), p1.Pid()) // the same master
 	is.True(strings.Contains(log.String(), "configuration changed"))
@@ -424,6 +449,30 @@ func TestProcessAdoptNotChild(t *testing.T) {
 	}
 	is.True(strings.Contains(p.Err().Error(), "status is unknown"))
 	is.True(echoes(c, "stopped") != nil)
+}
+
+// TestProcessSitePIDFile: with Site.PIDFile set (as package vpn sets
+// it), the configuration names the pid file, haproxy gets no -p (it would
+// warn that the pid file is given twice), and adoption finds it there.
+func TestProcessSitePIDFile(t *testing.T) {
+	is := is.New(t)
+	m := newManaged(t)
+	m.site.PIDFile = filepath.Join(m.dir, "haproxy.pid")
+	p1, _ := m.start(t)
+	args, err := cmdline(p1.Pid())
+	is.NoErr(err)
+	is.True(!slices.Contains(args, "-p"))
+	b, err := os.ReadFile(m.site.PIDFile)
+	is.NoErr(err)
+	is.Equal(strings.TrimSpace(string(b)), strconv.Itoa(p1.Pid()))
+	p1.Release()
+	p2, _ := m.start(t)
+	is.True(p2.Adopted())
+	is.Equal(p2.Pid(), p1.Pid())
+	is.NoErr(p2.Stop(context.Background()))
+	out, err := os.ReadFile(m.file() + ".log")
+	is.NoErr(err)
+	is.True(!strings.Contains(string(out), "already specified"))
 }
 
 // TestProcessStartFailure: when haproxy exits at start, Start's error
