@@ -41,7 +41,11 @@ func (p *Process) findRunning(ctx context.Context, file, socket string) (*proc, 
 	}
 	if args, _ := cmdline(pid); !runs(args, file) {
 		pr.release()
-		p.log().Info("HAProxy's pid file names another program, not adopted", "pid_file", pidFile, "pid", pid, "command", strings.Join(args, " "))
+		if len(args) == 0 { // a zombie: exited, not yet reaped
+			p.log().Debug("HAProxy's pid file names a process that has exited", "pid", pid)
+		} else {
+			p.log().Info("HAProxy's pid file names another program, not adopted", "pid_file", pidFile, "pid", pid, "command", strings.Join(args, " "))
+		}
 		return nil, 0, nil
 	}
 	// The socket that the running configuration names, if it changed.
