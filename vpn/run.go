@@ -107,7 +107,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}()
 	stop, err := r.start()
 	if stop != nil {
-		defer stop()
+		defer func() { stop(r.leaving) }()
 	}
 	if err != nil {
 		r.cancel()
@@ -327,8 +327,8 @@ func (r *run) shutdownServers() {
 // instance is registered), then, once the run directory is this
 // process's (see lockRunDir), HAProxy (managed) and the registrar, the
 // NSS index, the service instance, the reporter and the instances. stop,
-// when not nil, stops the managed HAProxy.
-func (r *run) start() (stop func(), err error) {
+// when not nil, stops the managed HAProxy, or leaves it running (keep).
+func (r *run) start() (stop func(keep bool), err error) {
 	cfg := r.cfg
 	r.fatal = make(chan error, r.n+3)
 	r.instances = make([]*Instance, r.n+1)
@@ -580,7 +580,12 @@ func (r *run) stop(ctx context.Context) {
 // Drain.Timeout to finish.
 func (r *run) handOver(ctx context.Context) {
 	r.s.log().Info("handing over to the next process of this server")
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.Drain.Timeout)
+	defer cancel()
 	r.shutdownServers()
+	// A pass under way finishes first, so that no report whose answer was
+	// not read is sent twice; what comes after is sent below.
+	r.flushForHandover(fctx)
 	for _, inst := range r.instances {
 		if inst != nil {
 			inst.Leave()
@@ -590,11 +595,7 @@ func (r *run) handOver(ctx context.Context) {
 	r.wg.Wait()
 	r.sessions.Wait()
 	r.auth.Wait()
-	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.Drain.Timeout)
-	defer cancel()
-	if err := r.reporter.Flush(fctx); err != nil {
-		r.s.log().Warn("state reports left to the next process", "err", err, "pending", r.reporter.Pending())
-	}
+	r.flushForHandover(fctx)
 	r.reporter.record(nil)
 	if r.unlock != nil {
 		r.unlock()
@@ -604,6 +605,17 @@ func (r *run) handOver(ctx context.Context) {
 	r.proxyCancel()
 	r.proxyWG.Wait()
 	r.s.log().Info("handed over")
+}
+
+// flushForHandover sends the pending state reports, within ctx; what is
+// left goes to the next process through the record.
+func (r *run) flushForHandover(ctx context.Context) {
+	if r.s.service.ID() == 0 {
+		return
+	}
+	if err := r.reporter.Flush(ctx); err != nil {
+		r.s.log().Warn("state reports left to the next process", "err", err, "pending", r.reporter.Pending())
+	}
 }
 
 // orDefault returns d, or def when d is not positive.

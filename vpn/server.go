@@ -245,22 +245,44 @@ func (s *Server) drain(ctx context.Context, cfg *Config, reg *haproxy.Registrar,
 }
 
 // startHAProxy runs the managed haproxy, its configuration in the run
-// directory, until ctx ends, and returns once its admin socket answers.
-// An exit while ctx runs is reported on fatal. stop waits for haproxy to
-// have exited.
-func (s *Server) startHAProxy(ctx context.Context, cfg *Config, fatal chan<- error) (stop func(), err error) {
+// directory, and returns once its admin socket answers: a new haproxy, or
+// the one an earlier process left running, adopted (and reloaded in
+// place if the configuration changed; see [haproxy.Process.Start]). ctx
+// bounds the start only. An exit of haproxy before stop is reported on
+// fatal. stop(false) stops haproxy and waits for it to have exited;
+// stop(true) lets go of it, running, for a successor to adopt. Only the
+// first call of stop counts.
+func (s *Server) startHAProxy(ctx context.Context, cfg *Config, fatal chan<- error) (stop func(keep bool), err error) {
 	p := &haproxy.Process{Config: cfg.HAProxy, Site: cfg.haproxySite(), File: filepath.Join(cfg.RunDir, "haproxy.cfg"),
 		Command: s.Command, Logger: s.log()}
 	if err := p.Start(ctx); err != nil {
 		return nil, fmt.Errorf("vpn: %w", err)
 	}
-	done := make(chan struct{})
+	quit, done := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
-		<-p.Done()
-		if ctx.Err() == nil {
-			fatal <- fmt.Errorf("vpn: haproxy exited: %v", p.Err())
+		select {
+		case <-p.Done():
+			select {
+			case fatal <- fmt.Errorf("vpn: haproxy exited: %v", p.Err()):
+			case <-quit:
+			}
+		case <-quit:
 		}
 	}()
-	return func() { <-done }, nil
+	var once sync.Once
+	return func(keep bool) {
+		once.Do(func() {
+			close(quit)
+			<-done
+			if keep {
+				p.Release()
+				s.log().Info("HAProxy left running", "pid", p.Pid())
+				return
+			}
+			if err := p.Stop(context.Background()); err != nil {
+				s.log().Warn("stopping HAProxy", "pid", p.Pid(), "err", err)
+			}
+		})
+	}, nil
 }

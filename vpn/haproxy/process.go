@@ -5,40 +5,64 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 )
 
-// Process is a managed haproxy: Start writes its configuration and runs
-// it in master-worker mode, in the foreground, until the context ends.
+// Process is a managed haproxy, run in master-worker mode, that outlives
+// the process that starts it: Start writes its configuration and starts
+// haproxy, or adopts the one that an earlier process left running, and
+// haproxy then runs until [Process.Stop], whatever becomes of the Go
+// process. It runs in a process group of its own (a terminal's ^C does not
+// reach it), writes its output to <File>.log and its master's pid to a pid
+// file (Site.PIDFile, or <File>.pid), so that a successor finds it.
+//
+// When the Go process is killed (SIGKILL, a crash) or lets go of haproxy
+// with [Process.Release] and exits, haproxy keeps running and keeps every
+// device's connection; the next Process with the same File adopts it in
+// Start. Only Stop ends it.
 type Process struct {
-	// Config and Site are what is rendered (see [Config.Render]).
+	// Config and Site are what is rendered (see [Config.Render]). With
+	// Site.PIDFile empty, haproxy writes its pid file to <File>.pid.
 	Config Config
 	Site   Site
 	// File is where the configuration is written, readable by its owner
-	// only (it may hold the monitoring token).
+	// only (it may hold the monitoring token). It names the haproxy that
+	// Start adopts, and haproxy's output goes to <File>.log, truncated at
+	// each start of a new haproxy.
 	File string
 	// Command makes the haproxy command; nil means exec.CommandContext.
-	// Tests and callers in a network namespace replace it.
+	// Tests and callers in a network namespace replace it. Its context
+	// never ends (haproxy outlives Start), and Start adds Setpgid to the
+	// command's SysProcAttr, keeping the rest; a Pdeathsig set there would
+	// take haproxy down with the Go process.
 	Command func(ctx context.Context, name string, args ...string) *exec.Cmd
 	// StartTimeout bounds how long Start waits for the admin socket to
-	// answer. Zero means 10 s.
+	// answer, after a start or a reload. Zero means 10 s.
 	StartTimeout time.Duration
 	// StopTimeout is how long haproxy has to exit after SIGTERM before it
 	// is killed. Zero means 5 s.
 	StopTimeout time.Duration
-	// Logger receives haproxy's own output, line by line, at debug level,
-	// and the start; nil means discard.
+	// Logger receives the start, the adoption or the reload; nil means
+	// discard. haproxy's own output is in <File>.log.
 	Logger *slog.Logger
 
-	exited chan struct{}
-	err    error // haproxy's exit, once exited is closed
+	mu       sync.Mutex
+	proc     *proc
+	adopted  bool
+	released bool
 }
+
+// errReleased is what Stop returns after Release.
+var errReleased = errors.New("haproxy: released, not stopped")
 
 func (p *Process) log() *slog.Logger {
 	if p.Logger == nil {
@@ -47,77 +71,370 @@ func (p *Process) log() *slog.Logger {
 	return p.Logger
 }
 
-// Start writes the configuration, starts haproxy and returns once its
-// admin socket answers (Config.Socket, a stale one removed first). haproxy
-// runs until ctx ends, when it gets SIGTERM; [Process.Done] is closed once
-// it has exited, for whatever reason.
+// Start makes haproxy run the configuration and returns once its admin
+// socket (Config.Socket) answers. ctx bounds Start only: haproxy runs
+// until Stop.
+//
+// If the pid file names a live haproxy that runs File (as its command
+// line says) and answers on the admin socket, Start adopts it: when the
+// configuration on disk is the one it would write, it starts nothing and
+// leaves the socket alone ("HAProxy adopted"); otherwise it writes the new
+// configuration and has haproxy's master reload it in place (SIGUSR2):
+// new workers take the new connections, the connections already open stay
+// on the old worker until they end, and the servers of the backend keep
+// the addresses and states the old worker had. A reload that fails leaves
+// haproxy running the old configuration, which Start writes back, and
+// Start returns the error. An haproxy of ours that does not answer within
+// StartTimeout is stopped, and a new one started; a pid file that names
+// another program's process is ignored (that process is left alone).
+//
+// Otherwise Start removes a stale admin socket, writes the configuration
+// and starts haproxy. When haproxy exits before its socket answers, the
+// error holds the last lines of its output.
+//
+// Start may be called once.
 func (p *Process) Start(ctx context.Context) error {
-	c := p.Config.WithDefaults()
-	if err := os.MkdirAll(filepath.Dir(p.File), 0o755); err != nil {
+	p.mu.Lock()
+	started := p.proc != nil
+	p.mu.Unlock()
+	if started {
+		return errors.New("haproxy: Start called twice")
+	}
+	file, err := filepath.Abs(p.File)
+	if err != nil {
 		return fmt.Errorf("haproxy: %w", err)
 	}
-	if err := writePrivate(p.File, []byte(p.Config.Render(p.Site))); err != nil {
+	if err := os.MkdirAll(filepath.Dir(file), 0o755); err != nil {
 		return fmt.Errorf("haproxy: %w", err)
 	}
+	conf := []byte(p.Config.Render(p.Site))
 	if n, from := p.Config.MaxConnFor(FileLimit()); from > 0 {
 		p.log().Warn("HAProxy's maxconn lowered to what the file descriptor limit allows", "maxconn", n, "wanted", from, "file_limit", FileLimit())
 	}
+	socket := p.Config.WithDefaults().Socket
+	pr, worker, err := p.findRunning(ctx, file, socket)
+	if err != nil {
+		return err
+	}
+	if pr != nil {
+		return p.adopt(ctx, pr, worker, file, conf)
+	}
+	return p.startNew(ctx, file, conf)
+}
+
+// pidFile is where haproxy writes its master's pid.
+func (p *Process) pidFile(file string) string {
+	if p.Site.PIDFile != "" {
+		return p.Site.PIDFile
+	}
+	return file + ".pid"
+}
+
+// startNew writes the configuration and starts a new haproxy.
+func (p *Process) startNew(ctx context.Context, file string, conf []byte) error {
+	c := p.Config.WithDefaults()
 	_ = os.Remove(c.Socket) // a stale socket from an earlier run
+	if err := writePrivate(file, conf); err != nil {
+		return fmt.Errorf("haproxy: %w", err)
+	}
+	logName := file + ".log"
+	out, err := openLog(logName)
+	if err != nil {
+		return fmt.Errorf("haproxy: %w", err)
+	}
+	defer out.Close() // haproxy has its own copy
+	args := []string{"-W", "-db", "-f", file}
+	if p.Site.PIDFile == "" { // else the configuration names it
+		args = append(args, "-p", p.pidFile(file))
+	}
 	cmdf := p.Command
 	if cmdf == nil {
 		cmdf = exec.CommandContext
 	}
-	cmd := cmdf(ctx, "haproxy", "-W", "-db", "-f", p.File)
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = orDefault(p.StopTimeout, 5*time.Second)
-	out := &lineLogger{log: p.log().With("source", "haproxy")}
-	cmd.Stdout, cmd.Stderr = out, out
+	// A context that never ends: haproxy outlives ctx, and exec starts no
+	// goroutine to watch it.
+	cmd := cmdf(context.WithoutCancel(ctx), "haproxy", args...)
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Setpgid = true
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, out, out
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("haproxy: starting: %w", err)
 	}
-	p.exited = make(chan struct{})
-	go func() {
-		p.err = cmd.Wait()
-		close(p.exited)
-	}()
-	rt := &Runtime{Socket: c.Socket}
+	pr, err := openProc(cmd.Process.Pid)
+	if err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return fmt.Errorf("haproxy: %w", err)
+	}
+	_ = cmd.Process.Release() // pr reaps it
+	_, err = p.waitAnswer(ctx, pr, answer{socket: c.Socket})
+	if err == nil {
+		err = p.waitMaster(ctx, pr, orDefault(p.StartTimeout, 10*time.Second))
+	}
+	if err != nil {
+		select {
+		case <-pr.done:
+			return fmt.Errorf("haproxy: exited at start (%v); the end of %s:\n%s", pr.err, logName, logTail(logName, 0))
+		default:
+		}
+		_ = pr.signal(syscall.SIGKILL)
+		<-pr.done
+		if ctx.Err() != nil {
+			return fmt.Errorf("haproxy: starting: %w", ctx.Err())
+		}
+		return fmt.Errorf("haproxy: %w; the end of %s:\n%s", err, logName, logTail(logName, 0))
+	}
+	p.set(pr, false)
+	p.log().Info("HAProxy running", "pid", pr.pid, "port", c.Port, "monitor", c.MonitorAddr)
+	return nil
+}
+
+func (p *Process) set(pr *proc, adopted bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.proc, p.adopted = pr, adopted
+}
+
+// errExited says that haproxy exited while Start or Stop waited for it.
+var errExited = errors.New("haproxy exited")
+
+// errNoAnswer says that the admin socket did not answer in time.
+var errNoAnswer = errors.New("the admin socket did not answer")
+
+// answer is what waitAnswer waits for.
+type answer struct {
+	socket string
+	notPid int  // an answer from this pid (an old worker) does not count
+	ours   bool // the answer must come from the master or one of its workers
+	// failed, when not nil, is asked after each attempt: an error gives
+	// up.
+	failed func() error
+}
+
+// waitAnswer waits up to StartTimeout for the admin socket to answer
+// "show info" as want says, while pr runs, and returns the pid that
+// answered.
+func (p *Process) waitAnswer(ctx context.Context, pr *proc, want answer) (int, error) {
+	rt := &Runtime{Socket: want.socket}
 	timeout := orDefault(p.StartTimeout, 10*time.Second)
 	deadline := time.Now().Add(timeout)
+	var last error
 	for {
 		qctx, cancel := context.WithTimeout(ctx, time.Second)
-		_, err := rt.Command(qctx, "show info")
+		out, err := rt.Command(qctx, "show info")
 		cancel()
 		if err == nil {
-			p.log().Info("HAProxy running", "pid", cmd.Process.Pid, "port", c.Port, "monitor", c.MonitorAddr)
-			return nil
+			pid := infoPid(out)
+			if pid != want.notPid && (!want.ours || isWorkerOf(pid, pr.pid)) {
+				return pid, nil
+			}
+			err = fmt.Errorf("answered by pid %d", pid)
 		}
+		last = err
+		if want.failed != nil {
+			if err := want.failed(); err != nil {
+				return 0, err
+			}
+		}
+		t := time.NewTimer(50 * time.Millisecond)
 		select {
-		case <-p.exited:
-			return fmt.Errorf("haproxy: exited at start (see its log): %v", p.err)
+		case <-pr.done:
+			t.Stop()
+			return 0, fmt.Errorf("%w: %v", errExited, pr.err)
 		case <-ctx.Done():
-			<-p.exited
-			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
+			t.Stop()
+			return 0, ctx.Err()
+		case <-t.C:
 		}
 		if time.Now().After(deadline) {
-			_ = cmd.Process.Kill()
-			<-p.exited
-			return fmt.Errorf("haproxy: the admin socket %s did not answer within %v: %w", c.Socket, timeout, err)
+			return 0, fmt.Errorf("%w within %v (%s): %v", errNoAnswer, timeout, want.socket, last)
 		}
 	}
 }
 
-// Done is closed once haproxy has exited; nil before Start.
-func (p *Process) Done() <-chan struct{} { return p.exited }
+// masterSignals are the signals that the master is sent: reload, stop.
+var masterSignals = []syscall.Signal{syscall.SIGUSR2, syscall.SIGTERM}
 
-// Err returns how haproxy exited, once Done is closed.
-func (p *Process) Err() error {
-	select {
-	case <-p.exited:
-		return p.err
-	default:
-		return errors.New("haproxy: still running")
+// waitMaster waits up to timeout until the master of pr handles the
+// signals it is sent. Right after a start or a reload it executes itself
+// again (to wait for its workers), and until it is back those signals
+// would kill it, and its workers with it.
+func (p *Process) waitMaster(ctx context.Context, pr *proc, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		ok, err := catches(pr.pid, masterSignals...)
+		if ok {
+			return nil
+		}
+		t := time.NewTimer(10 * time.Millisecond)
+		select {
+		case <-pr.done:
+			t.Stop()
+			return fmt.Errorf("%w: %v", errExited, pr.err)
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+		if time.Now().After(deadline) {
+			if err == nil {
+				err = errors.New("it does not handle SIGUSR2 and SIGTERM")
+			}
+			return fmt.Errorf("haproxy's master (pid %d) is not ready within %v: %w", pr.pid, timeout, err)
+		}
 	}
+}
+
+// infoPid is the Pid line of "show info", or 0.
+func infoPid(info string) int {
+	for line := range strings.SplitSeq(info, "\n") {
+		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
+		}
+	}
+	return 0
+}
+
+// isWorkerOf says whether pid is master or one of its children.
+func isWorkerOf(pid, master int) bool {
+	if pid == master {
+		return true
+	}
+	ppid, err := parentPid(pid)
+	return err == nil && ppid == master
+}
+
+// Stop stops haproxy: SIGTERM to its master, which stops the workers
+// (also old ones that still hold connections) and exits; SIGKILL when it
+// has not exited within StopTimeout or when ctx ends first. It returns
+// once haproxy has exited (an adopted one too), nil if it did so after
+// SIGTERM or had already. Stop before Start does nothing; after Release,
+// it leaves haproxy running and returns an error.
+func (p *Process) Stop(ctx context.Context) error {
+	p.mu.Lock()
+	pr, released := p.proc, p.released
+	p.mu.Unlock()
+	if pr == nil {
+		return nil
+	}
+	if released {
+		return errReleased
+	}
+	return p.terminate(ctx, pr)
+}
+
+// terminate is Stop for pr.
+func (p *Process) terminate(ctx context.Context, pr *proc) error {
+	select {
+	case <-pr.done:
+		return nil
+	default:
+	}
+	timeout := orDefault(p.StopTimeout, 5*time.Second)
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	// A master that is executing itself again would die of SIGTERM
+	// without stopping its workers: give it the time to be back.
+	err := p.waitMaster(ctx, pr, timeout)
+	if err == nil {
+		err = pr.signal(syscall.SIGTERM)
+	}
+	if errors.Is(err, errExited) {
+		return nil
+	}
+	if err != nil && !errors.Is(err, os.ErrProcessDone) {
+		_ = pr.signal(syscall.SIGKILL)
+		<-pr.ended
+		return fmt.Errorf("haproxy: stopping pid %d, killed: %w", pr.pid, err)
+	}
+	select {
+	case <-pr.ended: // exited, or released meanwhile
+		return p.endErr(pr)
+	case <-t.C:
+		err = fmt.Errorf("haproxy: pid %d did not exit within %v of SIGTERM, killed", pr.pid, timeout)
+	case <-ctx.Done():
+		err = fmt.Errorf("haproxy: stopping pid %d, killed: %w", pr.pid, ctx.Err())
+	}
+	_ = pr.signal(syscall.SIGKILL)
+	<-pr.ended
+	if e := p.endErr(pr); e != nil {
+		return e
+	}
+	return err
+}
+
+// endErr is nil once pr has exited, or errReleased.
+func (p *Process) endErr(pr *proc) error {
+	select {
+	case <-pr.done:
+		return nil
+	default:
+		return errReleased
+	}
+}
+
+// Release lets go of haproxy without stopping it, for a successor process
+// to adopt: Done never closes after it, and the Process has no goroutine
+// left. A child that exits after Release stays a zombie until this process
+// exits or a successor in it (an exec) adopts it. Release before Start,
+// or a second time, does nothing.
+func (p *Process) Release() {
+	p.mu.Lock()
+	pr, released := p.proc, p.released
+	p.released = true
+	p.mu.Unlock()
+	if pr != nil && !released {
+		pr.release()
+	}
+}
+
+// Done is closed once haproxy has exited, whether Start started it or
+// adopted it; nil before Start.
+func (p *Process) Done() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.proc == nil {
+		return nil
+	}
+	return p.proc.done
+}
+
+// Err returns how haproxy exited, once Done is closed: nil for exit
+// status 0, else its status; for an adopted haproxy that is not a child
+// of this process, an error that says its status is unknown.
+func (p *Process) Err() error {
+	p.mu.Lock()
+	pr := p.proc
+	p.mu.Unlock()
+	if pr != nil {
+		select {
+		case <-pr.done:
+			return pr.err
+		default:
+		}
+	}
+	return errors.New("haproxy: still running")
+}
+
+// Adopted says whether Start adopted a running haproxy instead of
+// starting one.
+func (p *Process) Adopted() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.adopted
+}
+
+// Pid returns the pid of haproxy's master, or 0 before Start.
+func (p *Process) Pid() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.proc == nil {
+		return 0
+	}
+	return p.proc.pid
 }
 
 func orDefault(d, def time.Duration) time.Duration {
@@ -141,25 +458,44 @@ func writePrivate(name string, data []byte) error {
 	return os.Rename(tmp, name)
 }
 
-// lineLogger logs what a child process writes, line by line, at debug
-// level.
-type lineLogger struct {
-	log *slog.Logger
-	mu  sync.Mutex
-	buf []byte
+// openLog truncates haproxy's log, mode 0600, for appending: haproxy's
+// writes always land at the end, also when someone truncates the file.
+func openLog(name string) (*os.File, error) {
+	f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.Chmod(0o600); err != nil { // an older file's mode
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
-func (l *lineLogger) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.buf = append(l.buf, p...)
-	for {
-		i := bytes.IndexByte(l.buf, '\n')
-		if i < 0 {
-			break
-		}
-		l.log.Debug(string(l.buf[:i]))
-		l.buf = l.buf[i+1:]
+// logTail returns the last lines of the log name from offset on.
+func logTail(name string, offset int64) string {
+	const maxTail, maxLines = 4 << 10, 20
+	f, err := os.Open(name)
+	if err != nil {
+		return err.Error()
 	}
-	return len(p), nil
+	defer f.Close()
+	if fi, err := f.Stat(); err == nil && fi.Size()-offset > maxTail {
+		offset = fi.Size() - maxTail
+	}
+	b, _ := io.ReadAll(io.NewSectionReader(f, offset, maxTail))
+	lines := strings.Split(strings.TrimRight(string(bytes.ToValidUTF8(b, nil)), "\n"), "\n")
+	if len(lines) > maxLines {
+		lines = lines[len(lines)-maxLines:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// logSize is the size of the log name, or 0.
+func logSize(name string) int64 {
+	fi, err := os.Stat(name)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
 }
