@@ -37,9 +37,14 @@ type Server struct {
 	// means discard.
 	Logger *slog.Logger
 
-	once sync.Once
-	srv  *http.Server
-	h    *Handler
+	once     sync.Once
+	srv      *http.Server
+	h        *Handler
+	mu       sync.Mutex
+	ls       map[net.Listener]struct{} // the listeners being served
+	conns    map[net.Conn]struct{}     // open and not hijacked
+	draining bool                      // Shutdown has begun
+	drained  chan struct{}             // closed once conns is empty, while draining
 }
 
 const (
@@ -72,8 +77,28 @@ func (s *Server) init() {
 			MaxHeaderBytes:    mhb,
 			IdleTimeout:       keepAliveIdle,
 			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+			ConnState:         s.connState,
 		}
+		s.ls = make(map[net.Listener]struct{})
+		s.conns = make(map[net.Conn]struct{})
 	})
+}
+
+// connState keeps the set of open connections that the HTTP server
+// still serves, for Shutdown.
+func (s *Server) connState(c net.Conn, st http.ConnState) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch st {
+	case http.StateNew:
+		s.conns[c] = struct{}{}
+	case http.StateHijacked, http.StateClosed:
+		delete(s.conns, c)
+		if s.draining && len(s.conns) == 0 && s.drained != nil {
+			close(s.drained)
+			s.drained = nil
+		}
+	}
 }
 
 // Serve accepts connections on l and serves them until Shutdown or Close.
@@ -81,7 +106,21 @@ func (s *Server) init() {
 // http.ErrServerClosed.
 func (s *Server) Serve(l net.Listener) error {
 	s.init()
-	return s.srv.Serve(l)
+	s.mu.Lock()
+	if s.draining {
+		s.mu.Unlock()
+		return http.ErrServerClosed
+	}
+	s.ls[l] = struct{}{}
+	s.mu.Unlock()
+	err := s.srv.Serve(l)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.ls, l)
+	if s.draining {
+		return http.ErrServerClosed // Shutdown closed l
+	}
+	return err
 }
 
 // ListenAndServe listens on the TCP address addr and serves it.
@@ -96,9 +135,37 @@ func (s *Server) ListenAndServe(addr string) error {
 // Shutdown stops the listeners, waits for the requests in flight and then
 // for the tunnels to end (see [Handler.Shutdown]). When ctx ends first, it
 // closes what is still open and returns ctx's error.
+//
+// Every connection accepted before Shutdown gets its answer, also one
+// whose request head has not arrived yet (within ReadHeaderTimeout):
+// http.Server.Shutdown alone drops those unanswered. So a process that
+// hands its listening socket to the next one (an upgrade in place) and
+// shuts down refuses nothing: the connections it did not accept are the
+// next one's.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.init()
+	s.mu.Lock()
+	s.draining = true
+	for l := range s.ls {
+		l.Close()
+	}
+	drained := make(chan struct{})
+	if len(s.conns) == 0 {
+		close(drained)
+	} else {
+		s.drained = drained
+	}
+	s.mu.Unlock()
+	// Idle connections close now, the others after their answer.
+	s.srv.SetKeepAlivesEnabled(false)
+	select {
+	case <-drained:
+	case <-ctx.Done():
+	}
 	err := s.srv.Shutdown(ctx)
+	if errors.Is(err, net.ErrClosed) {
+		err = nil // the listeners closed above
+	}
 	if herr := s.h.Shutdown(ctx); err == nil {
 		err = herr
 	}

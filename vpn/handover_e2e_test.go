@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -21,6 +22,7 @@ import (
 	"github.com/obvpn/obvpn/connectproxy"
 	"github.com/obvpn/obvpn/vpn"
 	"github.com/obvpn/obvpn/vpn/balena/balenatest"
+	"github.com/obvpn/obvpn/vpn/haproxy"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
@@ -65,7 +67,15 @@ func (s *sharedListeners) Listen(network, addr string) (net.Listener, error) {
 // listen), without waiting for it; ws then stands for it.
 func (ws *worldServer) nextServer(t *testing.T, listen func(network, addr string) (net.Listener, error)) {
 	t.Helper()
-	ws.srv = &vpn.Server{Config: ws.cfg, API: ws.api.Client(), Command: ws.world.CommandContext, Dial: ws.world.Dial, Listen: listen}
+	logs := &syncBuffer{}
+	n := fmt.Sprint(time.Now().UnixMilli() % 100000)
+	ws.srv = &vpn.Server{Config: ws.cfg, API: ws.api.Client(), Command: ws.world.CommandContext, Dial: ws.world.Dial, Listen: listen,
+		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})).With("process", n)}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("process %s:\n%s", n, logs)
+		}
+	})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	var runErr error
@@ -86,12 +96,17 @@ func (ws *worldServer) ready(t *testing.T, within time.Duration) {
 	}
 }
 
-// openvpnPids returns the pids in the instances' pid files.
+// openvpnPids returns the pids in the instances' pid files, and the
+// managed HAProxy's.
 func openvpnPids(t *testing.T, ws *worldServer) []int {
 	t.Helper()
 	var pids []int
-	for id := 1; id <= 2; id++ {
-		b, err := os.ReadFile(ws.cfg.Paths(id).PID)
+	files := []string{ws.cfg.Paths(1).PID, ws.cfg.Paths(2).PID}
+	if ws.cfg.HAProxy.Mode == haproxy.Managed {
+		files = append(files, filepath.Join(ws.run, "haproxy.pid"))
+	}
+	for _, name := range files {
+		b, err := os.ReadFile(name)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -119,8 +134,20 @@ func openvpnPids(t *testing.T, ws *worldServer) []int {
 //   - A device that leaves between two processes is reported offline
 //     once by the next, and the others are left alone.
 func TestServerHandover(t *testing.T) {
-	vpntest.Require(t, "openvpn", "ip")
-	ws := startWorldServer(t, map[string]string{"VPN_HAPROXY": "off", "VPN_CONNECT_PROXY_PORT": "3128",
+	t.Run("managed HAProxy", func(t *testing.T) {
+		vpntest.Require(t, "openvpn", "haproxy", "ip")
+		testServerHandover(t, "managed")
+	})
+	t.Run("no HAProxy", func(t *testing.T) {
+		vpntest.Require(t, "openvpn", "ip")
+		testServerHandover(t, "off")
+	})
+}
+
+// testServerHandover is TestServerHandover with VPN_HAPROXY=mode; with a
+// managed HAProxy, its master keeps its pid too.
+func testServerHandover(t *testing.T, mode string) {
+	ws := startWorldServer(t, map[string]string{"VPN_HAPROXY": mode, "VPN_CONNECT_PROXY_PORT": "3128",
 		"VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS": "1", "DEFAULT_SIGTERM_TIMEOUT": "30"})
 	// ws's first server listened on its own; the processes after it share
 	// sockets. The first one's are handed over as the listeners of the
@@ -135,7 +162,7 @@ func TestServerHandover(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 
-	devs := startHandoverDevices(t, ctx, ws, 3)
+	devs := startHandoverDevices(t, ctx, ws, 3, mode == "managed")
 	var uuids []string
 	for _, d := range devs {
 		uuids = append(uuids, d.api.UUID)
@@ -163,11 +190,13 @@ func TestServerHandover(t *testing.T) {
 		t.Fatalf("the stream ended before the handover (%v): make it longer", err)
 	default:
 	}
+	t.Logf("handover at %s", time.Now().Format("15:04:05.000"))
 	oldSrv.Handover()
 	if err := old(); err != nil {
 		t.Fatalf("the handing-over Run: %v", err)
 	}
 	ws.ready(t, 30*time.Second)
+	t.Logf("ready at %s", time.Now().Format("15:04:05.000"))
 	if err := <-stream; err != nil {
 		t.Errorf("the stream across the handover: %v", err)
 	}
@@ -218,9 +247,9 @@ type handoverDevice struct {
 	fleetDevice
 }
 
-// startHandoverDevices starts n devices, the first on instance 1 and the
-// others on instance 2 and 1 in turn.
-func startHandoverDevices(t *testing.T, ctx context.Context, ws *worldServer, n int) []*handoverDevice {
+// startHandoverDevices starts n devices: through HAProxy on port 1194, or
+// the first on instance 1 and the others on instance 2 and 1 in turn.
+func startHandoverDevices(t *testing.T, ctx context.Context, ws *worldServer, n int, viaHAProxy bool) []*handoverDevice {
 	t.Helper()
 	var devs []*handoverDevice
 	for i := range n {
@@ -228,7 +257,11 @@ func startHandoverDevices(t *testing.T, ctx context.Context, ws *worldServer, n 
 		d.api = ws.api.AddDevice(balenatest.Device{UUID: fmt.Sprintf("%032x", 0xab0+i), Key: fmt.Sprintf("key-%d", i)})
 		ws.api.Grant(d.api.Key, d.api.UUID, 80, 7)
 		serveDevice(t, d, "hello from "+d.name)
-		d.opts = vpntest.ClientOptions{Netns: d.dev.Netns, Remote: fmt.Sprintf("%s:%d", d.dev.WorldAddr, 10001+i%2),
+		port := 10001 + i%2
+		if viaHAProxy {
+			port = 1194
+		}
+		d.opts = vpntest.ClientOptions{Netns: d.dev.Netns, Remote: fmt.Sprintf("%s:%d", d.dev.WorldAddr, port),
 			CA: ws.pki.CAFile, Username: d.api.UUID, Password: d.api.Key, Tunnel: true}
 		d.client = vpntest.StartClient(t, d.opts)
 		devs = append(devs, d)
@@ -296,7 +329,7 @@ func countLines(p *vpntest.Process, substr string) int {
 func checkUnnoticed(t *testing.T, ws *worldServer, devs []*handoverDevice, pids, inits []int, auths, reports int) {
 	t.Helper()
 	if got := openvpnPids(t, ws); fmt.Sprint(got) != fmt.Sprint(pids) {
-		t.Errorf("openvpn pids %v, want %v kept", got, pids)
+		t.Errorf("openvpn (and haproxy) pids %v, want %v kept", got, pids)
 	}
 	for _, pid := range pids {
 		if err := syscall.Kill(pid, 0); err != nil {
@@ -371,8 +404,14 @@ func connectLoop(ctx context.Context, ws *worldServer, d *handoverDevice) func()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		dialer := &connectproxy.Dialer{ProxyAddr: "127.0.0.1:3128", Key: d.api.Key, DialProxy: ws.world.Dial}
+		hc := &http.Client{Transport: &http.Transport{DialContext: dialer.DialContext, DisableKeepAlives: true}}
 		for i := 0; i < 100000 && ctx.Err() == nil; i++ {
-			body, err := viaConnect(ctx, ws.world, "127.0.0.1:3128", d.api.UUID+".balena", d.api.Key)
+			started := time.Now()
+			body, err := fetchThrough(ctx, hc, d.api.UUID+".balena")
+			if err != nil {
+				err = fmt.Errorf("started %s: %w", started.Format("15:04:05.000"), err)
+			}
 			if ctx.Err() != nil {
 				return
 			}
@@ -380,7 +419,7 @@ func connectLoop(ctx context.Context, ws *worldServer, d *handoverDevice) func()
 				err = fmt.Errorf("answer %q", body)
 			}
 			if err != nil {
-				first = fmt.Errorf("CONNECT %d: %w", i, err)
+				first = fmt.Errorf("CONNECT %d at %s: %w", i, time.Now().Format("15:04:05.000"), err)
 				return
 			}
 			n.Add(1)
@@ -401,4 +440,20 @@ func waitGoneFromStatus(t *testing.T, ctx context.Context, ws *worldServer, uuid
 		}
 		return true
 	})
+}
+
+// fetchThrough GETs the page of host through hc, within 10 s.
+func fetchThrough(ctx context.Context, hc *http.Client, host string) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "GET", "http://"+host+"/", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	return io.ReadAll(resp.Body)
 }

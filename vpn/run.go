@@ -50,7 +50,7 @@ type run struct {
 	limiters []*bandwidth.Limiter // by instance id; nil entries without limits
 	internal *internalapi.Server
 
-	servers []*http.Server // the internal API's and the metrics'
+	servers []*httpServer // the internal API's and the metrics'
 	serving sync.WaitGroup
 	apiURLs map[int]string
 	proxyL  net.Listener
@@ -292,12 +292,12 @@ func (r *run) serve(addr string, h http.Handler, maxConns int) error {
 	if maxConns > 0 {
 		l = netutil.LimitListener(l, maxConns)
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: orDefault(r.s.ReadHeaderTimeout, defaultReadHeaderTimeout)}
+	srv := newHTTPServer(&http.Server{Handler: h, ReadHeaderTimeout: orDefault(r.s.ReadHeaderTimeout, defaultReadHeaderTimeout)}, l)
 	r.servers = append(r.servers, srv)
 	r.serving.Add(1)
 	go func() {
 		defer r.serving.Done()
-		_ = srv.Serve(l) // ends with Shutdown in closeListeners
+		srv.serve() // ends with shutdownServers
 	}()
 	return nil
 }
@@ -318,7 +318,7 @@ func (r *run) shutdownServers() {
 	sctx, cancel := context.WithTimeout(context.Background(), orDefault(r.s.ShutdownTimeout, defaultShutdownTimeout))
 	defer cancel()
 	for _, srv := range r.servers {
-		_ = srv.Shutdown(sctx)
+		srv.shutdown(sctx)
 	}
 	r.serving.Wait()
 }
