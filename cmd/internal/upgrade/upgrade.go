@@ -95,15 +95,21 @@ func (u *Upgrader) Listen(network, addr string) (net.Listener, error) {
 // HasParent reports whether this process was started by an upgrade.
 func (u *Upgrader) HasParent() bool { return u.t.HasParent() }
 
-// Ready says that this process serves: it writes the pid file, tells a
-// predecessor (whose Upgrade then returns nil) and systemd (READY=1 with
-// this process as MAINPID). Listeners inherited but not asked for by then
-// are closed.
+// Ready says that this process serves: to systemd first (READY=1 with
+// this process as MAINPID), then in the pid file and to a predecessor,
+// whose Upgrade then returns nil. systemd hears of the new main process
+// before the old one can exit (it reads notifications before exits), so
+// that it does not take that exit for the service's. Listeners inherited
+// but not asked for by then are closed. If the predecessor cannot be told,
+// systemd is told that it is the main process again.
 func (u *Upgrader) Ready() error {
+	u.notify(sdnotify.Ready, sdnotify.MainPID(os.Getpid()))
 	if err := u.t.Ready(); err != nil {
+		if u.t.HasParent() {
+			u.notify(sdnotify.MainPID(os.Getppid()))
+		}
 		return fmt.Errorf("upgrade: %w", err)
 	}
-	u.notify(sdnotify.Ready, sdnotify.MainPID(os.Getpid()))
 	if u.t.HasParent() {
 		u.log().Info("upgrade: this process serves; its predecessor hands over", "pid", os.Getpid())
 	}
