@@ -198,12 +198,22 @@ func serve(srv *vpn.Server, upg *upgrade.Upgrader, level *slog.LevelVar, log *sl
 	// adopt the running OpenVPN processes only after its predecessor has
 	// let go of their management sessions.
 	runDone := make(chan struct{})
+	var readyFailed atomic.Bool
 	var readiness sync.WaitGroup
 	readiness.Go(func() {
 		select {
 		case <-srv.Started():
-			if err := upg.Ready(); err != nil {
+			if err := upg.Ready(); err == nil {
+				return
+			} else if upg.HasParent() {
+				// The predecessor still serves, and keeps the data plane:
+				// leave it to it.
+				log.Error("open-balena-vpn cannot say it is ready; leaving the service to its predecessor", "err", err)
+				readyFailed.Store(true)
+				srv.Handover()
+			} else {
 				log.Error("open-balena-vpn cannot say it is ready; stopping", "err", err)
+				readyFailed.Store(true)
 				cancel()
 			}
 		case <-runDone:
@@ -218,6 +228,8 @@ func serve(srv *vpn.Server, upg *upgrade.Upgrader, level *slog.LevelVar, log *sl
 	switch {
 	case err != nil:
 		log.Error("open-balena-vpn failed", "err", err)
+		return 1
+	case readyFailed.Load():
 		return 1
 	case upg.HandedOver():
 		log.Info("open-balena-vpn handed over to its successor", "pid", os.Getpid())

@@ -71,7 +71,9 @@ func New(opts Options) (*Upgrader, error) {
 		f.Close()
 		os.Remove(f.Name())
 	}
-	t, err := tableflip.New(tableflip.Options{PIDFile: opts.PIDFile, UpgradeTimeout: opts.Timeout})
+	// The pid file is written here rather than by tableflip, before
+	// systemd is told (see Ready).
+	t, err := tableflip.New(tableflip.Options{UpgradeTimeout: opts.Timeout})
 	if err != nil {
 		return nil, fmt.Errorf("upgrade: %w", err)
 	}
@@ -95,14 +97,20 @@ func (u *Upgrader) Listen(network, addr string) (net.Listener, error) {
 // HasParent reports whether this process was started by an upgrade.
 func (u *Upgrader) HasParent() bool { return u.t.HasParent() }
 
-// Ready says that this process serves: to systemd first (READY=1 with
-// this process as MAINPID), then in the pid file and to a predecessor,
-// whose Upgrade then returns nil. systemd hears of the new main process
+// Ready says that this process serves, in this order: in the pid file,
+// to systemd (READY=1 with this process as MAINPID), and to a
+// predecessor, whose Upgrade then returns nil. So whoever hears of it
+// finds the pid file current, and systemd hears of the new main process
 // before the old one can exit (it reads notifications before exits), so
 // that it does not take that exit for the service's. Listeners inherited
 // but not asked for by then are closed. If the predecessor cannot be told,
 // systemd is told that it is the main process again.
 func (u *Upgrader) Ready() error {
+	if u.opts.PIDFile != "" {
+		if err := writePIDFile(u.opts.PIDFile); err != nil {
+			return err
+		}
+	}
 	u.notify(sdnotify.Ready, sdnotify.MainPID(os.Getpid()))
 	if err := u.t.Ready(); err != nil {
 		if u.t.HasParent() {
@@ -112,6 +120,29 @@ func (u *Upgrader) Ready() error {
 	}
 	if u.t.HasParent() {
 		u.log().Info("upgrade: this process serves; its predecessor hands over", "pid", os.Getpid())
+	}
+	return nil
+}
+
+// writePIDFile replaces path atomically with this process's pid.
+func writePIDFile(path string) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("upgrade: pid file: %w", err)
+	}
+	_, err = fmt.Fprintf(f, "%d\n", os.Getpid())
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Chmod(f.Name(), 0o644)
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return fmt.Errorf("upgrade: pid file: %w", err)
 	}
 	return nil
 }
