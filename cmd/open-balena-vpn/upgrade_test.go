@@ -3,8 +3,11 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -48,7 +51,10 @@ const handoverAnswersEveryRequest = false
 // once (the old process keeps serving and says so), then to the real one
 // (the successor, a child of the old process, names itself in the pid
 // file and to "systemd", the old one exits 0). All along, GET /ping on the
-// metrics listener and CONNECT requests to the proxy's are never refused.
+// metrics listener and CONNECT requests to the proxy's are never refused,
+// and a stream through the proxy and the device's tunnel, opened in the
+// old process before the upgrade and ended after the successor is ready,
+// is counted and hashed at the device.
 func TestUpgrade(t *testing.T) {
 	goBin := vpntest.Require(t, "openvpn", "ip", "go")[2]
 	dir := t.TempDir()
@@ -126,8 +132,17 @@ func TestUpgrade(t *testing.T) {
 		t.Fatalf("pid file names %d, want %d", got, oldPid)
 	}
 
-	client := vpntest.StartClient(t, vpntest.ClientOptions{Netns: world, Remote: "127.0.0.1:10001", CA: pki.CAFile,
-		Username: dev.UUID, Password: dev.Key})
+	// The device, in a namespace of its own with a tunnel, runs a sink
+	// that the stream reaches through the CONNECT proxy.
+	device := vpntest.NewDevice(t, world)
+	sinkL, err := device.Listen("tcp", "0.0.0.0:9000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go serveSink(sinkL)
+	t.Cleanup(func() { sinkL.Close() })
+	client := vpntest.StartClient(t, vpntest.ClientOptions{Netns: device.Netns, Remote: device.WorldAddr.String() + ":10001",
+		CA: pki.CAFile, Username: dev.UUID, Password: dev.Key, Tunnel: true})
 	if _, err := client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
 		t.Fatal(err)
 	}
@@ -156,8 +171,13 @@ func TestUpgrade(t *testing.T) {
 		t.Errorf("after the failed upgrade the pid file names %d, want %d", got, oldPid)
 	}
 
-	// The real build, under load.
+	// The real build, under load, with a stream through the proxy and the
+	// tunnel that runs across the upgrade.
 	install(t, good, bin)
+	st, err := startStream(ctx, world, dev.UUID, api.ServiceKey)
+	if err != nil {
+		t.Fatalf("the stream: %v", err)
+	}
 	load := startLoad(world, dev.UUID)
 	if err := syscall.Kill(oldPid, syscall.SIGHUP); err != nil {
 		t.Fatal(err)
@@ -169,6 +189,7 @@ func TestUpgrade(t *testing.T) {
 	if newPid == oldPid || newPid == 0 {
 		t.Fatalf("the successor's READY=1 names MAINPID %q, want a new pid", ready.Value("MAINPID"))
 	}
+	st.finish() // the rest of the stream, once the successor serves
 	// The successor is the old process's child: forked by it, it is in
 	// the process group that the test made for the old one.
 	if pgid, err := syscall.Getpgid(newPid); err != nil || pgid != oldPid {
@@ -177,8 +198,10 @@ func TestUpgrade(t *testing.T) {
 	if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", newPid)); err != nil || exe != bin {
 		t.Errorf("pid %d runs %q (%v), want %s", newPid, exe, err, bin)
 	}
+	readyAt := time.Now()
 	select {
 	case err := <-srv.exited:
+		t.Logf("the old process exited %v after its successor's READY=1", time.Since(readyAt).Round(time.Millisecond))
 		if err != nil {
 			t.Errorf("the old process after the upgrade: %v, want exit status 0", err)
 		}
@@ -201,6 +224,16 @@ func TestUpgrade(t *testing.T) {
 	}
 	if stats.pings == 0 || stats.connects == 0 || stats.afterExit == 0 {
 		t.Errorf("during the upgrade: %s; want requests served by both processes", stats)
+	}
+
+	sent, got, streamErr := st.result(ctx)
+	switch {
+	case handoverKeepsDevices && streamErr != nil:
+		t.Errorf("the stream across the upgrade: %v", streamErr)
+	case handoverKeepsDevices && got != sent:
+		t.Errorf("the stream across the upgrade: the device got %s, want %s", got, sent)
+	default:
+		t.Logf("the stream across the upgrade: sent %s, the device got %s (err %v)", sent, got, streamErr)
 	}
 
 	if handoverKeepsDevices {
@@ -238,6 +271,111 @@ func TestUpgrade(t *testing.T) {
 	if m, err := notify.Next(expired()); err == nil {
 		t.Errorf("unexpected notification %q", m)
 	}
+}
+
+// serveSink answers each connection, once its sender has closed its side,
+// with the count and SHA-256 of what arrived, until l is closed.
+func serveSink(l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			h := sha256.New()
+			n, _ := io.Copy(h, c)
+			fmt.Fprintf(c, "%d %x\n", n, h.Sum(nil))
+		}()
+	}
+}
+
+// stream sends pseudo-random bytes through a CONNECT tunnel to the sink
+// until finish, then streamTail more, closes its side and reads the sink's
+// count and hash. It is bounded by streamMax bytes and by ctx.
+type stream struct {
+	conn   net.Conn
+	br     *bufio.Reader
+	finish func()
+	done   chan struct{}
+	sent   string // count and hash, when done
+	err    error
+}
+
+const (
+	streamChunk = 32 << 10
+	streamTail  = 1 << 20  // bytes after finish
+	streamMax   = 64 << 20 // bytes at most
+)
+
+func startStream(ctx context.Context, world *vpntest.Netns, uuid, key string) (*stream, error) {
+	c, err := world.Dial(ctx, "tcp", "127.0.0.1:3128")
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(40 * time.Second))
+	target := uuid + ".balena:9000"
+	auth := base64.StdEncoding.EncodeToString([]byte("x:" + key))
+	fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %s\r\nProxy-Authorization: Basic %s\r\n\r\n", target, target, auth)
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, &http.Request{Method: "CONNECT"})
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		c.Close()
+		return nil, fmt.Errorf("CONNECT: %s", resp.Status)
+	}
+	finish := make(chan struct{})
+	var once sync.Once
+	st := &stream{conn: c, br: br, finish: func() { once.Do(func() { close(finish) }) }, done: make(chan struct{})}
+	go st.send(finish)
+	return st, nil
+}
+
+func (st *stream) send(finish <-chan struct{}) {
+	defer close(st.done)
+	h := sha256.New()
+	buf := make([]byte, streamChunk)
+	var n, tail int64
+	for n < streamMax && tail < streamTail {
+		select {
+		case <-finish:
+			tail += streamChunk
+		default:
+		}
+		for i := range buf {
+			buf[i] = byte(n + int64(i)*7)
+		}
+		if _, err := st.conn.Write(buf); err != nil {
+			st.err = fmt.Errorf("after %d bytes: %w", n, err)
+			st.sent = fmt.Sprintf("%d bytes and more", n)
+			return
+		}
+		h.Write(buf)
+		n += streamChunk
+	}
+	st.sent = fmt.Sprintf("%d %x", n, h.Sum(nil))
+	st.conn.(interface{ CloseWrite() error }).CloseWrite()
+}
+
+// result waits for the stream and returns what was sent and what the sink
+// says arrived.
+func (st *stream) result(ctx context.Context) (sent, got string, err error) {
+	defer st.conn.Close()
+	st.finish()
+	select {
+	case <-st.done:
+	case <-ctx.Done():
+		st.conn.Close()
+		<-st.done
+	}
+	if st.err != nil {
+		return st.sent, "", st.err
+	}
+	line, err := st.br.ReadString('\n')
+	return st.sent, strings.TrimSpace(line), err
 }
 
 // install puts a copy of src at dst the way an upgrade does: a new file
@@ -349,9 +487,10 @@ func (s loadStats) String() string {
 
 const (
 	loadWorkers  = 4
-	loadMax      = 2000             // requests of each worker at most
-	loadDuration = 30 * time.Second // at most
-	loadAfter    = 40               // requests once the old process has exited
+	loadMax      = 2000                 // requests of each worker at most
+	loadPace     = 5 * time.Millisecond // between the requests of a worker, at least
+	loadDuration = 30 * time.Second     // at most
+	loadAfter    = 40                   // requests once the old process has exited
 )
 
 func startLoad(world *vpntest.Netns, uuid string) *load {
@@ -365,7 +504,10 @@ func startLoad(world *vpntest.Netns, uuid string) *load {
 
 func (l *load) run(w int, deadline time.Time) {
 	hc := &http.Client{Transport: &http.Transport{DialContext: l.world.Dial, DisableKeepAlives: true}, Timeout: 5 * time.Second}
+	pace := time.NewTicker(loadPace)
+	defer pace.Stop()
 	for i := 0; i < loadMax && time.Now().Before(deadline); i++ {
+		<-pace.C // a rate, not a wait for an event
 		select {
 		case <-l.stopC:
 			if l.after.Load() >= loadAfter {
