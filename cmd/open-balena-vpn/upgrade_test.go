@@ -56,165 +56,200 @@ const handoverAnswersEveryRequest = false
 // old process before the upgrade and ended after the successor is ready,
 // is counted and hashed at the device.
 func TestUpgrade(t *testing.T) {
+	w := newUpgradeWorld(t)
+	w.failedUpgrade()
+	newPid := w.upgrade()
+	w.checkDevices()
+	w.stop(newPid)
+}
+
+// upgradeWorld is TestUpgrade's: the built executables, the world with its
+// balena API and notification socket, the server and its device.
+type upgradeWorld struct {
+	t                     *testing.T
+	ctx                   context.Context
+	bin, good, broken     string // the path the server runs, and what goes there
+	pidFile, runDir       string
+	world                 *vpntest.Netns
+	api                   *balenatest.API
+	dev                   balenatest.Device
+	notify                *sdnotifytest.Socket
+	srv                   *groupProc
+	oldPid                int
+	client                *vpntest.Process
+	openvpnPid, authCalls int
+}
+
+// newUpgradeWorld builds the command, starts it in a world namespace with
+// the pid file and the notification socket, and connects the device, in a
+// namespace of its own with a tunnel and a sink for the stream.
+func newUpgradeWorld(t *testing.T) *upgradeWorld {
 	goBin := vpntest.Require(t, "openvpn", "ip", "go")[2]
 	dir := t.TempDir()
-	good := filepath.Join(dir, "open-balena-vpn.good")
-	if out, err := exec.Command(goBin, "build", "-o", good, ".").CombinedOutput(); err != nil {
+	w := &upgradeWorld{t: t, good: filepath.Join(dir, "open-balena-vpn.good"), bin: filepath.Join(dir, "bin", "open-balena-vpn"),
+		broken: filepath.Join(dir, "open-balena-vpn.broken"), pidFile: filepath.Join(dir, "open-balena-vpn.pid"), runDir: t.TempDir()}
+	if out, err := exec.Command(goBin, "build", "-o", w.good, ".").CombinedOutput(); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
-	bin := filepath.Join(dir, "bin", "open-balena-vpn")
-	broken := filepath.Join(dir, "open-balena-vpn.broken")
-	if err := os.Mkdir(filepath.Dir(bin), 0o755); err != nil {
+	if err := os.Mkdir(filepath.Dir(w.bin), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(broken, []byte("#!/bin/sh\necho 'open-balena-vpn: a broken build' >&2\nexit 1\n"), 0o755); err != nil {
+	if err := os.WriteFile(w.broken, []byte("#!/bin/sh\necho 'open-balena-vpn: a broken build' >&2\nexit 1\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	install(t, good, bin)
+	install(t, w.good, w.bin)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	w.ctx = ctx
 
-	world := vpntest.NewNetns(t, "world")
+	w.world = vpntest.NewNetns(t, "world")
 	pki := vpntest.NewPKI(t)
-	api := balenatest.New()
-	dev := api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "device-key"})
-	l, err := world.Listen("tcp", "127.0.0.1:0")
+	w.api = balenatest.New()
+	w.dev = w.api.AddDevice(balenatest.Device{UUID: "0123456789abcdef0123456789abcdef", Key: "device-key"})
+	l, err := w.world.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := &http.Server{Handler: api}
+	hs := &http.Server{Handler: w.api}
 	go hs.Serve(l)
 	t.Cleanup(func() { hs.Close() })
-	notify := sdnotifytest.NewSocket(t)
-	pidFile := filepath.Join(dir, "open-balena-vpn.pid")
-	runDir := t.TempDir()
+	w.notify = sdnotifytest.NewSocket(t)
 
 	b64 := base64.StdEncoding.EncodeToString
-	cmd := exec.Command("ip", "netns", "exec", world.Name, bin, "-pid-file", pidFile)
+	cmd := exec.Command("ip", "netns", "exec", w.world.Name, w.bin, "-pid-file", w.pidFile)
 	cmd.Env = []string{
 		"PATH=/usr/sbin:/usr/bin:/sbin:/bin",
 		"VPN_BASE_SUBNET=10.240.0.0/16", "VPN_INSTANCE_SUBNET_BITMASK=24", "VPN_INSTANCE_COUNT=1",
-		"VPN_RUN_DIR=" + runDir,
-		"BALENA_API_INTERNAL_HOST=" + l.Addr().String(), "VPN_SERVICE_API_KEY=" + api.ServiceKey,
+		"VPN_RUN_DIR=" + w.runDir,
+		"BALENA_API_INTERNAL_HOST=" + l.Addr().String(), "VPN_SERVICE_API_KEY=" + w.api.ServiceKey,
 		"VPN_OPENVPN_CA_CRT=" + b64(pki.CACert), "VPN_OPENVPN_SERVER_CRT=" + b64(pki.ServerCert),
 		"VPN_OPENVPN_SERVER_KEY=" + b64(pki.ServerKey),
 		"VPN_API_BASE_PORT=30000", "VPN_METRICS_ADDR=127.0.0.1:8080", "VPN_CONNECT_PROXY_PORT=3128",
 		"DELAY_ON_AUTH_FAIL=0", "DEFAULT_SIGTERM_TIMEOUT=5", "VPN_HAPROXY=off",
-		"NOTIFY_SOCKET=" + notify.Addr, "VPN_UPGRADE_TIMEOUT=20s",
+		"NOTIFY_SOCKET=" + w.notify.Addr, "VPN_UPGRADE_TIMEOUT=20s",
 	}
-	srv := startGroup(t, cmd)
-	oldPid := cmd.Process.Pid
-
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	next := func() sdnotifytest.Message {
-		t.Helper()
-		m, err := notify.Next(ctx)
-		if err != nil {
-			t.Fatalf("waiting for a notification: %v", err)
-		}
-		return m
-	}
-	expect := func(m sdnotifytest.Message, pid int, states ...string) {
-		t.Helper()
-		for _, s := range states {
-			if !m.Has(s) {
-				t.Errorf("notification %q lacks %s", m, s)
-			}
-		}
-		if pid != 0 && m.Value("MAINPID") != strconv.Itoa(pid) {
-			t.Errorf("notification %q: want MAINPID=%d", m, pid)
-		}
-		if m.Has("RELOADING=1") && m.Value("MONOTONIC_USEC") == "" {
-			t.Errorf("notification %q: RELOADING=1 without MONOTONIC_USEC", m)
-		}
-	}
-	expect(next(), oldPid, "READY=1")
-	if got := readPid(t, pidFile); got != oldPid {
-		t.Fatalf("pid file names %d, want %d", got, oldPid)
+	w.srv = startGroup(t, cmd)
+	w.oldPid = cmd.Process.Pid
+	w.expect(w.next(), w.oldPid, "READY=1")
+	if got := readPid(t, w.pidFile); got != w.oldPid {
+		t.Fatalf("pid file names %d, want %d", got, w.oldPid)
 	}
 
-	// The device, in a namespace of its own with a tunnel, runs a sink
-	// that the stream reaches through the CONNECT proxy.
-	device := vpntest.NewDevice(t, world)
+	device := vpntest.NewDevice(t, w.world)
 	sinkL, err := device.Listen("tcp", "0.0.0.0:9000")
 	if err != nil {
 		t.Fatal(err)
 	}
 	go serveSink(sinkL)
 	t.Cleanup(func() { sinkL.Close() })
-	client := vpntest.StartClient(t, vpntest.ClientOptions{Netns: device.Netns, Remote: device.WorldAddr.String() + ":10001",
-		CA: pki.CAFile, Username: dev.UUID, Password: dev.Key, Tunnel: true})
-	if _, err := client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
+	w.client = vpntest.StartClient(t, vpntest.ClientOptions{Netns: device.Netns, Remote: device.WorldAddr.String() + ":10001",
+		CA: pki.CAFile, Username: w.dev.UUID, Password: w.dev.Key, Tunnel: true})
+	if _, err := w.client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
 		t.Fatal(err)
 	}
-	srv.waitDevice(ctx, t, api, dev.UUID, true)
-	openvpnPid := readPid(t, filepath.Join(runDir, "server-1.pid"))
-	authCalls := countRequests(api, balenatest.DeviceAuth)
+	w.srv.waitDevice(ctx, t, w.api, w.dev.UUID, true)
+	w.openvpnPid = readPid(t, filepath.Join(w.runDir, "server-1.pid"))
+	w.authCalls = countRequests(w.api, balenatest.DeviceAuth)
+	return w
+}
 
-	// A broken build: the old process keeps serving, and says so.
-	install(t, broken, bin)
-	if err := syscall.Kill(oldPid, syscall.SIGHUP); err != nil {
+// next returns the next notification.
+func (w *upgradeWorld) next() sdnotifytest.Message {
+	w.t.Helper()
+	m, err := w.notify.Next(w.ctx)
+	if err != nil {
+		w.t.Fatalf("waiting for a notification: %v", err)
+	}
+	return m
+}
+
+// expect checks that m has states and, unless pid is 0, MAINPID=pid.
+func (w *upgradeWorld) expect(m sdnotifytest.Message, pid int, states ...string) {
+	w.t.Helper()
+	for _, s := range states {
+		if !m.Has(s) {
+			w.t.Errorf("notification %q lacks %s", m, s)
+		}
+	}
+	if pid != 0 && m.Value("MAINPID") != strconv.Itoa(pid) {
+		w.t.Errorf("notification %q: want MAINPID=%d", m, pid)
+	}
+	if m.Has("RELOADING=1") && m.Value("MONOTONIC_USEC") == "" {
+		w.t.Errorf("notification %q: RELOADING=1 without MONOTONIC_USEC", m)
+	}
+}
+
+// failedUpgrade upgrades to a broken build: the old process keeps
+// serving, and says so.
+func (w *upgradeWorld) failedUpgrade() {
+	t := w.t
+	install(t, w.broken, w.bin)
+	if err := syscall.Kill(w.oldPid, syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	expect(next(), 0, "RELOADING=1")
-	expect(next(), oldPid, "READY=1")
-	if _, err := srv.waitLog(ctx, "upgrade failed: this process keeps serving"); err != nil {
-		t.Fatal(err)
+	w.expect(w.next(), 0, "RELOADING=1")
+	w.expect(w.next(), w.oldPid, "READY=1")
+	for _, line := range []string{"upgrade failed: this process keeps serving", "a broken build"} {
+		if _, err := w.srv.waitLog(w.ctx, line); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if _, err := srv.waitLog(ctx, "a broken build"); err != nil {
-		t.Fatal(err)
-	}
-	hc := &http.Client{Transport: &http.Transport{DialContext: world.Dial, DisableKeepAlives: true}, Timeout: 5 * time.Second}
+	hc := &http.Client{Transport: &http.Transport{DialContext: w.world.Dial, DisableKeepAlives: true}, Timeout: 5 * time.Second}
 	if err := ping(hc); err != nil {
 		t.Errorf("after the failed upgrade: %v", err)
 	}
-	if got := readPid(t, pidFile); got != oldPid {
-		t.Errorf("after the failed upgrade the pid file names %d, want %d", got, oldPid)
+	if got := readPid(t, w.pidFile); got != w.oldPid {
+		t.Errorf("after the failed upgrade the pid file names %d, want %d", got, w.oldPid)
 	}
+}
 
-	// The real build, under load, with a stream through the proxy and the
-	// tunnel that runs across the upgrade.
-	install(t, good, bin)
-	st, err := startStream(ctx, world, dev.UUID, api.ServiceKey)
+// upgrade upgrades to the real build, under load, with a stream through
+// the proxy and the tunnel that runs across it, and returns the
+// successor's pid.
+func (w *upgradeWorld) upgrade() int {
+	t := w.t
+	install(t, w.good, w.bin)
+	st, err := startStream(w.ctx, w.world, w.dev.UUID, w.api.ServiceKey)
 	if err != nil {
 		t.Fatalf("the stream: %v", err)
 	}
-	load := startLoad(world, dev.UUID)
-	if err := syscall.Kill(oldPid, syscall.SIGHUP); err != nil {
+	load := startLoad(w.world, w.dev.UUID)
+	if err := syscall.Kill(w.oldPid, syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	expect(next(), 0, "RELOADING=1")
-	ready := next()
-	expect(ready, 0, "READY=1")
+	w.expect(w.next(), 0, "RELOADING=1")
+	ready := w.next()
+	w.expect(ready, 0, "READY=1")
 	newPid, _ := strconv.Atoi(ready.Value("MAINPID"))
-	if newPid == oldPid || newPid == 0 {
+	if newPid == w.oldPid || newPid == 0 {
 		t.Fatalf("the successor's READY=1 names MAINPID %q, want a new pid", ready.Value("MAINPID"))
 	}
 	st.finish() // the rest of the stream, once the successor serves
 	// The successor is the old process's child: forked by it, it is in
 	// the process group that the test made for the old one.
-	if pgid, err := syscall.Getpgid(newPid); err != nil || pgid != oldPid {
-		t.Errorf("pid %d: process group %d (%v), want the old process's %d", newPid, pgid, err, oldPid)
+	if pgid, err := syscall.Getpgid(newPid); err != nil || pgid != w.oldPid {
+		t.Errorf("pid %d: process group %d (%v), want the old process's %d", newPid, pgid, err, w.oldPid)
 	}
-	if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", newPid)); err != nil || exe != bin {
-		t.Errorf("pid %d runs %q (%v), want %s", newPid, exe, err, bin)
+	if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", newPid)); err != nil || exe != w.bin {
+		t.Errorf("pid %d runs %q (%v), want %s", newPid, exe, err, w.bin)
 	}
 	readyAt := time.Now()
 	select {
-	case err := <-srv.exited:
+	case err := <-w.srv.exited:
 		t.Logf("the old process exited %v after its successor's READY=1", time.Since(readyAt).Round(time.Millisecond))
 		if err != nil {
 			t.Errorf("the old process after the upgrade: %v, want exit status 0", err)
 		}
-	case <-ctx.Done():
+	case <-w.ctx.Done():
 		t.Fatal("the old process did not exit after the upgrade")
 	}
-	if got := readPid(t, pidFile); got != newPid {
+	if got := readPid(t, w.pidFile); got != newPid {
 		t.Errorf("after the upgrade the pid file names %d, want the successor %d", got, newPid)
 	}
-	if _, err := srv.waitLog(ctx, "handed over to its successor"); err != nil {
+	if _, err := w.srv.waitLog(w.ctx, "handed over to its successor"); err != nil {
 		t.Error(err)
 	}
-	stats := load.stop(ctx, t)
+	stats := load.stop(w.ctx, t)
 	t.Logf("during the upgrade: %s", stats)
 	if stats.refused > 0 {
 		t.Errorf("during the upgrade: %s; want none refused", stats)
@@ -225,8 +260,7 @@ func TestUpgrade(t *testing.T) {
 	if stats.pings == 0 || stats.connects == 0 || stats.afterExit == 0 {
 		t.Errorf("during the upgrade: %s; want requests served by both processes", stats)
 	}
-
-	sent, got, streamErr := st.result(ctx)
+	sent, got, streamErr := st.result(w.ctx)
 	switch {
 	case handoverKeepsDevices && streamErr != nil:
 		t.Errorf("the stream across the upgrade: %v", streamErr)
@@ -235,40 +269,50 @@ func TestUpgrade(t *testing.T) {
 	default:
 		t.Logf("the stream across the upgrade: sent %s, the device got %s (err %v)", sent, got, streamErr)
 	}
+	return newPid
+}
 
-	if handoverKeepsDevices {
-		if n := strings.Count(strings.Join(client.Lines(), "\n"), "Initialization Sequence Completed"); n != 1 {
-			t.Errorf("the device connected %d times, want once", n)
-		}
-		if got := readPid(t, filepath.Join(runDir, "server-1.pid")); got != openvpnPid {
-			t.Errorf("openvpn pid %d after the upgrade, want %d", got, openvpnPid)
-		}
-		if n := countRequests(api, balenatest.DeviceAuth); n != authCalls {
-			t.Errorf("%d auth calls after the upgrade, want %d", n, authCalls)
-		}
-		if d, _ := api.Device(dev.UUID); !d.ConnectedToVPN {
-			t.Error("the device was reported offline")
-		}
-	} else {
-		t.Logf("device checks off until Handover keeps the instances: openvpn %d, %d auth calls", openvpnPid, authCalls)
+// checkDevices checks, once Handover keeps the instances, that the device
+// stayed connected to the same openvpn and the API heard nothing of it.
+func (w *upgradeWorld) checkDevices() {
+	t := w.t
+	if !handoverKeepsDevices {
+		t.Logf("device checks off until Handover keeps the instances: openvpn %d, %d auth calls", w.openvpnPid, w.authCalls)
+		return
 	}
+	if n := strings.Count(strings.Join(w.client.Lines(), "\n"), "Initialization Sequence Completed"); n != 1 {
+		t.Errorf("the device connected %d times, want once", n)
+	}
+	if got := readPid(t, filepath.Join(w.runDir, "server-1.pid")); got != w.openvpnPid {
+		t.Errorf("openvpn pid %d after the upgrade, want %d", got, w.openvpnPid)
+	}
+	if n := countRequests(w.api, balenatest.DeviceAuth); n != w.authCalls {
+		t.Errorf("%d auth calls after the upgrade, want %d", n, w.authCalls)
+	}
+	if d, _ := w.api.Device(w.dev.UUID); !d.ConnectedToVPN {
+		t.Error("the device was reported offline")
+	}
+}
 
-	// systemd's stop: STOPPING=1 from the successor, and then every
-	// process of the server is gone (the stderr pipe closes).
+// stop is systemd's stop: STOPPING=1 from the successor, and then every
+// process of the server is gone (the stderr pipe closes), with no other
+// notification.
+func (w *upgradeWorld) stop(newPid int) {
+	t := w.t
 	if err := syscall.Kill(newPid, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	expect(next(), 0, "STOPPING=1")
+	w.expect(w.next(), 0, "STOPPING=1")
 	select {
-	case <-srv.closed:
-		srv.stopped = true
-	case <-ctx.Done():
+	case <-w.srv.closed:
+		w.srv.stopped = true
+	case <-w.ctx.Done():
 		t.Fatal("the successor did not stop after SIGTERM")
 	}
-	if _, err := srv.waitLog(ctx, "open-balena-vpn stopped"); err != nil {
+	if _, err := w.srv.waitLog(w.ctx, "open-balena-vpn stopped"); err != nil {
 		t.Error(err)
 	}
-	if m, err := notify.Next(expired()); err == nil {
+	if m, err := w.notify.Next(expired()); err == nil {
 		t.Errorf("unexpected notification %q", m)
 	}
 }
