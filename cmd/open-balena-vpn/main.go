@@ -203,15 +203,16 @@ func serve(srv *vpn.Server, upg *upgrade.Upgrader, level *slog.LevelVar, log *sl
 	readiness.Go(func() {
 		select {
 		case <-srv.Started():
-			if err := upg.Ready(); err == nil {
-				return
-			} else if upg.HasParent() {
+			err := upg.Ready()
+			switch {
+			case err == nil:
+			case upg.HasParent():
 				// The predecessor still serves, and keeps the data plane:
 				// leave it to it.
 				log.Error("open-balena-vpn cannot say it is ready; leaving the service to its predecessor", "err", err)
 				readyFailed.Store(true)
 				srv.Handover()
-			} else {
+			default:
 				log.Error("open-balena-vpn cannot say it is ready; stopping", "err", err)
 				readyFailed.Store(true)
 				cancel()
