@@ -10,10 +10,11 @@ import (
 
 func TestHandle(t *testing.T) {
 	level := new(slog.LevelVar)
-	var stops, hards []os.Signal
-	h := Handler{Level: level, Stop: func(s os.Signal) { stops = append(stops, s) }, Hard: func(s os.Signal) { hards = append(hards, s) }}
-	sigs := make(chan os.Signal, 8)
-	for _, s := range []os.Signal{syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGUSR2, syscall.SIGUSR2, syscall.SIGINT, syscall.SIGTERM} {
+	var stops, hards, reloads []os.Signal
+	h := Handler{Level: level, Stop: func(s os.Signal) { stops = append(stops, s) }, Hard: func(s os.Signal) { hards = append(hards, s) },
+		Reload: func(s os.Signal) { reloads = append(reloads, s) }}
+	sigs := make(chan os.Signal, 16)
+	for _, s := range []os.Signal{syscall.SIGHUP, syscall.SIGUSR2, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGUSR2, syscall.SIGHUP, syscall.SIGUSR2, syscall.SIGINT, syscall.SIGTERM} {
 		sigs <- s
 	}
 	close(sigs)
@@ -23,6 +24,9 @@ func TestHandle(t *testing.T) {
 	}
 	if len(hards) != 2 {
 		t.Errorf("hard stops: %v", hards)
+	}
+	if len(reloads) != 2 { // not the one after SIGTERM
+		t.Errorf("reloads: %v", reloads)
 	}
 	if level.Level() != slog.LevelDebug { // toggled three times
 		t.Errorf("level %v", level.Level())
@@ -46,6 +50,28 @@ func TestNotify(t *testing.T) {
 	}
 	stop()
 	stop() // twice is fine
+}
+
+// TestNotifySIGHUP: with Reload set, a real SIGHUP reaches it instead of
+// ending the process.
+func TestNotifySIGHUP(t *testing.T) {
+	reloaded := make(chan os.Signal, 1)
+	stop := Handler{Reload: func(s os.Signal) { reloaded <- s }}.Notify()
+	defer stop()
+	if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if s := <-reloaded; s != syscall.SIGHUP {
+		t.Errorf("got %v", s)
+	}
+	stop()
+	// Without Reload, the loop passes over a SIGHUP (Notify does not
+	// even ask for it).
+	var nothing Handler
+	sigs := make(chan os.Signal, 1)
+	sigs <- syscall.SIGHUP
+	close(sigs)
+	nothing.handle(sigs)
 }
 
 // notifyHandler closes its channel at the first record.
