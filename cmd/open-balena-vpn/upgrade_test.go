@@ -25,26 +25,6 @@ import (
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
-// handoverKeepsDevices says whether vpn.Server.Handover leaves the
-// OpenVPN instances running for the successor to adopt (issue 21, the
-// lead's part in package vpn). Until it does, Handover stops them like
-// Close and the device reconnects; once it does, set it to true and
-// TestUpgrade also checks that the device stays connected to the same
-// openvpn process and that the API hears of no disconnect and no new
-// auth.
-const handoverKeepsDevices = false
-
-// handoverAnswersEveryRequest says whether a request that the old process
-// accepted is always answered. Not yet: Handover shuts the metrics and
-// internal API servers down with http.Server.Shutdown, which closes a
-// connection whose request it reads after the shutdown began without an
-// answer (net/http's conn.serve), so a GET /ping that the old process
-// accepted a moment before can see EOF. Nothing is refused (the sockets
-// stay open in the successor), which the test always checks; once the
-// old process stops accepting before it shuts its servers down, set this
-// to true and the test also wants every request answered.
-const handoverAnswersEveryRequest = false
-
 // TestUpgrade runs the built command in a world namespace under a
 // notification socket of the test's own, with a device connected, and
 // upgrades it twice with SIGHUP: first to an executable that exits 1 at
@@ -254,7 +234,7 @@ func (w *upgradeWorld) upgrade() int {
 	if stats.refused > 0 {
 		t.Errorf("during the upgrade: %s; want none refused", stats)
 	}
-	if stats.failed > 0 && handoverAnswersEveryRequest {
+	if stats.failed > 0 {
 		t.Errorf("during the upgrade: %s; want every request answered", stats)
 	}
 	if stats.pings == 0 || stats.connects == 0 || stats.afterExit == 0 {
@@ -262,24 +242,20 @@ func (w *upgradeWorld) upgrade() int {
 	}
 	sent, got, streamErr := st.result(w.ctx)
 	switch {
-	case handoverKeepsDevices && streamErr != nil:
+	case streamErr != nil:
 		t.Errorf("the stream across the upgrade: %v", streamErr)
-	case handoverKeepsDevices && got != sent:
+	case got != sent:
 		t.Errorf("the stream across the upgrade: the device got %s, want %s", got, sent)
 	default:
-		t.Logf("the stream across the upgrade: sent %s, the device got %s (err %v)", sent, got, streamErr)
+		t.Logf("the stream across the upgrade: sent %s, the device got %s", sent, got)
 	}
 	return newPid
 }
 
-// checkDevices checks, once Handover keeps the instances, that the device
-// stayed connected to the same openvpn and the API heard nothing of it.
+// checkDevices checks that the device stayed connected to the same
+// openvpn and the API heard nothing of it.
 func (w *upgradeWorld) checkDevices() {
 	t := w.t
-	if !handoverKeepsDevices {
-		t.Logf("device checks off until Handover keeps the instances: openvpn %d, %d auth calls", w.openvpnPid, w.authCalls)
-		return
-	}
 	if n := strings.Count(strings.Join(w.client.Lines(), "\n"), "Initialization Sequence Completed"); n != 1 {
 		t.Errorf("the device connected %d times, want once", n)
 	}
