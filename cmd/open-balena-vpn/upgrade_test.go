@@ -78,6 +78,7 @@ func newUpgradeWorld(t *testing.T) *upgradeWorld {
 		t.Fatal(err)
 	}
 	install(t, w.good, w.bin)
+	t.Cleanup(func() { killDataPlane(w.runDir) }) // left running by a failed test
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	w.ctx = ctx
