@@ -54,6 +54,17 @@ type Config struct {
 	// status files there; "off" writes none.
 	NSSIndex string
 
+	// PIDFile is where open-balena-vpn writes the pid of the process that
+	// serves, the successor's after an upgrade in place (VPN_PID_FILE, or
+	// its -pid-file flag). Empty writes none. The Server does not use it.
+	PIDFile string
+
+	// UpgradeTimeout bounds an upgrade in place of open-balena-vpn
+	// (SIGHUP; VPN_UPGRADE_TIMEOUT, in seconds): a successor that is not
+	// ready within it is given up on, and this process keeps serving.
+	// Zero means 60 s. The Server does not use it.
+	UpgradeTimeout time.Duration
+
 	// TrustProxy says whose X-Forwarded-For the HTTP endpoints believe
 	// (TRUST_PROXY). The zero value trusts nobody.
 	TrustProxy internalapi.TrustProxy

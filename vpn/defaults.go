@@ -21,6 +21,7 @@ const (
 	DefaultMetricsConns       = 64
 	DefaultDrainRatePerMinute = 500
 	DefaultDrainTimeout       = 120 * time.Second
+	DefaultUpgradeTimeout     = 60 * time.Second
 )
 
 // WithDefaults returns c with every zero field set to what its
@@ -41,6 +42,9 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.NSSIndex == "" {
 		c.NSSIndex = filepath.Join(c.RunDir, "nss.index")
+	}
+	if c.UpgradeTimeout <= 0 {
+		c.UpgradeTimeout = DefaultUpgradeTimeout
 	}
 	c.OpenVPN = c.OpenVPN.withDefaults()
 	if c.Auth.Mode == "" {

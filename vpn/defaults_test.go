@@ -67,7 +67,7 @@ func TestZeroValuesAreTheDocumentedDefaults(t *testing.T) {
 func TestEveryZeroFieldIsDefaultedOrDocumented(t *testing.T) {
 	// The zero fields that are settings of their own, as documented.
 	settings := map[string]bool{
-		"Plan": true, "Verbose": true, "TrustProxy": true, "Production": true, "Bandwidth": true,
+		"Plan": true, "Verbose": true, "PIDFile": true, "TrustProxy": true, "Production": true, "Bandwidth": true,
 		"OpenVPN.BytecountInterval": true, "OpenVPN.CACert": true, "OpenVPN.ServerCert": true, "OpenVPN.ServerKey": true,
 		"OpenVPN.DH": true, "OpenVPN.Providers": true, "OpenVPN.ExplicitExitNotify": true,
 		"Auth.CacheTimeout": true, "Auth.DelayOnFail": true,

@@ -174,6 +174,8 @@ type environment struct {
 	ProxyMax    string `env:"VPN_CONNECT_PROXY_MAX_TUNNELS" envDefault:"10000"`
 	StatusGlob  string `env:"NSS_OPENVPN_STATUS_GLOB"`
 	NSSIndex    string `env:"VPN_NSS_INDEX"`
+	PIDFile     string `env:"VPN_PID_FILE"`
+	Upgrade     string `env:"VPN_UPGRADE_TIMEOUT" envDefault:"60"`
 	NSSIndexOld string `env:"NSS_OPENVPN_INDEX"`
 
 	HAProxy         string `env:"VPN_HAPROXY" envDefault:"managed"`
@@ -309,6 +311,10 @@ func (l Loader) Config() (*Config, error) {
 	case e.NSSIndexOld != "":
 		c.NSSIndex = p.absPath("NSS_OPENVPN_INDEX", e.NSSIndexOld)
 	}
+	if e.PIDFile != "" {
+		c.PIDFile = p.absPath("VPN_PID_FILE", e.PIDFile)
+	}
+	c.UpgradeTimeout = p.duration("VPN_UPGRADE_TIMEOUT", e.Upgrade, time.Second, 1)
 	c.Verbose = p.verbose(e)
 	c.TrustProxy = p.trustProxy("TRUST_PROXY", e.TrustProxy)
 	c.Sentry = p.sentry(e)

@@ -19,7 +19,7 @@
 // the OpenVPN instances keep running for the new process to adopt, the
 // tunnels it still carries finish within the drain timeout) and exits 0.
 // If the new process does not start, exits, or is not ready within
-// VPN_UPGRADE_TIMEOUT (a Go duration; default 1m), the old one keeps
+// VPN_UPGRADE_TIMEOUT (seconds; default 60), the old one keeps
 // serving, logs why, and a later SIGHUP may try again. Replacing the
 // executable (by a rename, as package managers do) and sending SIGHUP is
 // the upgrade.
@@ -80,21 +80,12 @@ func main() {
 
 func run() int {
 	flags := flag.NewFlagSet("open-balena-vpn", flag.ContinueOnError)
-	pidFile := flags.String("pid-file", os.Getenv("VPN_PID_FILE"), "write the pid of the process that serves to `path` (default $VPN_PID_FILE)")
+	pidFile := flags.String("pid-file", "", "write the pid of the process that serves to `path` (default $VPN_PID_FILE)")
 	if err := flags.Parse(os.Args[1:]); err != nil {
 		if err == flag.ErrHelp {
 			return 0
 		}
 		return 2
-	}
-	var upgradeTimeout time.Duration
-	if v := os.Getenv("VPN_UPGRADE_TIMEOUT"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil || d <= 0 {
-			fmt.Fprintf(os.Stderr, "open-balena-vpn: VPN_UPGRADE_TIMEOUT=%q: want a positive duration such as 1m\n", v)
-			return 2
-		}
-		upgradeTimeout = d
 	}
 	notifier := sdnotify.FromEnv()
 	level := new(slog.LevelVar)
@@ -108,6 +99,9 @@ func run() int {
 	}
 	if cfg.Verbose {
 		level.Set(slog.LevelDebug)
+	}
+	if *pidFile == "" {
+		*pidFile = cfg.PIDFile
 	}
 	tel, err := otelsetup.Setup(context.Background(), otelsetup.Options{ServiceName: "open-balena-vpn", Logger: log})
 	if err != nil {
@@ -144,7 +138,7 @@ func run() int {
 	}()
 	log = slog.New(errs.Handler(log.Handler(), "open-balena-vpn"))
 
-	upg, err := upgrade.New(upgrade.Options{PIDFile: *pidFile, Timeout: upgradeTimeout, Notifier: notifier, Logger: log})
+	upg, err := upgrade.New(upgrade.Options{PIDFile: *pidFile, Timeout: cfg.WithDefaults().UpgradeTimeout, Notifier: notifier, Logger: log})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "open-balena-vpn: %v\n", err)
 		return 2

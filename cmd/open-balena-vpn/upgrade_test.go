@@ -107,7 +107,7 @@ func newUpgradeWorld(t *testing.T) *upgradeWorld {
 		"VPN_OPENVPN_SERVER_KEY=" + b64(pki.ServerKey),
 		"VPN_API_BASE_PORT=30000", "VPN_METRICS_ADDR=127.0.0.1:8080", "VPN_CONNECT_PROXY_PORT=3128",
 		"DELAY_ON_AUTH_FAIL=0", "DEFAULT_SIGTERM_TIMEOUT=5", "VPN_HAPROXY=off",
-		"NOTIFY_SOCKET=" + w.notify.Addr, "VPN_UPGRADE_TIMEOUT=20s",
+		"NOTIFY_SOCKET=" + w.notify.Addr, "VPN_UPGRADE_TIMEOUT=20",
 	}
 	w.srv = startGroup(t, cmd)
 	w.oldPid = cmd.Process.Pid
