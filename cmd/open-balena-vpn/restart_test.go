@@ -167,14 +167,14 @@ func newRestartWorld(t *testing.T, n int) *restartWorld {
 	return rw
 }
 
-// clientRestartSec is how long balenaOS's openvpn.service waits before it
+// clientRestartDelay is how long balenaOS's openvpn.service waits before it
 // starts a client that exited (Restart=always, RestartSec=10s): a client
 // that lands on another instance after its server restarted is pushed
 // another address, cannot reopen its tun device as its own user, and
 // exits (see the README's "Under a fleet of balenaOS devices").
-const clientRestartSec = 10 * time.Second
+const clientRestartDelay = 10 * time.Second
 
-// supervise starts device i's client again, clientRestartSec after it
+// supervise starts device i's client again, clientRestartDelay after it
 // exits, as balenaOS does, until the test ends.
 func (rw *restartWorld) supervise(i int, c *vpntest.Process, opts vpntest.ClientOptions) {
 	var wg sync.WaitGroup
@@ -188,7 +188,7 @@ func (rw *restartWorld) supervise(i int, c *vpntest.Process, opts vpntest.Client
 				return
 			}
 			select {
-			case <-time.After(clientRestartSec): // systemd's wait, not an event
+			case <-time.After(clientRestartDelay): // systemd's wait, not an event
 			case <-stop:
 				return
 			}
