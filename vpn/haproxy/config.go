@@ -139,7 +139,8 @@ type Site struct {
 	// Port is the port the servers start with, before the [Registrar]
 	// gives each its instance's (Plan.Ports.VPN).
 	Port int
-	// PIDFile is haproxy's pidfile. Empty writes none.
+	// PIDFile is haproxy's pidfile, the master's pid in -W mode. Empty
+	// renders no pidfile line: a [Process] then passes -p <File>.pid.
 	PIDFile string
 	// MonitorToken, if set, guards the monitor frontend's paths but /ping
 	// (MONITOR_SECRET_TOKEN): see [Config.Render].
