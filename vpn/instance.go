@@ -24,6 +24,7 @@ import (
 	"github.com/obvpn/obvpn/nss"
 	"github.com/obvpn/obvpn/openvpnmgmt"
 	"github.com/obvpn/obvpn/subnet"
+	"github.com/obvpn/obvpn/vpn/internal/proc"
 )
 
 // EventHandler receives an instance's management events, in order, from
@@ -223,10 +224,10 @@ func (i *Instance) adoptable(files map[string][]byte) int {
 // names, if it runs this instance's configuration file; else 0.
 func ownOpenVPN(paths InstancePaths) int {
 	pid := readPID(paths.PID)
-	if pid == 0 || isZombie(pid) {
+	if pid == 0 || proc.IsZombie(pid) {
 		return 0
 	}
-	args, err := cmdline(pid)
+	args, err := proc.Cmdline(pid)
 	if err != nil || len(args) != 3 || filepath.Base(args[0]) != "openvpn" || args[1] != "--config" || args[2] != paths.Config {
 		return 0
 	}
@@ -269,10 +270,10 @@ func writeFile0600(name string, data []byte) error {
 // the process is stopped, or let go of (Leave).
 func (i *Instance) runOnce(ctx context.Context, in subnet.Instance, adopt int) error {
 	paths := i.Config.Paths(i.ID)
-	var p *process
+	var p *proc.Process
 	var err error
 	if adopt > 0 {
-		if p, err = watch(adopt); err != nil {
+		if p, err = proc.Open(adopt); err != nil {
 			return fmt.Errorf("vpn: watching openvpn %d: %w", adopt, err)
 		}
 		i.log().Info("openvpn adopted: it runs on from an earlier process of this server", "pid", adopt, "port", in.Port)
@@ -283,25 +284,26 @@ func (i *Instance) runOnce(ctx context.Context, in subnet.Instance, adopt int) e
 		if p, err = i.start(ctx, paths); err != nil {
 			return err
 		}
-		i.log().Info("openvpn started", "pid", p.pid, "port", in.Port, "subnet", in.Subnet)
+		i.log().Info("openvpn started", "pid", p.Pid, "port", in.Port, "subnet", in.Subnet)
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	defer func() {
 		cancel()
 		if i.leave.Load() && ctx.Err() != nil {
-			p.release()
-			i.log().Info("openvpn left running for the next process of this server", "pid", p.pid)
+			p.Release()
+			i.log().Info("openvpn left running for the next process of this server", "pid", p.Pid)
 			return
 		}
-		if err := p.stop(i.log()); err != nil {
-			i.log().Error("openvpn did not stop", "pid", p.pid, "err", err)
+		if err := stopProcess(p, i.log()); err != nil {
+			i.log().Error("openvpn did not stop", "pid", p.Pid, "err", err)
 		}
 	}()
 	down := func() error {
 		if i.OnDown != nil {
 			i.OnDown(i.ID)
 		}
-		return fmt.Errorf("openvpn exited: %w%s", p.exitErr(), lastWords(paths.Log))
+		<-p.Done()
+		return fmt.Errorf("openvpn exited: %w%s", p.Err(), lastWords(paths.Log))
 	}
 
 	mgmtAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(in.ManagementPort))
@@ -311,7 +313,7 @@ func (i *Instance) runOnce(ctx context.Context, in subnet.Instance, adopt int) e
 			return ctx.Err()
 		}
 		select {
-		case <-p.exited:
+		case <-p.Done():
 			return down()
 		default:
 		}
@@ -320,7 +322,7 @@ func (i *Instance) runOnce(ctx context.Context, in subnet.Instance, adopt int) e
 		}
 		i.log().Warn("management connection lost; reconnecting", "err", sessionErr)
 		select {
-		case <-p.exited:
+		case <-p.Done():
 			return down()
 		case <-time.After(minRestartDelay):
 		case <-ctx.Done():
@@ -332,7 +334,7 @@ func (i *Instance) runOnce(ctx context.Context, in subnet.Instance, adopt int) e
 // start starts openvpn: in a process group of its own, its output
 // appended to the log file, watched by pid, so that it can outlive this
 // process.
-func (i *Instance) start(ctx context.Context, paths InstancePaths) (*process, error) {
+func (i *Instance) start(ctx context.Context, paths InstancePaths) (*proc.Process, error) {
 	out, err := os.OpenFile(paths.Log, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("vpn: openvpn's log: %w", err)
@@ -350,7 +352,7 @@ func (i *Instance) start(ctx context.Context, paths InstancePaths) (*process, er
 	}
 	pid := cmd.Process.Pid
 	_ = cmd.Process.Release() // watched, and reaped, by pid
-	p, err := watch(pid)
+	p, err := proc.Open(pid)
 	if err != nil {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 		return nil, fmt.Errorf("vpn: watching openvpn %d: %w", pid, err)
@@ -420,7 +422,7 @@ var errNoManagement = errors.New("management port did not open")
 // the port on the first), set up, release the hold, resync (when the
 // process took clients unwatched), handle events until the connection or
 // the process ends.
-func (i *Instance) session(ctx context.Context, addr string, first, resync bool, p *process) error {
+func (i *Instance) session(ctx context.Context, addr string, first, resync bool, p *proc.Process) error {
 	conn, err := i.dialManagement(ctx, addr, first, p)
 	if err != nil {
 		return err
@@ -466,7 +468,7 @@ func (i *Instance) session(ctx context.Context, addr string, first, resync bool,
 
 // dialManagement connects to the management port, waiting up to 5 s for
 // it on the first session of a process.
-func (i *Instance) dialManagement(ctx context.Context, addr string, first bool, p *process) (net.Conn, error) {
+func (i *Instance) dialManagement(ctx context.Context, addr string, first bool, p *proc.Process) (net.Conn, error) {
 	dial := i.Dial
 	if dial == nil {
 		var d net.Dialer
@@ -487,8 +489,8 @@ func (i *Instance) dialManagement(ctx context.Context, addr string, first bool, 
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-p.exited:
-			return nil, fmt.Errorf("openvpn exited before its management port opened: %v", p.err)
+		case <-p.Done():
+			return nil, fmt.Errorf("openvpn exited before its management port opened: %v", p.Err())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -643,24 +645,13 @@ func killOrphan(paths InstancePaths, log *slog.Logger) error {
 	if pid == 0 {
 		return nil
 	}
-	p, err := watch(pid)
+	p, err := proc.Open(pid)
+	if errors.Is(err, os.ErrProcessDone) {
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("vpn: orphaned openvpn %d: %w", pid, err)
 	}
 	log.Warn("stopping an orphaned openvpn", "pid", pid)
-	return p.stop(log)
-}
-
-// isZombie reports whether pid has exited but not been reaped, which
-// counts as gone.
-func isZombie(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false
-	}
-	// "pid (comm) S ..."
-	if i := strings.LastIndexByte(string(b), ')'); i >= 0 && i+2 < len(b) {
-		return b[i+2] == 'Z'
-	}
-	return false
+	return stopProcess(p, log)
 }

@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/obvpn/obvpn/vpn/internal/proc"
 )
 
 // startFakeOpenVPN runs the test binary as a stand-in openvpn whose
@@ -112,13 +114,13 @@ func TestProcessRelease(t *testing.T) {
 	dir := t.TempDir()
 	paths := InstancePaths{Config: filepath.Join(dir, "server-1.conf"), PID: filepath.Join(dir, "server-1.pid")}
 	cmd, waited := startFakeOpenVPN(t, paths, "term")
-	p, err := watch(cmd.Process.Pid)
+	p, err := proc.Open(cmd.Process.Pid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.release()
+	p.Release()
 	select {
-	case <-p.exited:
+	case <-p.Done():
 		t.Fatal("released, and exited")
 	case <-waited:
 		t.Fatal("the process went when it was let go of")
@@ -127,13 +129,13 @@ func TestProcessRelease(t *testing.T) {
 	if ownOpenVPN(paths) != cmd.Process.Pid {
 		t.Fatal("the released process is not this instance's openvpn")
 	}
-	p, err = watch(cmd.Process.Pid)
+	p, err = proc.Open(cmd.Process.Pid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.stop(nil); err != nil {
+	if err := stopProcess(p, nil); err != nil {
 		t.Fatal(err)
 	}
-	<-p.exited
+	<-p.Done()
 	<-waited
 }

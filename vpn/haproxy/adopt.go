@@ -15,13 +15,15 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/obvpn/obvpn/vpn/internal/proc"
 )
 
 // findRunning returns the haproxy that an earlier process left running on
 // file, pinned, and the pid of the worker that answered its admin socket;
 // nil when there is none to adopt. An haproxy of ours that does not answer
 // is stopped.
-func (p *Process) findRunning(ctx context.Context, file, socket string) (*proc, int, error) {
+func (p *Process) findRunning(ctx context.Context, file, socket string) (*proc.Process, int, error) {
 	pidFile := p.pidFile(file)
 	b, err := os.ReadFile(pidFile)
 	if err != nil {
@@ -32,15 +34,15 @@ func (p *Process) findRunning(ctx context.Context, file, socket string) (*proc, 
 		p.log().Debug("HAProxy's pid file holds no pid", "pid_file", pidFile)
 		return nil, 0, nil
 	}
-	pr, err := openProc(pid)
+	pr, err := proc.Open(pid)
 	if err != nil {
 		if !errors.Is(err, os.ErrProcessDone) {
 			p.log().Warn("HAProxy's pid file: the process cannot be watched, not adopted", "pid", pid, "err", err)
 		}
 		return nil, 0, nil
 	}
-	if args, _ := cmdline(pid); !runs(args, file) {
-		pr.release()
+	if args, _ := proc.Cmdline(pid); !runs(args, file) {
+		pr.Release()
 		if len(args) == 0 { // a zombie: exited, not yet reaped
 			p.log().Debug("HAProxy's pid file names a process that has exited", "pid", pid)
 		} else {
@@ -60,12 +62,12 @@ func (p *Process) findRunning(ctx context.Context, file, socket string) (*proc, 
 	case err == nil:
 		return pr, worker, nil
 	case ctx.Err() != nil:
-		pr.release()
+		pr.Release()
 		return nil, 0, fmt.Errorf("haproxy: %w", ctx.Err())
 	}
 	select {
-	case <-pr.done:
-		p.log().Info("the earlier HAProxy exited, starting a new one", "pid", pid, "err", pr.err)
+	case <-pr.Done():
+		p.log().Info("the earlier HAProxy exited, starting a new one", "pid", pid, "err", pr.Err())
 		return nil, 0, nil
 	default:
 	}
@@ -105,11 +107,11 @@ func socketOf(conf []byte) string {
 
 // adopt takes over pr, whose worker answered: as it is when it runs conf
 // already, else after a reload.
-func (p *Process) adopt(ctx context.Context, pr *proc, worker int, file string, conf []byte) error {
+func (p *Process) adopt(ctx context.Context, pr *proc.Process, worker int, file string, conf []byte) error {
 	old, err := os.ReadFile(file)
 	if err == nil && bytes.Equal(old, conf) {
 		p.set(pr, true)
-		p.log().Info("HAProxy adopted", "pid", pr.pid, "worker", worker)
+		p.log().Info("HAProxy adopted", "pid", pr.Pid, "worker", worker)
 		return nil
 	}
 	reason := "configuration changed"
@@ -117,14 +119,14 @@ func (p *Process) adopt(ctx context.Context, pr *proc, worker int, file string, 
 		reason = "configuration unreadable: " + err.Error()
 		old = nil
 	}
-	p.log().Info("HAProxy adopted, reloading it in place", "pid", pr.pid, "reason", reason)
+	p.log().Info("HAProxy adopted, reloading it in place", "pid", pr.Pid, "reason", reason)
 	next, err := p.reload(ctx, pr, worker, file, old, conf)
 	if err != nil {
-		pr.release()
+		pr.Release()
 		return err
 	}
 	p.set(pr, true)
-	p.log().Info("HAProxy reloaded", "pid", pr.pid, "worker", next, "old_worker", worker)
+	p.log().Info("HAProxy reloaded", "pid", pr.Pid, "worker", next, "old_worker", worker)
 	return nil
 }
 
@@ -132,7 +134,7 @@ func (p *Process) adopt(ctx context.Context, pr *proc, worker int, file string, 
 // waits for a new worker to answer and gives its servers the addresses
 // and states that worker's had. On failure it writes old back (haproxy
 // still runs it).
-func (p *Process) reload(ctx context.Context, pr *proc, worker int, file string, old, conf []byte) (int, error) {
+func (p *Process) reload(ctx context.Context, pr *proc.Process, worker int, file string, old, conf []byte) (int, error) {
 	socket := p.Config.WithDefaults().Socket
 	oldSocket := socket
 	if s := socketOf(old); s != "" {
@@ -150,12 +152,12 @@ func (p *Process) reload(ctx context.Context, pr *proc, worker int, file string,
 				err = errors.Join(err, werr)
 			}
 		}
-		return 0, fmt.Errorf("haproxy: reloading pid %d: %w; the end of %s:\n%s", pr.pid, err, logName, logTail(logName, off))
+		return 0, fmt.Errorf("haproxy: reloading pid %d: %w; the end of %s:\n%s", pr.Pid, err, logName, logTail(logName, off))
 	}
 	if err := writePrivate(file, conf); err != nil {
 		return fail(err)
 	}
-	if err := pr.signal(syscall.SIGUSR2); err != nil {
+	if err := pr.Signal(syscall.SIGUSR2); err != nil {
 		return fail(err)
 	}
 	failed := func() error {

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/obvpn/obvpn/vpn/internal/proc"
 )
 
 // Process is a managed haproxy, run in master-worker mode, that outlives
@@ -56,7 +58,7 @@ type Process struct {
 	Logger *slog.Logger
 
 	mu       sync.Mutex
-	proc     *proc
+	proc     *proc.Process
 	adopted  bool
 	released bool
 }
@@ -162,7 +164,7 @@ func (p *Process) startNew(ctx context.Context, file string, conf []byte) error 
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("haproxy: starting: %w", err)
 	}
-	pr, err := openProc(cmd.Process.Pid)
+	pr, err := proc.Open(cmd.Process.Pid)
 	if err != nil {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
@@ -175,23 +177,23 @@ func (p *Process) startNew(ctx context.Context, file string, conf []byte) error 
 	}
 	if err != nil {
 		select {
-		case <-pr.done:
-			return fmt.Errorf("haproxy: exited at start (%v); the end of %s:\n%s", pr.err, logName, logTail(logName, 0))
+		case <-pr.Done():
+			return fmt.Errorf("haproxy: exited at start (%v); the end of %s:\n%s", pr.Err(), logName, logTail(logName, 0))
 		default:
 		}
-		_ = pr.signal(syscall.SIGKILL)
-		<-pr.done
+		_ = pr.Signal(syscall.SIGKILL)
+		<-pr.Done()
 		if ctx.Err() != nil {
 			return fmt.Errorf("haproxy: starting: %w", ctx.Err())
 		}
 		return fmt.Errorf("haproxy: %w; the end of %s:\n%s", err, logName, logTail(logName, 0))
 	}
 	p.set(pr, false)
-	p.log().Info("HAProxy running", "pid", pr.pid, "port", c.Port, "monitor", c.MonitorAddr)
+	p.log().Info("HAProxy running", "pid", pr.Pid, "port", c.Port, "monitor", c.MonitorAddr)
 	return nil
 }
 
-func (p *Process) set(pr *proc, adopted bool) {
+func (p *Process) set(pr *proc.Process, adopted bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.proc, p.adopted = pr, adopted
@@ -216,7 +218,7 @@ type answer struct {
 // waitAnswer waits up to StartTimeout for the admin socket to answer
 // "show info" as want says, while pr runs, and returns the pid that
 // answered.
-func (p *Process) waitAnswer(ctx context.Context, pr *proc, want answer) (int, error) {
+func (p *Process) waitAnswer(ctx context.Context, pr *proc.Process, want answer) (int, error) {
 	rt := &Runtime{Socket: want.socket}
 	timeout := orDefault(p.StartTimeout, 10*time.Second)
 	deadline := time.Now().Add(timeout)
@@ -227,7 +229,7 @@ func (p *Process) waitAnswer(ctx context.Context, pr *proc, want answer) (int, e
 		cancel()
 		if err == nil {
 			pid := infoPid(out)
-			if pid != want.notPid && (!want.ours || isWorkerOf(pid, pr.pid)) {
+			if pid != want.notPid && (!want.ours || isWorkerOf(pid, pr.Pid)) {
 				return pid, nil
 			}
 			err = fmt.Errorf("answered by pid %d", pid)
@@ -240,9 +242,9 @@ func (p *Process) waitAnswer(ctx context.Context, pr *proc, want answer) (int, e
 		}
 		t := time.NewTimer(50 * time.Millisecond)
 		select {
-		case <-pr.done:
+		case <-pr.Done():
 			t.Stop()
-			return 0, fmt.Errorf("%w: %v", errExited, pr.err)
+			return 0, fmt.Errorf("%w: %v", errExited, pr.Err())
 		case <-ctx.Done():
 			t.Stop()
 			return 0, ctx.Err()
@@ -261,18 +263,18 @@ var masterSignals = []syscall.Signal{syscall.SIGUSR2, syscall.SIGTERM}
 // signals it is sent. Right after a start or a reload it executes itself
 // again (to wait for its workers), and until it is back those signals
 // would kill it, and its workers with it.
-func (p *Process) waitMaster(ctx context.Context, pr *proc, timeout time.Duration) error {
+func (p *Process) waitMaster(ctx context.Context, pr *proc.Process, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
-		ok, err := catches(pr.pid, masterSignals...)
+		ok, err := proc.Catches(pr.Pid, masterSignals...)
 		if ok {
 			return nil
 		}
 		t := time.NewTimer(10 * time.Millisecond)
 		select {
-		case <-pr.done:
+		case <-pr.Done():
 			t.Stop()
-			return fmt.Errorf("%w: %v", errExited, pr.err)
+			return fmt.Errorf("%w: %v", errExited, pr.Err())
 		case <-ctx.Done():
 			t.Stop()
 			return ctx.Err()
@@ -282,7 +284,7 @@ func (p *Process) waitMaster(ctx context.Context, pr *proc, timeout time.Duratio
 			if err == nil {
 				err = errors.New("it does not handle SIGUSR2 and SIGTERM")
 			}
-			return fmt.Errorf("haproxy's master (pid %d) is not ready within %v: %w", pr.pid, timeout, err)
+			return fmt.Errorf("haproxy's master (pid %d) is not ready within %v: %w", pr.Pid, timeout, err)
 		}
 	}
 }
@@ -303,7 +305,7 @@ func isWorkerOf(pid, master int) bool {
 	if pid == master {
 		return true
 	}
-	ppid, err := parentPid(pid)
+	ppid, err := proc.ParentPid(pid)
 	return err == nil && ppid == master
 }
 
@@ -327,9 +329,9 @@ func (p *Process) Stop(ctx context.Context) error {
 }
 
 // terminate is Stop for pr.
-func (p *Process) terminate(ctx context.Context, pr *proc) error {
+func (p *Process) terminate(ctx context.Context, pr *proc.Process) error {
 	select {
-	case <-pr.done:
+	case <-pr.Done():
 		return nil
 	default:
 	}
@@ -340,26 +342,26 @@ func (p *Process) terminate(ctx context.Context, pr *proc) error {
 	// without stopping its workers: give it the time to be back.
 	err := p.waitMaster(ctx, pr, timeout)
 	if err == nil {
-		err = pr.signal(syscall.SIGTERM)
+		err = pr.Signal(syscall.SIGTERM)
 	}
 	if errors.Is(err, errExited) {
 		return nil
 	}
 	if err != nil && !errors.Is(err, os.ErrProcessDone) {
-		_ = pr.signal(syscall.SIGKILL)
-		<-pr.ended
-		return fmt.Errorf("haproxy: stopping pid %d, killed: %w", pr.pid, err)
+		_ = pr.Signal(syscall.SIGKILL)
+		<-pr.Ended()
+		return fmt.Errorf("haproxy: stopping pid %d, killed: %w", pr.Pid, err)
 	}
 	select {
-	case <-pr.ended: // exited, or released meanwhile
+	case <-pr.Ended(): // exited, or released meanwhile
 		return p.endErr(pr)
 	case <-t.C:
-		err = fmt.Errorf("haproxy: pid %d did not exit within %v of SIGTERM, killed", pr.pid, timeout)
+		err = fmt.Errorf("haproxy: pid %d did not exit within %v of SIGTERM, killed", pr.Pid, timeout)
 	case <-ctx.Done():
-		err = fmt.Errorf("haproxy: stopping pid %d, killed: %w", pr.pid, ctx.Err())
+		err = fmt.Errorf("haproxy: stopping pid %d, killed: %w", pr.Pid, ctx.Err())
 	}
-	_ = pr.signal(syscall.SIGKILL)
-	<-pr.ended
+	_ = pr.Signal(syscall.SIGKILL)
+	<-pr.Ended()
 	if e := p.endErr(pr); e != nil {
 		return e
 	}
@@ -367,9 +369,9 @@ func (p *Process) terminate(ctx context.Context, pr *proc) error {
 }
 
 // endErr is nil once pr has exited, or errReleased.
-func (p *Process) endErr(pr *proc) error {
+func (p *Process) endErr(pr *proc.Process) error {
 	select {
-	case <-pr.done:
+	case <-pr.Done():
 		return nil
 	default:
 		return errReleased
@@ -387,7 +389,7 @@ func (p *Process) Release() {
 	p.released = true
 	p.mu.Unlock()
 	if pr != nil && !released {
-		pr.release()
+		pr.Release()
 	}
 }
 
@@ -399,7 +401,7 @@ func (p *Process) Done() <-chan struct{} {
 	if p.proc == nil {
 		return nil
 	}
-	return p.proc.done
+	return p.proc.Done()
 }
 
 // Err returns how haproxy exited, once Done is closed: nil for exit
@@ -411,8 +413,8 @@ func (p *Process) Err() error {
 	p.mu.Unlock()
 	if pr != nil {
 		select {
-		case <-pr.done:
-			return pr.err
+		case <-pr.Done():
+			return pr.Err()
 		default:
 		}
 	}
@@ -434,7 +436,7 @@ func (p *Process) Pid() int {
 	if p.proc == nil {
 		return 0
 	}
-	return p.proc.pid
+	return p.proc.Pid
 }
 
 func orDefault(d, def time.Duration) time.Duration {

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/matryer/is"
+	"github.com/obvpn/obvpn/vpn/internal/proc"
 )
 
 // logBuffer collects what a Process logs.
@@ -96,15 +97,15 @@ func (m *managed) stopLeftover(t *testing.T) {
 		if err != nil {
 			continue
 		}
-		if args, _ := cmdline(pid); !runs(args, m.file()) {
+		if args, _ := proc.Cmdline(pid); !runs(args, m.file()) {
 			continue
 		}
-		if ppid, _ := parentPid(pid); ppid != 0 {
-			if args, _ := cmdline(ppid); runs(args, m.file()) {
+		if ppid, _ := proc.ParentPid(pid); ppid != 0 {
+			if args, _ := proc.Cmdline(ppid); runs(args, m.file()) {
 				continue // a worker: its master stops it
 			}
 		}
-		pr, err := openProc(pid)
+		pr, err := proc.Open(pid)
 		if err != nil {
 			continue
 		}
@@ -435,7 +436,7 @@ func TestProcessAdoptNotChild(t *testing.T) {
 	if !p.Adopted() {
 		t.Fatalf("not adopted; log:\n%s", log)
 	}
-	if ppid, _ := parentPid(p.Pid()); ppid == os.Getpid() {
+	if ppid, _ := proc.ParentPid(p.Pid()); ppid == os.Getpid() {
 		t.Fatal("haproxy is a child of the test")
 	}
 	m.register(t, echoServer(t))
@@ -459,7 +460,7 @@ func TestProcessSitePIDFile(t *testing.T) {
 	m := newManaged(t)
 	m.site.PIDFile = filepath.Join(m.dir, "haproxy.pid")
 	p1, _ := m.start(t)
-	args, err := cmdline(p1.Pid())
+	args, err := proc.Cmdline(p1.Pid())
 	is.NoErr(err)
 	is.True(!slices.Contains(args, "-p"))
 	b, err := os.ReadFile(m.site.PIDFile)
