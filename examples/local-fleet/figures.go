@@ -170,8 +170,31 @@ func (f *fleet) printUsage(w io.Writer) {
 	all.add(u)
 	fmt.Fprintf(w, "  local-fleet (the API, %d device web services, the checks): %s\n", len(f.devices), u)
 	fmt.Fprintf(w, "  all: %s\n", all)
+	if f.mem != nil {
+		if u, err := f.mem.use(); err != nil {
+			f.o.log.Warn("reading the fleet's memory cgroup", "err", err)
+		} else {
+			fmt.Fprintf(w, "  the fleet's memory cgroup (every process above, each page once, the kernel's part included): peak %s of its %s limit; now %s anonymous, %s files, %s kernel; %d processes killed for want of memory\n",
+				mib(u.peak), mib(f.mem.limit), mib(u.anon), mib(u.file), mib(u.kernel), u.oomKills)
+		}
+	}
 	if avail := memAvailable(); f.memAvailable > 0 && avail > 0 {
 		fmt.Fprintf(w, "  the machine's available memory: %s less than before the fleet started (other programs' use included)\n", mib(f.memAvailable-avail))
+	}
+}
+
+// checkMemory notes a missed target if the kernel killed a process of the
+// fleet's memory cgroup for want of memory: the fleet did not fit.
+func (f *fleet) checkMemory() {
+	if f.mem == nil {
+		return
+	}
+	u, err := f.mem.use()
+	switch {
+	case err != nil:
+		f.missed = append(f.missed, fmt.Sprintf("the fleet's memory cgroup could not be read: %v", err))
+	case u.oomKills > 0:
+		f.missed = append(f.missed, fmt.Sprintf("the fleet did not fit in %s: the kernel killed %d of its processes for want of memory", mib(f.mem.limit), u.oomKills))
 	}
 }
 

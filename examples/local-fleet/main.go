@@ -31,6 +31,15 @@
 //	local-fleet -devices 20     # 20 generated devices
 //	local-fleet -once           # exit after the check: 0 if every device was reached
 //	local-fleet -once -hosts 2 -devices 6 -kill-host 2
+//	local-fleet -once -devices 500 -hosts 2 -kill-host 2 -memory-limit 4GiB
+//
+// It prints the times and what the balena API was asked, and checks them
+// against targets (-target-online, -target-reach, -target-back): with
+// -once, a missed target is a failure, as is a device that is connected
+// to a host while the API says it is offline once the fleet settled.
+// -memory-limit runs every process of the fleet in a memory cgroup with
+// that limit, counting each page once (summed RSS counts the shared
+// libraries once per process), and prints the group's peak.
 package main
 
 import (
@@ -73,6 +82,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.proxyAddr, "proxy", "127.0.0.1:3128", "where this machine reaches host 1's CONNECT proxy (not with -once)")
 	fs.StringVar(&o.metricsAddr, "metrics", "127.0.0.1:8080", "where this machine reaches host 1's metrics (not with -once)")
 	fs.StringVar(&o.profile, "profile", string(vpntest.BalenaOS), "the devices' OpenVPN client configuration: balenaos (balenaOS's own resin.conf, comp-lzo), minimal, or mixed (both in turn)")
+	fs.DurationVar(&o.targets.online, "target-online", 90*time.Second, "a target: every device online in the API within this time of local-fleet's start (0: none)")
+	fs.DurationVar(&o.targets.reach, "target-reach", 30*time.Second, "a target: every device reached through every host's proxy within this time of being online (0: none)")
+	fs.DurationVar(&o.targets.back, "target-back", 90*time.Second, "a target: after -kill-host or -drain-host, every device online elsewhere and reached within this time (0: none)")
+	fs.Var(&o.memoryLimit, "memory-limit", "run the whole fleet in a memory cgroup with this limit (e.g. 4GiB, 512MiB), and print its peak; empty: none")
 	fs.BoolVar(&o.verbose, "v", false, "log what the hosts do, OpenVPN's own lines included (printed at the end)")
 	if err := fs.Parse(args); err != nil {
 		return 2

@@ -12,12 +12,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/obvpn/obvpn/connectproxy"
+	"github.com/obvpn/obvpn/vpn/balena/balenatest"
 	"github.com/obvpn/obvpn/vpn/vpntest"
 )
 
@@ -45,7 +47,8 @@ func TestOnce(t *testing.T) {
 	}
 	for _, want := range []string{"3/3 devices online", "3/3 devices reached through the CONNECT proxy", "vpn_online_devices=3", "drained in",
 		"all 3 devices online in the API in", "3 device auths, ", "state-report requests carrying 3 device reports",
-		"16 callers at a time: 3 CONNECTs answered (p50 ", "devices' openvpn: RSS ", "  all: RSS "} {
+		"16 callers at a time: 3 CONNECTs answered (p50 ", "devices' openvpn: RSS ", "  all: RSS ",
+		"the API agrees with the hosts' status files on all 3 devices", "\ntargets met: online within 1m30s, reached within 30s, back within 1m30s"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q", want)
 		}
@@ -62,9 +65,25 @@ func TestOnce(t *testing.T) {
 // every device is reached through both hosts' proxies (forwarding), then
 // host 2 is killed, its devices come back on host 1, and every device is
 // reached again.
+//
+// It runs the fleet in a memory cgroup (-memory-limit 1GiB) where the
+// machine has one: the cgroup's figures are printed, nothing was killed
+// for want of memory, and the cgroup is gone afterwards (leftovers).
 func TestKillHost(t *testing.T) {
-	out := runMoved(t, "-kill-host", "2")
-	for _, want := range []string{"killing host2", "from the kill: every device online on the other hosts in"} {
+	args := []string{"-kill-host", "2"}
+	wants := []string{"killing host2", "from the kill: every device online on the other hosts in",
+		"the API agrees with the hosts' status files on all 6 devices", "\ntargets met: "}
+	if err := memGroupPossible(); err != nil {
+		if os.Getenv("OBVPN_E2E") == "1" {
+			t.Fatalf("OBVPN_E2E=1 but %v", err)
+		}
+		t.Logf("without -memory-limit: %v", err)
+	} else {
+		args = append(args, "-memory-limit", "1GiB")
+		wants = append(wants, "of its 1024.0 MiB limit; now ", "kernel; 0 processes killed for want of memory", ", the fleet fits in 1024.0 MiB")
+	}
+	out := runMoved(t, args...)
+	for _, want := range wants {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q", want)
 		}
@@ -79,6 +98,28 @@ func TestDrainHost(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q", want)
 		}
+	}
+}
+
+// TestMissedTarget runs local-fleet -once with a target that no fleet
+// can keep: every device is reached, but the exit status is 1 and the
+// output says which target was missed.
+func TestMissedTarget(t *testing.T) {
+	vpntest.Require(t, "openvpn", "haproxy", "ip")
+	var out, errs bytes.Buffer
+	code := run([]string{"-once", "-devices", "1", "-timeout", "2m", "-target-online", "1ms"}, &out, &errs)
+	t.Logf("stdout:\n%s\nstderr:\n%s", &out, &errs)
+	if code != 1 {
+		t.Errorf("exit status %d, want 1", code)
+	}
+	for _, want := range []string{"1/1 devices reached through the CONNECT proxy", "target missed: every device online in the API, from local-fleet's start in ",
+		", target 1ms\n", "\n1 targets missed:\n"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q", want)
+		}
+	}
+	if !strings.Contains(errs.String(), "local-fleet: 1 targets missed") {
+		t.Errorf("stderr lacks the failure: %q", errs.String())
 	}
 }
 
@@ -213,7 +254,9 @@ func leftovers(t *testing.T) string {
 		}
 	}
 	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "local-fleet-*"))
-	return strings.Join(append(left, dirs...), " ")
+	groups, _ := filepath.Glob(filepath.Join(cgroupRoot, "*", "*", fmt.Sprintf("obvpn-fleet-%d", os.Getpid())))
+	more, _ := filepath.Glob(filepath.Join(cgroupRoot, "*", "*", "*", fmt.Sprintf("obvpn-fleet-%d", os.Getpid())))
+	return strings.Join(slices.Concat(left, dirs, groups, more), " ")
 }
 
 func freeAddr(t *testing.T) string {
@@ -310,4 +353,86 @@ func TestFlags(t *testing.T) {
 			t.Errorf("%q: exit %d, %q; want 2 and one line with %q", tc.args, code, errs.String(), tc.want)
 		}
 	}
+}
+
+func TestByteSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+		str  string
+	}{
+		{"4GiB", 4 << 30, "4GiB"}, {"512MiB", 512 << 20, "512MiB"}, {"64KiB", 64 << 10, "65536"},
+		{"1000", 1000, "1000"}, {"", 0, ""}, {"0", 0, ""}, {"1536MiB", 1536 << 20, "1536MiB"},
+	} {
+		var b byteSize
+		if err := b.Set(tc.in); err != nil || int64(b) != tc.want || b.String() != tc.str {
+			t.Errorf("%q: %d %q %v; want %d %q", tc.in, b, b.String(), err, tc.want, tc.str)
+		}
+	}
+	for _, in := range []string{"4G", "GiB", "-1MiB", "4 GiB", "1.5GiB", "9999999999GiB"} {
+		var b byteSize
+		if err := b.Set(in); err == nil {
+			t.Errorf("%q: %d, no error", in, b)
+		}
+	}
+	var out, errs bytes.Buffer
+	if code := run([]string{"-memory-limit", "4G"}, &out, &errs); code != 2 || !strings.Contains(errs.String(), `invalid value "4G" for flag -memory-limit: want a size such as 4GiB`) {
+		t.Errorf("-memory-limit 4G: exit %d, %q", code, errs.String())
+	}
+}
+
+func TestOwnGroups(t *testing.T) {
+	for _, tc := range []struct{ in, v1, v2 string }{
+		{"0::/user.slice/session-1.scope\n", "", "/user.slice/session-1.scope"},
+		{"12:cpu,cpuacct:/\n4:memory:/process_api/f68\n1:name=systemd:/x\n0::/\n", "/process_api/f68", "/"},
+		{"4:blkio,memory:/a\n", "/a", ""},
+		{"garbage\n3:memoryx:/b\n", "", ""},
+	} {
+		if v1, v2 := ownGroups([]byte(tc.in)); v1 != tc.v1 || v2 != tc.v2 {
+			t.Errorf("%q: %q %q, want %q %q", tc.in, v1, v2, tc.v1, tc.v2)
+		}
+	}
+}
+
+// TestDisagreements checks what settle looks for, on a host's status file
+// and the API: a device listed as connected while the API has it offline
+// or on another host, and a device online in the API that no serving host
+// lists.
+func TestDisagreements(t *testing.T) {
+	const (
+		a = "0123456789abcdef0123456789abcdef" // listed in host 1's status file
+		b = "fedcba9876543210fedcba9876543210" // listed nowhere
+	)
+	dir := t.TempDir()
+	if err := os.Mkdir(filepath.Join(dir, "run"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	status := "TITLE,OpenVPN 2.6.14 x86_64-pc-linux-gnu\nTIME,2026-11-25 04:26:21,1795580781\n" +
+		"HEADER,CLIENT_LIST,Common Name,Real Address,Virtual Address,Virtual IPv6 Address,Bytes Received,Bytes Sent,Connected Since,Connected Since (time_t),Username,Client ID,Peer ID,Data Channel Cipher\n" +
+		"CLIENT_LIST," + strings.ToUpper(a) + ",192.0.2.10:37224,10.240.0.3,,991,1737,2026-11-25 04:26:18,1795580778," + a + ",0,0,AES-256-GCM\nEND\n"
+	if err := os.WriteFile(filepath.Join(dir, "run", "server-1.status"), []byte(status), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	api := balenatest.New()
+	f := &fleet{o: options{log: slog.New(slog.DiscardHandler)}, api: api,
+		hosts: []*host{{id: 1, dir: dir, serviceID: 1}, {id: 2, dir: t.TempDir(), serviceID: 2}}}
+	for _, u := range []string{a, b} {
+		f.devices = append(f.devices, &device{Device: api.AddDevice(balenatest.Device{UUID: u, Key: "k"})})
+	}
+	check := func(wantOffline, wantStray []string) {
+		t.Helper()
+		offline, stray := f.disagreements()
+		if !slices.Equal(offline, wantOffline) || !slices.Equal(stray, wantStray) {
+			t.Errorf("offline %q, stray %q; want %q, %q", offline, stray, wantOffline, wantStray)
+		}
+	}
+	check([]string{a}, nil) // connected, offline in the API
+	api.SetOnline(a, 2)
+	check([]string{a}, nil) // online on the other host
+	api.SetOnline(a, 1)
+	check(nil, nil)
+	api.SetOnline(b, 2)
+	check(nil, []string{b}) // online, but nowhere
+	f.hosts[0].gone = true
+	check(nil, []string{a, b}) // a's host no longer serves
 }
