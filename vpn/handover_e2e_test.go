@@ -253,18 +253,11 @@ func startHandoverDevices(t *testing.T, ctx context.Context, ws *worldServer, n 
 	t.Helper()
 	var devs []*handoverDevice
 	for i := range n {
-		d := &handoverDevice{fleetDevice{name: fmt.Sprintf("dev%d", i), dev: vpntest.NewDevice(t, ws.world)}}
-		d.api = ws.api.AddDevice(balenatest.Device{UUID: fmt.Sprintf("%032x", 0xab0+i), Key: fmt.Sprintf("key-%d", i)})
-		ws.api.Grant(d.api.Key, d.api.UUID, 80, 7)
-		serveDevice(t, d, "hello from "+d.name)
 		port := 10001 + i%2
 		if viaHAProxy {
 			port = 1194
 		}
-		d.opts = vpntest.ClientOptions{Netns: d.dev.Netns, Remote: fmt.Sprintf("%s:%d", d.dev.WorldAddr, port),
-			CA: ws.pki.CAFile, Username: d.api.UUID, Password: d.api.Key, Tunnel: true}
-		d.client = vpntest.StartClient(t, d.opts)
-		devs = append(devs, d)
+		devs = append(devs, startHandoverDevice(t, ws, i, port))
 	}
 	for _, d := range devs {
 		if _, err := d.client.WaitFor(ctx, "Initialization Sequence Completed"); err != nil {
@@ -272,6 +265,73 @@ func startHandoverDevices(t *testing.T, ctx context.Context, ws *worldServer, n 
 		}
 	}
 	return devs
+}
+
+// startHandoverDevice starts the i-th device, which dials port, and does
+// not wait for it to connect.
+func startHandoverDevice(t *testing.T, ws *worldServer, i, port int) *handoverDevice {
+	t.Helper()
+	d := &handoverDevice{fleetDevice{name: fmt.Sprintf("dev%d", i), dev: vpntest.NewDevice(t, ws.world)}}
+	d.api = ws.api.AddDevice(balenatest.Device{UUID: fmt.Sprintf("%032x", 0xab0+i), Key: fmt.Sprintf("key-%d", i)})
+	ws.api.Grant(d.api.Key, d.api.UUID, 80, 7)
+	serveDevice(t, d, "hello from "+d.name)
+	d.opts = vpntest.ClientOptions{Netns: d.dev.Netns, Remote: fmt.Sprintf("%s:%d", d.dev.WorldAddr, port),
+		CA: ws.pki.CAFile, Username: d.api.UUID, Password: d.api.Key, Tunnel: true}
+	d.client = vpntest.StartClient(t, d.opts)
+	return d
+}
+
+// TestHandoverAnswersAuthInFlight hands over while the balena API holds a
+// connecting device's authentication: the process that asked answers it
+// before it lets go of OpenVPN, so the device connects once, on the one
+// auth call, seconds later; unanswered, OpenVPN would hold it until its
+// TLS hand-window (60 s) ran out and it dialled again.
+func TestHandoverAnswersAuthInFlight(t *testing.T) {
+	vpntest.Require(t, "openvpn", "ip")
+	ws := startWorldServer(t, map[string]string{"VPN_HAPROXY": "off", "VPN_STATUS_FILE_WRITE_INTERVAL_SECONDS": "1"})
+	shared := &sharedListeners{t: t, listen: ws.world.Listen}
+	ws.cancel()
+	if err := ws.wait(); err != nil {
+		t.Fatal(err)
+	}
+	ws.nextServer(t, shared.Listen)
+	ws.ready(t, 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	const hold = 3 * time.Second
+	before := ws.api.Calls(balenatest.DeviceAuth)
+	ws.api.DelayNext(balenatest.DeviceAuth, 1, hold)
+	d := startHandoverDevice(t, ws, 0, 10001)
+	if err := ws.api.WaitFor(ctx, func(a *balenatest.API) bool { return a.Calls(balenatest.DeviceAuth) > before }); err != nil {
+		t.Fatalf("the device's auth call did not come: %v", err)
+	}
+	old, oldSrv := ws.wait, ws.srv
+	ws.nextServer(t, shared.Listen)
+	select {
+	case <-ws.srv.Started():
+	case <-ctx.Done():
+		t.Fatal("the next process did not start")
+	}
+	t0 := time.Now()
+	oldSrv.Handover()
+	if err := old(); err != nil {
+		t.Fatalf("the handing-over Run: %v", err)
+	}
+	handover := time.Since(t0)
+	wctx, wcancel := context.WithTimeout(ctx, 20*time.Second) // well under the 60 s hand-window
+	defer wcancel()
+	if _, err := d.client.WaitFor(wctx, "Initialization Sequence Completed"); err != nil {
+		t.Fatalf("the device did not connect within 20 s of the handover: %v\n%s", err, strings.Join(d.client.Lines(), "\n"))
+	}
+	t.Logf("handover took %s (the API held the auth %s); the device connected %s after it began", handover.Round(time.Millisecond), hold, time.Since(t0).Round(time.Millisecond))
+	if handover < hold/2 {
+		t.Errorf("the handover took %s: it did not wait for the auth in flight", handover)
+	}
+	if n := ws.api.Calls(balenatest.DeviceAuth) - before; n != 1 {
+		t.Errorf("%d auth calls for the device, want 1 (answered by the process that asked)", n)
+	}
+	waitOnline(t, ctx, ws.api, d.api.UUID)
 }
 
 // serveDevice serves a web page on port 80 and an echo on port 7 of d.

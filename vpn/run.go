@@ -572,9 +572,13 @@ func (r *run) stop(ctx context.Context) {
 	}
 }
 
+// handoverSettle bounds how long a handover waits for the device
+// authentications in flight to be answered.
+const handoverSettle = 10 * time.Second
+
 // handOver stops the run for the process after this one (Handover): the
 // internal API and the metrics stop serving (the successor serves their
-// sockets), the instances let go of their openvpn, the pending reports
+// sockets), the authentications in flight are answered, the instances let go of their openvpn, the pending reports
 // are sent and what the API holds is recorded, the run directory is
 // unlocked for the successor, and the CONNECT tunnels still open get
 // Drain.Timeout to finish.
@@ -586,6 +590,13 @@ func (r *run) handOver(ctx context.Context) {
 	// A pass under way finishes first, so that no report whose answer was
 	// not read is sent twice; what comes after is sent below.
 	r.flushForHandover(fctx)
+	// The devices being decided get their answer on the sessions that
+	// asked: the next process is never asked about them.
+	sctx, scancel := context.WithTimeout(fctx, handoverSettle)
+	if err := r.sessions.Settle(sctx); err != nil {
+		r.s.log().Warn("devices still being authenticated are left unanswered; they dial again after their handshake times out", "err", err)
+	}
+	scancel()
 	for _, inst := range r.instances {
 		if inst != nil {
 			inst.Leave()

@@ -86,6 +86,10 @@ type Sessions struct {
 	addrs       map[sessionKey]netip.Addr // limited addresses
 	conns       Connections
 	wg          sync.WaitGroup
+
+	pendingMu sync.Mutex
+	pending   int           // decisions in flight
+	idle      chan struct{} // closed when pending next falls to 0; nil if nobody waits
 }
 
 type sessionKey struct {
@@ -123,9 +127,9 @@ func (s *Sessions) Handler(id int) EventHandler {
 		case *openvpnmgmt.ClientEvent:
 			switch ev.Kind {
 			case openvpnmgmt.ClientConnect, openvpnmgmt.ClientReauth:
-				s.wg.Add(1)
+				s.begin()
 				go func() {
-					defer s.wg.Done()
+					defer s.end()
 					s.decide(ctx, c, id, ev)
 				}()
 			case openvpnmgmt.ClientEstablished:
@@ -143,6 +147,51 @@ func (s *Sessions) Handler(id int) EventHandler {
 
 // Wait waits for the decisions in flight.
 func (s *Sessions) Wait() { s.wg.Wait() }
+
+// Settle waits, until ctx ends, for a moment when no decision is in
+// flight, and returns ctx's error if none came. A server that hands over
+// to its successor settles before it lets go of the management sessions:
+// OpenVPN asks about a device once, on the session it has when the device
+// connects, and never again on the next one, so a decision cut short by
+// the session's end leaves the device waiting until its TLS hand-window
+// runs out (60 s on a device) before it dials again.
+func (s *Sessions) Settle(ctx context.Context) error {
+	s.pendingMu.Lock()
+	if s.pending == 0 {
+		s.pendingMu.Unlock()
+		return nil
+	}
+	if s.idle == nil {
+		s.idle = make(chan struct{})
+	}
+	idle := s.idle
+	s.pendingMu.Unlock()
+	select {
+	case <-idle:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// begin and end count a decision in flight.
+func (s *Sessions) begin() {
+	s.wg.Add(1)
+	s.pendingMu.Lock()
+	s.pending++
+	s.pendingMu.Unlock()
+}
+
+func (s *Sessions) end() {
+	s.pendingMu.Lock()
+	s.pending--
+	if s.pending == 0 && s.idle != nil {
+		close(s.idle)
+		s.idle = nil
+	}
+	s.pendingMu.Unlock()
+	s.wg.Done()
+}
 
 func (s *Sessions) log() *slog.Logger {
 	if s.Logger != nil {
@@ -165,6 +214,14 @@ func (s *Sessions) decide(ctx context.Context, c *openvpnmgmt.Client, id int, ev
 	var err error
 	if user != "" && pass != "" && s.Auth != nil {
 		ok, err = s.Auth.Authenticate(ctx, user, pass)
+	}
+	if ctx.Err() != nil {
+		// The session ended (a stop, a handover, a lost connection): no
+		// answer can reach OpenVPN, which holds the device until it gives
+		// up on its handshake and dials again.
+		s.log().Warn("a device's authentication was cut short by the end of the management session; it is answered when it dials again",
+			"instance", id, "uuid", devuuid.ForLog(user), "kind", ev.Kind)
+		return
 	}
 	if ok {
 		if err := c.ClientAuthNT(ctx, ev.CID, ev.KID); err != nil {

@@ -345,3 +345,71 @@ func (s *recordedState) snapshot() []string {
 	defer s.mu.Unlock()
 	return append([]string(nil), s.log...)
 }
+
+// gateAuth allows every device once the test lets it: each call says it
+// began on entered, then waits for a value on release.
+type gateAuth struct {
+	entered chan<- struct{}
+	release <-chan struct{}
+}
+
+func (a gateAuth) Authenticate(ctx context.Context, uuid, key string) (bool, error) {
+	a.entered <- struct{}{}
+	select {
+	case <-a.release:
+		return true, nil
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+}
+
+// TestSessionsSettle: Settle returns at once with nothing in flight,
+// waits for a held decision to be answered, and returns ctx's error when
+// the decision outlasts it; a decision cut short by the session's end is
+// neither answered nor counted as a denial.
+func TestSessionsSettle(t *testing.T) {
+	is := is.New(t)
+	srv := mgmttest.NewServer(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	c, err := openvpnmgmt.Dial(ctx, "tcp", srv.Addr(), openvpnmgmt.Options{})
+	is.NoErr(err)
+	defer c.Close()
+	m, _ := NewMetrics(nil)
+	entered, release := make(chan struct{}), make(chan struct{})
+	s := &Sessions{Auth: gateAuth{entered: entered, release: release}, Metrics: m}
+	is.NoErr(s.Settle(ctx)) // nothing in flight
+	sessionCtx, endSession := context.WithCancel(ctx)
+	h := s.Handler(1)
+	go func() {
+		for ev := range c.Events() {
+			h(sessionCtx, c, ev)
+		}
+	}()
+	const dev = "0123456789abcdef0123456789abcdef"
+	connect := func(cid int) {
+		t.Helper()
+		is.NoErr(srv.Send(fmt.Sprintf(">CLIENT:CONNECT,%d,0", cid), ">CLIENT:ENV,username="+dev, ">CLIENT:ENV,password=good", ">CLIENT:ENV,END"))
+		<-entered // its decision is in flight
+	}
+
+	connect(1)
+	short, cancelShort := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancelShort()
+	is.Equal(s.Settle(short), context.DeadlineExceeded) // held
+	settled := make(chan error, 1)
+	go func() { settled <- s.Settle(ctx) }()
+	release <- struct{}{}
+	is.NoErr(<-settled)
+	waitCommands(t, srv, "client-auth-nt 1 0")
+
+	// Held again, and the session ends under it: no answer, no denial.
+	connect(2)
+	endSession()
+	is.NoErr(s.Settle(ctx))
+	s.Wait()
+	is.Equal(value(m.AuthFailures), 0.0)
+	for _, cmd := range srv.Commands() {
+		is.True(!strings.Contains(cmd, " 2 0")) // nothing said about client 2
+	}
+}
