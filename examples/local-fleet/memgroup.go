@@ -56,7 +56,15 @@ func newMemGroup(limit int64) (*memGroup, error) {
 		// controllers are enabled: the new group is a sibling of our own.
 		g.v2 = true
 		g.home = filepath.Join(cgroupRoot, v2)
-		g.dir = filepath.Join(filepath.Dir(g.home), name)
+		parent := filepath.Dir(g.home)
+		if v2 == "/" {
+			parent = cgroupRoot // the root group may hold processes and groups both
+		}
+		g.dir = filepath.Join(parent, name)
+		// The memory controller may not be enabled for the parent's
+		// children yet; where the parent holds processes itself, the
+		// kernel refuses, and the limit below says so.
+		_ = os.WriteFile(filepath.Join(parent, "cgroup.subtree_control"), []byte("+memory"), 0o644)
 	default:
 		return nil, errors.New("memory cgroup: neither cgroup v1's memory controller nor cgroup v2 is mounted at " + cgroupRoot)
 	}
