@@ -436,3 +436,64 @@ func TestDisagreements(t *testing.T) {
 	f.hosts[0].gone = true
 	check(nil, []string{a, b}) // a's host no longer serves
 }
+
+// TestMakeMemGroup makes memory groups in a tree of plain files laid out
+// like each kind of cgroup file system: where the group goes, what it is
+// limited to, who is moved into it, and what use reads back.
+func TestMakeMemGroup(t *testing.T) {
+	for _, tc := range []struct {
+		name, own, layout, want, limitFile string
+		stat                               map[string]string
+	}{
+		{"v1", "4:memory:/process_api/f68\n0::/\n", "memory", "memory/process_api/f68/obvpn-fleet-42", "memory.limit_in_bytes",
+			map[string]string{"memory.max_usage_in_bytes": "3000\n", "memory.stat": "cache 1\ntotal_rss 100\ntotal_cache 20\n",
+				"memory.kmem.usage_in_bytes": "7\n", "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"}},
+		{"v2", "0::/user.slice/session-1.scope\n", "v2", "user.slice/obvpn-fleet-42", "memory.max",
+			map[string]string{"memory.peak": "3000\n", "memory.stat": "anon 100\nfile 20\nkernel 7\n", "memory.events": "low 0\noom 3\noom_kill 2\n"}},
+		{"v2 root", "0::/\n", "v2", "obvpn-fleet-42", "memory.max",
+			map[string]string{"memory.peak": "3000\n", "memory.stat": "anon 100\nfile 20\nkernel 7\n", "memory.events": "oom_kill 2\n"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := t.TempDir()
+			if tc.layout == "memory" {
+				mkfile(t, filepath.Join(root, "memory", "memory.limit_in_bytes"), "")
+				mkfile(t, filepath.Join(root, "memory", "process_api", "f68", "cgroup.procs"), "")
+			} else {
+				mkfile(t, filepath.Join(root, "cgroup.controllers"), "memory\n")
+				mkfile(t, filepath.Join(root, "user.slice", "session-1.scope", "cgroup.procs"), "")
+			}
+			g, err := makeMemGroup(root, []byte(tc.own), 42, 4<<30)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if g.dir != filepath.Join(root, tc.want) {
+				t.Errorf("group %s, want %s", g.dir, filepath.Join(root, tc.want))
+			}
+			for file, want := range map[string]string{tc.limitFile: "4294967296", "cgroup.procs": "42"} {
+				if got, _ := os.ReadFile(filepath.Join(g.dir, file)); string(got) != want {
+					t.Errorf("%s: %q, want %q", file, got, want)
+				}
+			}
+			for file, content := range tc.stat {
+				mkfile(t, filepath.Join(g.dir, file), content)
+			}
+			u, err := g.use()
+			if err != nil || u != (memUse{peak: 3000, anon: 100, file: 20, kernel: 7, oomKills: 2}) {
+				t.Errorf("use: %+v, %v", u, err)
+			}
+		})
+	}
+	if _, err := makeMemGroup(t.TempDir(), []byte("0::/\n"), 42, 1<<30); err == nil || !strings.Contains(err.Error(), "neither cgroup v1's memory controller nor cgroup v2 is mounted at") {
+		t.Errorf("no cgroup file system: %v", err)
+	}
+}
+
+func mkfile(t *testing.T, name, content string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(name), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(name, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -44,21 +44,27 @@ func newMemGroup(limit int64) (*memGroup, error) {
 	if err != nil {
 		return nil, fmt.Errorf("memory cgroup: %w", err)
 	}
+	return makeMemGroup(cgroupRoot, own, os.Getpid(), limit)
+}
+
+// makeMemGroup is newMemGroup for process pid, whose /proc/<pid>/cgroup
+// is own, with the cgroup file systems at root.
+func makeMemGroup(root string, own []byte, pid int, limit int64) (*memGroup, error) {
 	g := &memGroup{limit: limit}
-	name := fmt.Sprintf("obvpn-fleet-%d", os.Getpid())
+	name := fmt.Sprintf("obvpn-fleet-%d", pid)
 	v1, v2 := ownGroups(own)
 	switch {
-	case v1 != "" && exists(filepath.Join(cgroupRoot, "memory", "memory.limit_in_bytes")):
-		g.home = filepath.Join(cgroupRoot, "memory", v1)
+	case v1 != "" && exists(filepath.Join(root, "memory", "memory.limit_in_bytes")):
+		g.home = filepath.Join(root, "memory", v1)
 		g.dir = filepath.Join(g.home, name)
-	case v2 != "" && exists(filepath.Join(cgroupRoot, "cgroup.controllers")):
+	case v2 != "" && exists(filepath.Join(root, "cgroup.controllers")):
 		// A process may sit only in a leaf of a v2 hierarchy whose
 		// controllers are enabled: the new group is a sibling of our own.
 		g.v2 = true
-		g.home = filepath.Join(cgroupRoot, v2)
+		g.home = filepath.Join(root, v2)
 		parent := filepath.Dir(g.home)
 		if v2 == "/" {
-			parent = cgroupRoot // the root group may hold processes and groups both
+			parent = root // the root group may hold processes and groups both
 		}
 		g.dir = filepath.Join(parent, name)
 		// The memory controller may not be enabled for the parent's
@@ -66,7 +72,7 @@ func newMemGroup(limit int64) (*memGroup, error) {
 		// kernel refuses, and the limit below says so.
 		_ = os.WriteFile(filepath.Join(parent, "cgroup.subtree_control"), []byte("+memory"), 0o644)
 	default:
-		return nil, errors.New("memory cgroup: neither cgroup v1's memory controller nor cgroup v2 is mounted at " + cgroupRoot)
+		return nil, errors.New("memory cgroup: neither cgroup v1's memory controller nor cgroup v2 is mounted at " + root)
 	}
 	if err := os.Mkdir(g.dir, 0o755); err != nil {
 		return nil, fmt.Errorf("memory cgroup: %w", err)
@@ -79,7 +85,7 @@ func newMemGroup(limit int64) (*memGroup, error) {
 		_ = os.Remove(g.dir)
 		return nil, fmt.Errorf("memory cgroup: the limit (is the memory controller enabled for %s?): %w", filepath.Dir(g.dir), err)
 	}
-	if err := g.write("cgroup.procs", strconv.Itoa(os.Getpid())); err != nil {
+	if err := g.write("cgroup.procs", strconv.Itoa(pid)); err != nil {
 		_ = os.Remove(g.dir)
 		return nil, fmt.Errorf("memory cgroup: moving local-fleet into %s: %w", g.dir, err)
 	}
