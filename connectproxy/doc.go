@@ -18,9 +18,10 @@
 //
 // [Server] serves a Handler with what a hijacking proxy needs (request
 // head limits, graceful Shutdown that waits for tunnels). Tunnels copy
-// with io.Copy between the raw connections, so that Linux splices between
-// TCP sockets; half-closes are passed on. [NewMetrics] makes the
-// Prometheus collectors of SPEC §9.
+// between the raw connections through pooled buffers while bytes flow
+// (or with splice(2): [Handler].Splice), and idle directions wait in an
+// epoll instance without a goroutine; half-closes are passed on.
+// [NewMetrics] makes the Prometheus collectors of SPEC §9.
 //
 // [Dialer] is the client side, for programs that reach devices through
 // such a proxy: its DialContext returns a tunnel to "<uuid>.balena:<port>"
@@ -30,6 +31,7 @@
 //
 // The package is not a general-purpose forward proxy: it only reaches
 // devices by UUID, it does not speak HTTP/2 or TLS itself (serve it behind
-// TLS with an http.Server if needed, at the cost of splicing), and it does
-// not authenticate callers itself: the Authorizer does.
+// TLS with an http.Server if needed, at the cost of parking idle
+// tunnels), and it does not authenticate callers itself: the Authorizer
+// does.
 package connectproxy

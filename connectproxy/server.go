@@ -14,7 +14,8 @@ import (
 // needs: request heads limited in time and size (slow and huge heads are
 // cut off before the handler sees them), connections handed to the
 // handler as the listener yields them (so that tunnels between
-// *net.TCPConn splice), and a Shutdown that waits for the tunnels too.
+// *net.TCPConn park while idle, and can splice), and a Shutdown that
+// waits for the tunnels too.
 // Idle tunnels and the number of tunnels are the Handler's (IdleTimeout,
 // MaxTunnels).
 //
