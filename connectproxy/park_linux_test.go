@@ -97,3 +97,64 @@ func TestParkedTunnelsClose(t *testing.T) {
 		t.Fatal("the poller's goroutine outlived the tunnels")
 	}
 }
+
+// sweepers returns the number of goroutines of idle sweeps.
+func sweepers() int {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	return strings.Count(string(buf), "connectproxy.(*Handler).sweep(")
+}
+
+// TestIdleSweep: with IdleTimeout, idle tunnels keep no timer and no
+// goroutine of their own: one sweep serves them all, it closes the one
+// that goes silent while the others carry bytes, and it ends with the
+// last tunnel.
+func TestIdleSweep(t *testing.T) {
+	const n = 8
+	svc := startService(t, echo)
+	parked := make(chan struct{}, 2*n)
+	w := newWorld(t, func(w *world) {
+		w.h.IdleTimeout = 400 * time.Millisecond
+		w.h.parked = func() {
+			select {
+			case parked <- struct{}{}:
+			default: // the busy tunnels park and wake again: not counted
+			}
+		}
+	})
+	w.addDevice(devUUID, svc.port, svc.port)
+	var tunnels []*answer
+	for range n {
+		a := connect(t, w.addr, target(devUUID, svc.port))
+		if a.status != 200 {
+			t.Fatal(a.line)
+		}
+		a.roundTrip(t, "x")
+		tunnels = append(tunnels, a)
+	}
+	waitParked(t, parked, 2*n)
+	// A direction that parked returns from its copy right after.
+	waitFor(t, func() bool { return copiers() == 0 })
+	if s := sweepers(); s != 1 {
+		t.Fatalf("%d idle tunnels: %d sweeps, want 1", n, s)
+	}
+	// All but the first stay busy past the limit; the first closes.
+	silent := tunnels[0]
+	for deadline := time.Now().Add(800 * time.Millisecond); time.Now().Before(deadline); {
+		for _, a := range tunnels[1:] {
+			a.roundTrip(t, "tick")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	silent.waitEOF(t, 5*time.Second)
+	if ti := w.waitClosed(t); ti.Err != nil || ti.BytesToDevice != 1 {
+		t.Fatalf("closed: %+v, want the silent tunnel with 1 byte and no error", ti)
+	}
+	if got := w.h.Tunnels(); got != n-1 {
+		t.Fatalf("%d tunnels open, want the %d busy ones", got, n-1)
+	}
+	for _, a := range tunnels[1:] {
+		a.conn.Close()
+	}
+	waitFor(t, func() bool { return w.h.Tunnels() == 0 && sweepers() == 0 })
+}

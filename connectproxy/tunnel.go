@@ -30,12 +30,12 @@ type tunnel struct {
 	err       error        // first error of a copier, unless closing; read after both end
 	bytes     [2]int64     // copied to the device, to the client
 	idleFor   atomic.Int64 // how long it was idle when that closed it
+	idleDue   atomic.Int64 // when the idle sweep checks it next, in Unix ns
 
 	mu     sync.Mutex
-	idle   *time.Timer // checks whether the tunnel is idle; nil after finish
-	parked [2]bool     // the direction waits in the poller
-	pollID [2]uint64   // the direction's registration with the poller, 0 for none
-	shut_  bool        // the connections are closed: no more parking
+	parked [2]bool   // the direction waits in the poller
+	pollID [2]uint64 // the direction's registration with the poller, 0 for none
+	shut_  bool      // the connections are closed: no more parking
 }
 
 // The directions of a tunnel.
@@ -98,16 +98,14 @@ func (h *Handler) start(client, dev net.Conn, t Target, via string, log *slog.Lo
 		h.tunnels = map[*tunnel]struct{}{}
 	}
 	h.tunnels[tn] = struct{}{}
+	if h.IdleTimeout > 0 {
+		h.watchIdle(tn)
+	}
 	killed := h.killed
 	h.mu.Unlock()
 	log.Debug("connectproxy: tunnel open", "via", via, "remote", client.RemoteAddr().String())
 	if killed {
 		tn.close()
-	}
-	if h.IdleTimeout > 0 {
-		tn.mu.Lock()
-		tn.idle = time.AfterFunc(h.IdleTimeout, tn.checkIdle)
-		tn.mu.Unlock()
 	}
 	go tn.copyToDevice()
 	go tn.copyFromDevice()
@@ -283,10 +281,6 @@ func (t *tunnel) close() {
 
 func (t *tunnel) finish() {
 	t.mu.Lock()
-	if t.idle != nil {
-		t.idle.Stop()
-		t.idle = nil
-	}
 	ids := t.pollID
 	t.mu.Unlock()
 	t.shut(nil)
@@ -305,6 +299,7 @@ func (t *tunnel) finish() {
 	t.logEnd()
 	h.mu.Lock()
 	delete(h.tunnels, t)
+	h.unwatchIdle()
 	h.releaseLocked()
 	h.mu.Unlock()
 	if h.OnTunnelClosed != nil {
@@ -344,29 +339,6 @@ func (t *tunnel) logEnd() {
 	}
 }
 
-// checkIdle closes the tunnel if no byte moved for IdleTimeout, and
-// checks again when it could be idle that long.
-func (t *tunnel) checkIdle() {
-	limit := t.h.IdleTimeout
-	idle, ok := idleTime(t.client)
-	if d, ok2 := idleTime(t.device); ok2 && (!ok || d < idle) {
-		idle, ok = d, true
-	}
-	if !ok {
-		return // not measurable: not enforced
-	}
-	if idle >= limit {
-		t.idleFor.Store(int64(idle))
-		t.close()
-		return
-	}
-	t.mu.Lock()
-	if t.idle != nil {
-		t.idle.Reset(limit - idle + time.Millisecond)
-	}
-	t.mu.Unlock()
-}
-
 // Shutdown stops the handler from opening tunnels (CONNECT requests are
 // answered 503 from then on) and waits for the open ones to end. When ctx
 // ends first, it closes them, waits for their goroutines, and returns
@@ -387,7 +359,7 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 
 	select {
 	case <-drained:
-		h.poll.wg.Wait()
+		h.waitGoroutines()
 		return nil
 	case <-ctx.Done():
 	}
@@ -404,8 +376,14 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 		t.close()
 	}
 	<-drained
-	h.poll.wg.Wait()
+	h.waitGoroutines()
 	return ctx.Err()
+}
+
+// waitGoroutines waits for the goroutines of ended tunnels' poller and idle sweep.
+func (h *Handler) waitGoroutines() {
+	h.poll.wg.Wait()
+	h.sweeps.Wait()
 }
 
 // Close closes every tunnel at once and stops the handler from opening
