@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -16,6 +17,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 )
 
 // sink accepts connections on loopback and reads them to the end with a
@@ -253,6 +256,7 @@ func BenchmarkConnect(b *testing.B) {
 	latency := func(b *testing.B, do func()) {
 		do() // warm up
 		d := make([]time.Duration, 0, b.N)
+		b.ReportAllocs()
 		b.ResetTimer()
 		for range b.N {
 			start := time.Now()
@@ -296,6 +300,19 @@ func BenchmarkConnect(b *testing.B) {
 	}
 	b.Run("proxy", func(b *testing.B) {
 		w := newWorld(b, func(w *world) { w.h.Online = nil; w.h.Logger = nil })
+		w.addDevice(devUUID, svc.port)
+		latency(b, connectOnce(b, w.addr))
+	})
+	// As the commands run it: an info-level logger, and the SDK's
+	// TracerProvider that they install even when nothing is exported.
+	b.Run("proxy-as-deployed", func(b *testing.B) {
+		tp := sdktrace.NewTracerProvider()
+		b.Cleanup(func() { tp.Shutdown(context.Background()) })
+		w := newWorld(b, func(w *world) {
+			w.h.Online = nil
+			w.h.Logger = slog.New(slog.NewJSONHandler(io.Discard, nil))
+			w.h.TracerProvider = tp
+		})
 		w.addDevice(devUUID, svc.port)
 		latency(b, connectOnce(b, w.addr))
 	})

@@ -3,7 +3,6 @@ package connectproxy
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -46,7 +45,7 @@ func forwardedBy(values []string, id int64) bool {
 // forward asks the proxy of the VPN server at addr, service instance sid,
 // for a tunnel to t, and returns the connection and the bytes that came
 // with the peer's 200.
-func (h *Handler) forward(ctx context.Context, r *http.Request, t Target, key string, sid int64, addr netip.Addr, log *slog.Logger) (_ net.Conn, _ []byte, err error) {
+func (h *Handler) forward(ctx context.Context, r *http.Request, t Target, key string, sid int64, addr netip.Addr, log reqLog) (_ net.Conn, _ []byte, err error) {
 	ctx, span := h.startForward(ctx, sid, addr)
 	defer func() { endSpan(span, err) }()
 	fwd := r.Header.Values("Forwarded")

@@ -288,15 +288,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		raw = r.Host
 	}
 	if raw == "" {
-		h.fail(w, r, nil, http.StatusBadRequest, ErrNoTarget)
+		h.fail(w, r, reqLog{}, http.StatusBadRequest, ErrNoTarget)
 		return
 	}
 	t, err := ParseTarget(raw)
 	if err != nil {
-		h.fail(w, r, nil, http.StatusForbidden, err)
+		h.fail(w, r, reqLog{}, http.StatusForbidden, err)
 		return
 	}
-	log := h.logger().With("uuid", t.UUID, "port", t.Port)
+	log := h.reqLog(t)
 	span.SetAttributes(attrUUID.String(t.UUID), attrPort.Int(int(t.Port)))
 	if t.TLD == "resin" {
 		log.Warn("connectproxy: the .resin TLD is deprecated, use .balena", "target", raw)
@@ -393,7 +393,7 @@ func proxyKey(hdr http.Header) string {
 // reach connects to the device: here at addr, when it is valid, or
 // through the peer VPN server that holds it. early holds bytes that the
 // peer sent after its 200.
-func (h *Handler) reach(ctx context.Context, r *http.Request, t Target, key string, addr netip.Addr, log *slog.Logger) (dev net.Conn, early []byte, via string, err error) {
+func (h *Handler) reach(ctx context.Context, r *http.Request, t Target, key string, addr netip.Addr, log reqLog) (dev net.Conn, early []byte, via string, err error) {
 	if addr.IsValid() {
 		dev, err = h.dialDevice(ctx, addr, t.Port)
 		return dev, nil, "local", err
@@ -448,7 +448,7 @@ func (h *Handler) wait(ctx context.Context) error {
 }
 
 // lookup finds the device's VPN address on this server.
-func (h *Handler) lookup(ctx context.Context, uuid string, log *slog.Logger) (netip.Addr, bool) {
+func (h *Handler) lookup(ctx context.Context, uuid string, log reqLog) (netip.Addr, bool) {
 	ctx, span := h.tracer().Start(ctx, "connectproxy.lookup")
 	defer span.End()
 	name := uuid + ".vpn"
@@ -495,7 +495,7 @@ func (h *Handler) dialDevice(ctx context.Context, addr netip.Addr, port uint16) 
 // request's span and starts the tunnel. It reports whether the tunnel
 // started: then the tunnel holds the request's place, else the caller
 // gives it back.
-func (h *Handler) establish(w http.ResponseWriter, r *http.Request, span trace.Span, t Target, dev net.Conn, early []byte, via string, log *slog.Logger) bool {
+func (h *Handler) establish(w http.ResponseWriter, r *http.Request, span trace.Span, t Target, dev net.Conn, early []byte, via string, log reqLog) bool {
 	client, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		dev.Close()
@@ -537,9 +537,9 @@ func (h *Handler) establish(w http.ResponseWriter, r *http.Request, span trace.S
 // fail answers a refused or failed request. A failure that err marks
 // with a fingerprint is logged at error level with its FingerprintKey
 // attribute.
-func (h *Handler) fail(w http.ResponseWriter, r *http.Request, log *slog.Logger, code int, err error) {
-	if log == nil {
-		log = h.logger()
+func (h *Handler) fail(w http.ResponseWriter, r *http.Request, log reqLog, code int, err error) {
+	if log.l == nil {
+		log.l = h.logger()
 	}
 	fp, err := unmark(err)
 	level := slog.LevelInfo

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"context"
 	"errors"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -90,7 +89,7 @@ func (h *Handler) releaseLocked() {
 }
 
 // start runs the tunnel on its reserved place.
-func (h *Handler) start(client, dev net.Conn, t Target, via string, log *slog.Logger) {
+func (h *Handler) start(client, dev net.Conn, t Target, via string, log reqLog) {
 	tn := &tunnel{h: h, client: client, device: dev, uuid: t.UUID, port: t.Port, via: via, begin: time.Now()}
 	tn.pending.Store(2)
 	h.mu.Lock()
@@ -103,7 +102,9 @@ func (h *Handler) start(client, dev net.Conn, t Target, via string, log *slog.Lo
 	}
 	killed := h.killed
 	h.mu.Unlock()
-	log.Debug("connectproxy: tunnel open", "via", via, "remote", client.RemoteAddr().String())
+	if log.Enabled(slog.LevelDebug) {
+		log.Debug("connectproxy: tunnel open", "via", via, "remote", client.RemoteAddr().String())
+	}
 	if killed {
 		tn.close()
 	}
@@ -170,35 +171,6 @@ func (t *tunnel) park(d int, src net.Conn) bool {
 	}
 	return true
 }
-
-// relayBuffer is the size of the buffer that a direction copies through
-// while bytes flow. With 64 KiB the black-box benchmark's tunnels ran
-// 0.2× slower than with 128 or 256 KiB; larger ones gained nothing more.
-const relayBuffer = 256 << 10
-
-// relay copies src to dst until src ends, fails or passes its read
-// deadline: with io.Copy when the handler splices, else through a buffer
-// of its pool, taken for the call. Neither connection's ReadFrom or
-// WriteTo is used then, as they would splice.
-func (h *Handler) relay(dst, src net.Conn) (int64, error) {
-	if h.Splice {
-		return io.Copy(dst, src)
-	}
-	buf, _ := h.bufs.Get().(*[]byte)
-	if buf == nil {
-		b := make([]byte, relayBuffer)
-		buf = &b
-	}
-	defer h.bufs.Put(buf)
-	return io.CopyBuffer(writerOnly{dst}, readerOnly{src}, *buf)
-}
-
-// writerOnly and readerOnly hide a connection's ReadFrom and WriteTo
-// from io.CopyBuffer.
-type (
-	writerOnly struct{ io.Writer }
-	readerOnly struct{ io.Reader }
-)
 
 // wake starts direction d again, if it is still parked.
 func (t *tunnel) wake(d int) {
@@ -327,16 +299,25 @@ type TunnelInfo struct {
 
 func (t *tunnel) logEnd() {
 	log := t.h.logger()
+	msg, level := "connectproxy: tunnel closed", slog.LevelDebug
+	switch {
+	case t.err != nil:
+		msg, level = "connectproxy: tunnel failed", slog.LevelInfo
+	case t.idleFor.Load() > 0:
+		msg, level = "connectproxy: tunnel closed when idle", slog.LevelInfo
+	}
+	if !log.Enabled(context.Background(), level) {
+		return // the attributes cost more than the tunnel's end
+	}
 	attrs := []any{"uuid", t.uuid, "port", t.port, "via", t.via, "duration", time.Since(t.begin).Round(time.Millisecond),
 		"bytes_up", t.bytes[toDevice], "bytes_down", t.bytes[fromDevice]}
 	switch {
 	case t.err != nil:
-		log.Info("connectproxy: tunnel failed", append(attrs, "err", t.err)...)
+		attrs = append(attrs, "err", t.err)
 	case t.idleFor.Load() > 0:
-		log.Info("connectproxy: tunnel closed when idle", append(attrs, "idle", time.Duration(t.idleFor.Load()))...)
-	default:
-		log.Debug("connectproxy: tunnel closed", attrs...)
+		attrs = append(attrs, "idle", time.Duration(t.idleFor.Load()))
 	}
+	log.Log(context.Background(), level, msg, attrs...)
 }
 
 // Shutdown stops the handler from opening tunnels (CONNECT requests are
