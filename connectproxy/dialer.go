@@ -116,7 +116,7 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 		return nil, fmt.Errorf("connectproxy: CONNECT %s at %s: %w", addr, d.ProxyAddr, err)
 	}
 	if len(early) == 0 {
-		return conn, nil // as it is, so that tunnels of it splice
+		return conn, nil // as it is: a *net.TCPConn, whose tunnels park when idle and can splice
 	}
 	return &earlyConn{Conn: conn, early: early}, nil
 }

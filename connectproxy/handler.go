@@ -182,14 +182,15 @@ type Handler struct {
 
 	// Splice relays between TCP connections with splice(2) (io.Copy's
 	// path on Linux), so that bytes cross the proxy without being copied
-	// into it. Off, the default, each direction copies through a 256 KiB
-	// buffer taken from a pool while bytes flow. Splice costs the proxy
-	// the least CPU, but on software paths (loopback, veth, tun: the
+	// into it. Off, the default, a direction reads its source with
+	// read(2) into a 256 KiB buffer of the Handler's pool, taken only
+	// while the source has bytes, and writes them on. Splice costs the
+	// proxy less CPU, but on software paths (loopback, veth, tun: the
 	// container networks and the OpenVPN tunnels that the proxy sits
 	// between) the process that reads the spliced bytes pays more than
 	// the proxy saves: in the black-box benchmark (make bench-proxy), 16
-	// streams moved 1.16× HAProxy's bytes with it and 1.37× without.
-	// Turn it on where both sides are hardware network interfaces.
+	// streams moved 1.16× HAProxy's bytes with it and 1.38× without. Turn
+	// it on where both sides are hardware network interfaces.
 	Splice bool
 
 	// MaxTunnels bounds the tunnels open at once, those being set up

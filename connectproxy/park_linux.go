@@ -13,7 +13,8 @@ import (
 
 // poller holds the directions of tunnels in which no byte moved for
 // parkAfter: they wait in an epoll instance of the handler's, with no
-// goroutine and no splice pipe, until their source has bytes (or ends).
+// goroutine and no buffer or splice pipe, until their source has bytes
+// (or ends).
 // One goroutine waits on the epoll instance, through Go's own poller,
 // while any tunnel direction is registered; it ends when none is.
 type poller struct {
