@@ -13,6 +13,10 @@ import (
 // it has none. ok is false for other sources. The source's read deadline
 // ends the wait (os.ErrDeadlineExceeded) and never a copy: bytes read are
 // written whole first.
+//
+// The write happens outside the source's RawConn.Read: a Close of the
+// source waits for the reads in progress, so a write blocked on a full
+// destination inside one would keep the tunnel from closing.
 func (h *Handler) relayReady(dst, src net.Conn) (n int64, ok bool, err error) {
 	tc, isTCP := src.(*net.TCPConn)
 	if !isTCP {
@@ -28,33 +32,37 @@ func (h *Handler) relayReady(dst, src net.Conn) (n int64, ok bool, err error) {
 			h.bufs.Put(buf)
 		}
 	}()
-	werr := rc.Read(func(fd uintptr) bool {
-		for {
+	for {
+		var m int
+		var rerr error
+		if err := rc.Read(func(fd uintptr) bool {
 			if buf == nil {
 				buf = h.getBuffer()
 			}
-			m, rerr := syscall.Read(int(fd), *buf)
-			switch {
-			case rerr == syscall.EINTR:
-				continue
-			case rerr == syscall.EAGAIN:
-				h.bufs.Put(buf) // wait without it
-				buf = nil
-				return false
-			case rerr != nil:
-				err = os.NewSyscallError("read", rerr)
-				return true
-			case m == 0:
-				return true // end of stream
-			}
-			if _, err = dst.Write((*buf)[:m]); err != nil {
+			for {
+				m, rerr = syscall.Read(int(fd), *buf)
+				switch rerr {
+				case syscall.EINTR:
+					continue
+				case syscall.EAGAIN:
+					h.bufs.Put(buf) // wait without it
+					buf = nil
+					return false
+				}
 				return true
 			}
-			n += int64(m)
+		}); err != nil {
+			return n, true, err
 		}
-	})
-	if err == nil {
-		err = werr
+		switch {
+		case rerr != nil:
+			return n, true, os.NewSyscallError("read", rerr)
+		case m <= 0:
+			return n, true, nil // end of stream
+		}
+		if _, err := dst.Write((*buf)[:m]); err != nil {
+			return n, true, err
+		}
+		n += int64(m)
 	}
-	return n, true, err
 }
