@@ -32,26 +32,28 @@ func (h *Handler) relayReady(dst, src net.Conn) (n int64, ok bool, err error) {
 			h.bufs.Put(buf)
 		}
 	}()
+	// One closure for the whole copy, not one per read.
+	var m int
+	var rerr error
+	read := func(fd uintptr) bool {
+		if buf == nil {
+			buf = h.getBuffer()
+		}
+		for {
+			m, rerr = syscall.Read(int(fd), *buf)
+			switch rerr {
+			case syscall.EINTR:
+				continue
+			case syscall.EAGAIN:
+				h.bufs.Put(buf) // wait without it
+				buf = nil
+				return false
+			}
+			return true
+		}
+	}
 	for {
-		var m int
-		var rerr error
-		if err := rc.Read(func(fd uintptr) bool {
-			if buf == nil {
-				buf = h.getBuffer()
-			}
-			for {
-				m, rerr = syscall.Read(int(fd), *buf)
-				switch rerr {
-				case syscall.EINTR:
-					continue
-				case syscall.EAGAIN:
-					h.bufs.Put(buf) // wait without it
-					buf = nil
-					return false
-				}
-				return true
-			}
-		}); err != nil {
+		if err := rc.Read(read); err != nil {
 			return n, true, err
 		}
 		switch {
